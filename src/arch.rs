@@ -1,0 +1,370 @@
+//! Model descriptions read from a Hugging Face `config.json`: every linear module's path and
+//! shape, and the count of all other parameters. Enough to size an experiment (`inspect`)
+//! before having the weights.
+//!
+//! Module paths follow Hugging Face: the bare model (`BertModel`, `RobertaModel`, `ViTModel`)
+//! without a prefix, or, with a classification head, `bert.` / `roberta.` / `vit.` plus the head
+//! (`classifier`, or RoBERTa's `classifier.dense` and `classifier.out_proj`).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A linear layer of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinearSpec {
+    /// Module path.
+    pub path: String,
+    /// Output features m.
+    pub out_features: usize,
+    /// Input features n.
+    pub in_features: usize,
+    /// Whether it has a bias.
+    pub bias: bool,
+    /// Part of the classification head (trained fully, never adapted).
+    pub head: bool,
+}
+
+impl LinearSpec {
+    /// Weight plus bias values.
+    pub fn params(&self) -> usize {
+        self.out_features * self.in_features + if self.bias { self.out_features } else { 0 }
+    }
+}
+
+/// The architecture families this project reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// BERT (and BERT-like sentence encoders such as MiniLM).
+    Bert,
+    /// RoBERTa.
+    Roberta,
+    /// Vision Transformer.
+    Vit,
+}
+
+/// A model's shape: linear modules plus everything else.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchSpec {
+    /// The config's `model_type`.
+    pub family: Family,
+    /// A short human description (e.g. `bert, 12 layers, hidden 768`).
+    pub summary: String,
+    /// Every linear module, in forward order.
+    pub linears: Vec<LinearSpec>,
+    /// Parameters outside linear modules (embeddings, layer norms, patch projection, tokens).
+    pub other_params: usize,
+}
+
+/// Errors reading a model description; each names the file or field.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON.
+    #[error("{path}: not valid JSON: {reason}")]
+    Json {
+        /// The file.
+        path: String,
+        /// Parser message.
+        reason: String,
+    },
+    /// A field is missing or has the wrong type.
+    #[error("{path}: field `{field}` {problem}")]
+    Field {
+        /// The file.
+        path: String,
+        /// Field name.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// `model_type` is not one this project reads.
+    #[error(
+        "{path}: model_type `{model_type}` is not supported (bert, roberta, vit, and BERT-like encoders are)"
+    )]
+    Unsupported {
+        /// The file.
+        path: String,
+        /// The value found.
+        model_type: String,
+    },
+    /// Neither a file, a folder with `config.json`, nor a built-in name.
+    #[error("model `{0}`: no such file or folder, and not a built-in model ({builtins})", builtins = BUILTIN_CONFIGS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))]
+    NotFound(String),
+}
+
+/// Built-in model descriptions: the published `config.json` of well-known checkpoints, so a
+/// user can size an experiment offline by name.
+pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
+    (
+        "bert-base-uncased",
+        r#"{"model_type":"bert","hidden_size":768,"num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,"vocab_size":30522,"max_position_embeddings":512,"type_vocab_size":2}"#,
+    ),
+    (
+        "roberta-base",
+        r#"{"model_type":"roberta","hidden_size":768,"num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,"vocab_size":50265,"max_position_embeddings":514,"type_vocab_size":1}"#,
+    ),
+    (
+        "all-MiniLM-L6-v2",
+        r#"{"model_type":"bert","hidden_size":384,"num_hidden_layers":6,"num_attention_heads":12,"intermediate_size":1536,"vocab_size":30522,"max_position_embeddings":512,"type_vocab_size":2}"#,
+    ),
+    (
+        "vit-base-patch16-224",
+        r#"{"model_type":"vit","hidden_size":768,"num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,"image_size":224,"patch_size":16,"num_channels":3,"qkv_bias":true}"#,
+    ),
+];
+
+struct Fields<'a> {
+    v: &'a Value,
+    path: &'a str,
+}
+
+impl Fields<'_> {
+    fn usize(&self, field: &str) -> Result<usize, ArchError> {
+        match self.v.get(field) {
+            Some(x) => x
+                .as_u64()
+                .map(|u| u as usize)
+                .ok_or_else(|| ArchError::Field {
+                    path: self.path.into(),
+                    field: field.into(),
+                    problem: format!("must be a non-negative integer, found {x}"),
+                }),
+            None => Err(ArchError::Field {
+                path: self.path.into(),
+                field: field.into(),
+                problem: "is missing".into(),
+            }),
+        }
+    }
+    fn usize_or(&self, field: &str, default: usize) -> Result<usize, ArchError> {
+        if self.v.get(field).is_some() {
+            self.usize(field)
+        } else {
+            Ok(default)
+        }
+    }
+}
+
+impl ArchSpec {
+    /// Reads `--model`: a `config.json` file, a folder holding one, or a built-in name.
+    /// `num_labels` adds a classification head.
+    pub fn resolve(model: &str, num_labels: Option<usize>) -> Result<Self, ArchError> {
+        let p = Path::new(model);
+        if p.is_dir() {
+            Self::from_file(&p.join("config.json"), num_labels)
+        } else if p.is_file() {
+            Self::from_file(p, num_labels)
+        } else if let Some((name, json)) = BUILTIN_CONFIGS.iter().find(|(n, _)| *n == model) {
+            let v: Value = serde_json::from_str(json).map_err(|e| ArchError::Json {
+                path: (*name).into(),
+                reason: e.to_string(),
+            })?;
+            Self::from_config(&v, name, num_labels)
+        } else {
+            Err(ArchError::NotFound(model.into()))
+        }
+    }
+
+    /// Reads a `config.json` file.
+    pub fn from_file(path: &Path, num_labels: Option<usize>) -> Result<Self, ArchError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ArchError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ArchError::Json {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_config(&v, &shown, num_labels)
+    }
+
+    /// Builds the description from a parsed `config.json` (`path` names it in errors).
+    pub fn from_config(
+        v: &Value,
+        path: &str,
+        num_labels: Option<usize>,
+    ) -> Result<Self, ArchError> {
+        let f = Fields { v, path };
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let family = match model_type {
+            "bert" => Family::Bert,
+            "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
+            "vit" => Family::Vit,
+            other => {
+                return Err(ArchError::Unsupported {
+                    path: path.into(),
+                    model_type: other.into(),
+                });
+            }
+        };
+        let h = f.usize("hidden_size")?;
+        let layers = f.usize("num_hidden_layers")?;
+        let heads = f.usize("num_attention_heads")?;
+        let inter = f.usize_or("intermediate_size", 4 * h)?;
+        if heads == 0 || h % heads != 0 {
+            return Err(ArchError::Field {
+                path: path.into(),
+                field: "num_attention_heads".into(),
+                problem: format!("({heads}) must divide hidden_size ({h})"),
+            });
+        }
+        let lin = |path: String, out_features, in_features, bias| LinearSpec {
+            path,
+            out_features,
+            in_features,
+            bias,
+            head: false,
+        };
+        let (prefix, attn) = match (family, num_labels.is_some()) {
+            (Family::Bert, true) => ("bert.", "attention.self"),
+            (Family::Roberta, true) => ("roberta.", "attention.self"),
+            (Family::Vit, true) => ("vit.", "attention.attention"),
+            (Family::Vit, false) => ("", "attention.attention"),
+            (_, false) => ("", "attention.self"),
+        };
+        let qkv_bias =
+            family != Family::Vit || v.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true);
+        let mut linears = Vec::new();
+        for i in 0..layers {
+            let l = format!("{prefix}encoder.layer.{i}");
+            for name in ["query", "key", "value"] {
+                linears.push(lin(format!("{l}.{attn}.{name}"), h, h, qkv_bias));
+            }
+            linears.push(lin(format!("{l}.attention.output.dense"), h, h, true));
+            linears.push(lin(format!("{l}.intermediate.dense"), inter, h, true));
+            linears.push(lin(format!("{l}.output.dense"), h, inter, true));
+        }
+        // Two layer norms per block.
+        let mut other = layers * 4 * h;
+        let summary = match family {
+            Family::Bert | Family::Roberta => {
+                let vocab = f.usize("vocab_size")?;
+                let pos = f.usize_or("max_position_embeddings", 512)?;
+                let types = f.usize_or("type_vocab_size", 2)?;
+                other += (vocab + pos + types) * h + 2 * h;
+                let pooler = matches!((family, num_labels), (_, None) | (Family::Bert, Some(_)));
+                if pooler {
+                    linears.push(lin(format!("{prefix}pooler.dense"), h, h, true));
+                }
+                format!("{model_type}, {layers} layers, hidden {h}, {heads} heads, vocab {vocab}")
+            }
+            Family::Vit => {
+                let image = f.usize_or("image_size", 224)?;
+                let patch = f.usize_or("patch_size", 16)?;
+                let channels = f.usize_or("num_channels", 3)?;
+                if patch == 0 || image % patch != 0 {
+                    return Err(ArchError::Field {
+                        path: path.into(),
+                        field: "patch_size".into(),
+                        problem: format!("({patch}) must divide image_size ({image})"),
+                    });
+                }
+                let patches = (image / patch).pow(2);
+                // cls token, positions, patch projection (a convolution), final layer norm.
+                other += h + (patches + 1) * h + channels * patch * patch * h + h + 2 * h;
+                if num_labels.is_none() {
+                    linears.push(lin("pooler.dense".into(), h, h, true));
+                }
+                format!(
+                    "vit, {layers} layers, hidden {h}, {heads} heads, {image}×{image}×{channels} images, patch {patch}"
+                )
+            }
+        };
+        if let Some(k) = num_labels {
+            let mut head = |path: &str, out, inp| {
+                let mut l = lin(path.into(), out, inp, true);
+                l.head = true;
+                linears.push(l);
+            };
+            if family == Family::Roberta {
+                head("classifier.dense", h, h);
+                head("classifier.out_proj", k, h);
+            } else {
+                head("classifier", k, h);
+            }
+        }
+        Ok(ArchSpec {
+            family,
+            summary,
+            linears,
+            other_params: other,
+        })
+    }
+
+    /// All parameters of the model (linear modules, head included, plus the rest).
+    pub fn total_params(&self) -> usize {
+        self.other_params + self.linears.iter().map(LinearSpec::params).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_parameter_counts() {
+        // The figures Hugging Face reports for these checkpoints.
+        let bert = ArchSpec::resolve("bert-base-uncased", None).unwrap();
+        assert_eq!(bert.total_params(), 109_482_240);
+        let roberta = ArchSpec::resolve("roberta-base", None).unwrap();
+        assert_eq!(roberta.total_params(), 124_645_632);
+        let minilm = ArchSpec::resolve("all-MiniLM-L6-v2", None).unwrap();
+        assert_eq!(minilm.total_params(), 22_713_216);
+        let vit = ArchSpec::resolve("vit-base-patch16-224", None).unwrap();
+        assert_eq!(vit.total_params(), 86_389_248);
+    }
+
+    #[test]
+    fn heads_follow_hugging_face_names() {
+        let r = ArchSpec::resolve("roberta-base", Some(2)).unwrap();
+        assert!(
+            r.linears
+                .iter()
+                .any(|l| l.path == "roberta.encoder.layer.11.attention.self.value")
+        );
+        assert!(
+            r.linears
+                .iter()
+                .any(|l| l.path == "classifier.out_proj" && l.head)
+        );
+        assert!(!r.linears.iter().any(|l| l.path.contains("pooler")));
+        let v = ArchSpec::resolve("vit-base-patch16-224", Some(10)).unwrap();
+        assert!(
+            v.linears
+                .iter()
+                .any(|l| l.path == "vit.encoder.layer.0.attention.attention.query")
+        );
+        assert_eq!(v.total_params(), 85_806_346); // ViTForImageClassification, 10 labels
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let v: Value = serde_json::from_str(r#"{"model_type":"bert","hidden_size":768}"#).unwrap();
+        let e = ArchSpec::from_config(&v, "x/config.json", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("x/config.json"),
+            "{e}"
+        );
+        let v: Value = serde_json::from_str(r#"{"model_type":"gpt2"}"#).unwrap();
+        assert!(
+            ArchSpec::from_config(&v, "c", None)
+                .unwrap_err()
+                .to_string()
+                .contains("gpt2")
+        );
+        assert!(ArchSpec::resolve("no-such-model", None).is_err());
+    }
+}

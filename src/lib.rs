@@ -1,0 +1,13 @@
+//! peft-studio: parameter-efficient fine-tuning (LoRA, SVFit, LoLDU) on candle.
+//!
+//! - [`peft`]: the adapters, exactly as `METHODS.md` specifies, independent of any model.
+//! - [`arch`]: model descriptions (module paths and shapes) read from a Hugging Face
+//!   `config.json`, enough to size an experiment without weights.
+//! - [`inspect`]: parameter counts of a model with an adapter.
+//! - [`bench`]: measured training-step time and peak memory.
+
+pub mod arch;
+pub mod bench;
+pub mod inspect;
+pub mod memory;
+pub mod peft;

@@ -1,0 +1,251 @@
+//! The shared "frozen factors + trainable diagonal" adapter of SVFit and LoLDU:
+//! `y = x·W_resᵀ + b + s·((x·Rᵀ) ⊙ act(z))·Lᵀ`, with L (m×r) and R (r×n) frozen.
+
+use candle_core::{DType, Tensor, Var};
+use faer::Mat;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use super::config::{AdapterConfig, Init, Method};
+use super::decompose::{self, mat_to_tensor, vec_to_tensor};
+use super::frozen::{FrozenGrad, frozen_linear};
+use super::{PeftError, Result};
+
+/// The scalar s: fixed, or trainable (SVFit's and LoLDU's option).
+#[derive(Debug, Clone)]
+pub enum Scale {
+    /// A constant.
+    Fixed(f64),
+    /// A trainable scalar of shape (1).
+    Trainable(Var),
+}
+
+/// SVFit's or LoLDU's adapter.
+#[derive(Debug, Clone)]
+pub struct DiagonalAdapter {
+    /// Which method built it.
+    pub method: Method,
+    /// The initialiser used for z.
+    pub init: Init,
+    /// Left factor (m×r): `U_r` for SVFit, `P·L_r` for LoLDU. Frozen.
+    pub left: Tensor,
+    /// Right factor (r×n): `V_rᵀ` for SVFit, `U₁[:r]` for LoLDU. Frozen.
+    pub right: Tensor,
+    /// The trainable diagonal (r).
+    pub z: Var,
+    /// z's starting value (r).
+    pub z0: Tensor,
+    /// The scale s.
+    pub scale: Scale,
+    /// s's starting value.
+    pub s0: f64,
+    /// ReLU on z in the forward.
+    pub relu: bool,
+    /// LoLDU: the row order after r elimination steps (what rebuilds the factors exactly).
+    pub perm: Option<Vec<usize>>,
+}
+
+/// Factors of a [`DiagonalAdapter`] before z is chosen.
+struct Factors {
+    left: Mat<f64>,
+    right: Mat<f64>,
+    /// Σ_r (SVFit) or D_r (LoLDU).
+    values: Vec<f64>,
+    perm: Option<Vec<usize>>,
+}
+
+impl DiagonalAdapter {
+    /// Builds the adapter for pre-trained `w` (m×n; `w64` is the same as f64) at rank `r` and
+    /// returns it with the frozen residual `W_res = W − s₀·L·diag(act(z₀))·R`.
+    ///
+    /// `forced_perm` replays a stored LoLDU pivot order (on load).
+    pub fn init(
+        layer: &str,
+        w: &Tensor,
+        w64: &Mat<f64>,
+        r: usize,
+        cfg: &AdapterConfig,
+        seed: u64,
+        forced_perm: Option<&[usize]>,
+    ) -> Result<(Self, Tensor)> {
+        let decomposition = |e: decompose::DecomposeError| PeftError::Decomposition {
+            layer: layer.into(),
+            reason: e.to_string(),
+        };
+        let s0 = cfg.scale_for_rank(r);
+        let factors = match cfg.method {
+            Method::Svfit => {
+                let svd = decompose::top_svd(w64, r, seed).map_err(decomposition)?;
+                Factors {
+                    left: svd.u,
+                    right: svd.v.transpose().to_owned(),
+                    values: svd.s,
+                    perm: None,
+                }
+            }
+            Method::Loldu => {
+                let lu = decompose::lu_truncated(w64, r, cfg.pivot_epsilon, forced_perm)
+                    .map_err(decomposition)?;
+                Factors {
+                    left: lu.left,
+                    right: lu.right,
+                    values: lu.diag,
+                    perm: Some(lu.perm),
+                }
+            }
+            Method::Lora => {
+                return Err(PeftError::Config("LoRA is not a diagonal adapter".into()));
+            }
+        };
+        let init = cfg.init();
+        let z0 = initial_z(init, &factors.values, s0, seed)?;
+        let act = |v: f64| if cfg.relu { v.max(0.0) } else { v };
+        let coef: Vec<f64> = z0.iter().map(|&z| s0 * act(z)).collect();
+        let (m, n) = (w64.nrows(), w64.ncols());
+        let scaled_left = Mat::from_fn(m, r, |i, j| factors.left[(i, j)] * coef[j]);
+        let removed = &scaled_left * &factors.right;
+        let residual = Mat::from_fn(m, n, |i, j| w64[(i, j)] - removed[(i, j)]);
+
+        let dev = w.device();
+        let z0_t = vec_to_tensor(&z0, DType::F32, dev)?;
+        let scale = if cfg.trainable_scale {
+            Scale::Trainable(Var::from_tensor(&vec_to_tensor(&[s0], DType::F32, dev)?)?)
+        } else {
+            Scale::Fixed(s0)
+        };
+        let adapter = DiagonalAdapter {
+            method: cfg.method,
+            init,
+            left: mat_to_tensor(factors.left.as_ref(), DType::F32, dev)?,
+            right: mat_to_tensor(factors.right.as_ref(), DType::F32, dev)?,
+            z: Var::from_tensor(&z0_t.copy()?)?,
+            z0: z0_t,
+            scale,
+            s0,
+            relu: cfg.relu,
+            perm: factors.perm,
+        };
+        Ok((
+            adapter,
+            mat_to_tensor(residual.as_ref(), w.dtype(), w.device())?,
+        ))
+    }
+
+    /// Rank r.
+    pub fn rank(&self) -> usize {
+        self.z0.dims()[0]
+    }
+
+    fn act(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        if self.relu { z.relu() } else { Ok(z.clone()) }
+    }
+
+    /// The current coefficient vector `s·act(z)` (r).
+    pub fn coefficients(&self) -> Result<Tensor> {
+        let z = self.act(self.z.as_tensor())?;
+        Ok(match &self.scale {
+            Scale::Fixed(s) => (z * *s)?,
+            Scale::Trainable(s) => z.broadcast_mul(s.as_tensor())?,
+        })
+    }
+
+    /// The starting coefficients `s₀·act(z₀)` (r).
+    pub fn initial_coefficients(&self) -> Result<Tensor> {
+        Ok((self.act(&self.z0)? * self.s0)?)
+    }
+
+    fn apply(&self, x: &Tensor, coef: &Tensor) -> Result<Tensor> {
+        let h = frozen_linear(x, &self.right, FrozenGrad::Skip)?;
+        let h = h.broadcast_mul(coef)?;
+        Ok(frozen_linear(&h, &self.left, FrozenGrad::Skip)?)
+    }
+
+    /// The branch `s·((x·Rᵀ) ⊙ act(z))·Lᵀ`, never forming the m×n delta.
+    pub fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, &self.coefficients()?)
+    }
+
+    /// The starting branch, removed from W when the residual was built.
+    pub fn initial_branch(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, &self.initial_coefficients()?)
+    }
+
+    fn product(&self, coef: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .left
+            .broadcast_mul(&coef.unsqueeze(0)?)?
+            .matmul(&self.right)?)
+    }
+
+    /// `L·diag(s·act(z))·R` (m×n): what merging adds to the residual.
+    pub fn merge_delta(&self) -> Result<Tensor> {
+        self.product(&self.coefficients()?)
+    }
+
+    /// `L·diag(s₀·act(z₀))·R`: what was taken out of W to make the residual.
+    pub fn initial_delta(&self) -> Result<Tensor> {
+        self.product(&self.initial_coefficients()?)
+    }
+
+    /// The change relative to the pre-trained weight as a plain LoRA pair `(B, A)` with
+    /// scale 1: `B = L·diag(s·act(z) − s₀·act(z₀))`, `A = R`.
+    pub fn lora_form(&self) -> Result<(Tensor, Tensor)> {
+        let diff = (self.coefficients()? - self.initial_coefficients()?)?;
+        Ok((
+            self.left.broadcast_mul(&diff.unsqueeze(0)?)?,
+            self.right.clone(),
+        ))
+    }
+
+    /// Named trainable variables (`z`, and `scale` when it trains).
+    pub fn vars(&self) -> Vec<(&'static str, Var)> {
+        let mut v = vec![("z", self.z.clone())];
+        if let Scale::Trainable(s) = &self.scale {
+            v.push(("scale", s.clone()));
+        }
+        v
+    }
+
+    /// The current scale s.
+    pub fn scale_value(&self) -> Result<f64> {
+        Ok(match &self.scale {
+            Scale::Fixed(s) => *s,
+            Scale::Trainable(v) => v.as_tensor().flatten_all()?.to_vec1::<f32>()?[0] as f64,
+        })
+    }
+}
+
+/// z₀ for the initialiser, from the decomposition's values (Σ_r or D_r) and the scale s₀.
+fn initial_z(init: Init, values: &[f64], s0: f64, seed: u64) -> Result<Vec<f64>> {
+    let r = values.len();
+    let mean = values.iter().sum::<f64>() / r as f64;
+    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / r as f64).sqrt();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_2a11);
+    Ok(match init {
+        Init::Svd => values.iter().map(|v| v / s0).collect(),
+        Init::Lu => values.to_vec(),
+        Init::Uniform => {
+            let h = mean.abs() / 2.0;
+            if h == 0.0 {
+                vec![0.0; r]
+            } else {
+                let d = Uniform::new_inclusive(-h, h)
+                    .map_err(|e| PeftError::Config(format!("uniform init: {e}")))?;
+                (0..r).map(|_| d.sample(&mut rng)).collect()
+            }
+        }
+        Init::Normal => {
+            let d = Normal::new(mean, std)
+                .map_err(|e| PeftError::Config(format!("normal init: {e}")))?;
+            (0..r).map(|_| d.sample(&mut rng)).collect()
+        }
+        Init::Constant => vec![mean; r],
+        Init::Ones => vec![1.0; r],
+        Init::Zeros => vec![0.0; r],
+        other => {
+            return Err(PeftError::Config(format!(
+                "init `{other}` is not an SVFit or LoLDU initialiser"
+            )));
+        }
+    })
+}

@@ -1,0 +1,128 @@
+//! The frozen path of an adapted layer: `y = x·Wᵀ` whose backward yields the gradient of x
+//! only.
+//!
+//! candle 0.11's `matmul` backward computes (and keeps until the `GradStore` drops) the
+//! gradient of both operands, even when one is a frozen weight: a third more FLOPs per linear
+//! layer and a model-sized gradient store, the very memory PEFT exists to save. [`frozen_linear`]
+//! runs the same matmul kernel through a [`CustomOp2`] whose backward returns `(Some(g·W), None)`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
+};
+
+/// How the backward pass treats a frozen weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrozenGrad {
+    /// Only the input's gradient is computed (the default).
+    #[default]
+    Skip,
+    /// candle's plain `matmul`: the weight's gradient is computed too and thrown away. Kept for
+    /// comparisons and benchmarks.
+    Plain,
+}
+
+/// `x·W`ᵀ as a custom op: arg1 is x (rows×k, contiguous), arg2 is `Wᵀ` (k×m, any strides candle's matmul
+/// accepts). The backward returns the gradient of x alone.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let (k2, m) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features but the weight expects {k2}");
+        }
+        Ok((rows, k, m))
+    }
+
+    fn fwd<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
+        let (rows, k, m) = Self::dims(l1, l2)?;
+        let out = s1.matmul(s2, (1, rows, m, k), l1, l2)?;
+        Ok((out, Shape::from((rows, m))))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        wt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&wt.t()?)?), None))
+    }
+}
+
+/// `x·Wᵀ` for `x` of shape (…, n) and a frozen `w` of shape (m, n); returns (…, m).
+///
+/// With [`FrozenGrad::Skip`] the backward pass computes the gradient of `x` only.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use peft_studio::peft::{frozen_linear, FrozenGrad};
+/// let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu)?;
+/// let x = Var::new(&[[1f32, 1.]], &Device::Cpu)?;
+/// let y = frozen_linear(x.as_tensor(), &w, FrozenGrad::Skip)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[3., 7., 11.]]);
+/// let g = y.sum_all()?.backward()?;
+/// assert_eq!(g.get(&x).unwrap().to_vec2::<f32>()?, [[9., 12.]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
+    let (m, n) = w.dims2()?;
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("frozen linear: the input is a scalar");
+    };
+    if last != n {
+        candle_core::bail!(
+            "frozen linear: input has {last} features, the weight {m}×{n} expects {n}"
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, n))?;
+    let y = match mode {
+        FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FrozenMatmul)?,
+        FrozenGrad::Plain => x2.matmul(&w.t()?)?,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(m);
+    y.reshape(out_dims)
+}

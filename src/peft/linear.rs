@@ -1,0 +1,493 @@
+//! [`AdaptedLinear`]: one frozen linear layer plus an optional adapter, and the
+//! [`LinearLayers`] trait through which adapters are attached to a model by module path.
+
+use candle_core::{DType, Tensor, Var};
+
+use super::config::{AdapterConfig, Method};
+use super::decompose::{self, tensor_to_mat};
+use super::diagonal::DiagonalAdapter;
+use super::frozen::{FrozenGrad, frozen_linear};
+use super::lora::LoraAdapter;
+use super::{PeftError, Result};
+
+/// The adapter a layer carries.
+#[derive(Debug, Clone)]
+pub enum Adapter {
+    /// LoRA.
+    Lora(LoraAdapter),
+    /// SVFit or LoLDU.
+    Diagonal(DiagonalAdapter),
+}
+
+impl Adapter {
+    /// The method that built it.
+    pub fn method(&self) -> Method {
+        match self {
+            Adapter::Lora(_) => Method::Lora,
+            Adapter::Diagonal(d) => d.method,
+        }
+    }
+
+    /// Rank r.
+    pub fn rank(&self) -> usize {
+        match self {
+            Adapter::Lora(a) => a.rank(),
+            Adapter::Diagonal(d) => d.rank(),
+        }
+    }
+
+    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Adapter::Lora(a) => a.branch(x),
+            Adapter::Diagonal(d) => d.branch(x),
+        }
+    }
+
+    fn initial_branch(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Adapter::Lora(a) => a.initial_branch(x),
+            Adapter::Diagonal(d) => d.initial_branch(x).map(Some),
+        }
+    }
+
+    fn merge_delta(&self) -> Result<Tensor> {
+        match self {
+            Adapter::Lora(a) => a.merge_delta(),
+            Adapter::Diagonal(d) => d.merge_delta(),
+        }
+    }
+
+    fn initial_delta(&self) -> Result<Option<Tensor>> {
+        match self {
+            Adapter::Lora(a) => a.initial_delta(),
+            Adapter::Diagonal(d) => d.initial_delta().map(Some),
+        }
+    }
+
+    /// The learned change as a plain LoRA pair `(B, A)` with scale 1.
+    pub fn lora_form(&self) -> Result<(Tensor, Tensor)> {
+        match self {
+            Adapter::Lora(a) => a.lora_form(),
+            Adapter::Diagonal(d) => d.lora_form(),
+        }
+    }
+
+    /// Named trainable variables.
+    pub fn vars(&self) -> Vec<(&'static str, Var)> {
+        match self {
+            Adapter::Lora(a) => a.vars(),
+            Adapter::Diagonal(d) => d.vars(),
+        }
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b` whose weight is frozen, with an optional adapter.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use peft_studio::peft::{AdaptedLinear, AdapterConfig, Method};
+/// let w = Tensor::randn(0f32, 1., (6, 4), &Device::Cpu)?;
+/// let x = Tensor::randn(0f32, 1., (3, 4), &Device::Cpu)?;
+/// let mut layer = AdaptedLinear::new("attn.query", w, None);
+/// let before = layer.forward(&x)?;
+/// layer.attach(&AdapterConfig::new(Method::Loldu, 4))?;
+/// assert_eq!(layer.trainable_count(), 4);
+/// let after = layer.forward(&x)?;
+/// assert!((before - after)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct AdaptedLinear {
+    path: String,
+    /// The frozen weight of the unmerged forward (W, W − s·B₀·A₀, or W_res); W_eff when merged.
+    base: Tensor,
+    /// Set when the weight itself trains (full fine-tuning); `base` is then its tensor.
+    trainable_weight: Option<Var>,
+    bias: Option<Tensor>,
+    adapter: Option<Adapter>,
+    merged: bool,
+    disabled: bool,
+    dropout: f64,
+    frozen_grad: FrozenGrad,
+}
+
+impl AdaptedLinear {
+    /// A plain frozen layer at `path` with weight (out×in) and optional bias (out).
+    pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            path: path.into(),
+            base: weight,
+            trainable_weight: None,
+            bias,
+            adapter: None,
+            merged: false,
+            disabled: false,
+            dropout: 0.0,
+            frozen_grad: FrozenGrad::Skip,
+        }
+    }
+
+    /// The module path (e.g. `encoder.layer.0.attention.self.query`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// (out, in) features.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.base.dims();
+        (d[0], d[1])
+    }
+
+    /// The frozen weight the unmerged forward multiplies by: W for LoRA, `W − s·B₀·A₀` for
+    /// PiSSA, `W_res` for SVFit and LoLDU; `W_eff` while merged.
+    pub fn base_weight(&self) -> &Tensor {
+        &self.base
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The adapter, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Whether the adapter is merged into the weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Whether the adapter is switched off (the forward is the pre-trained layer's).
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// Chooses how the frozen weight's backward is computed (see [`FrozenGrad`]).
+    pub fn set_frozen_grad(&mut self, mode: FrozenGrad) {
+        self.frozen_grad = mode;
+    }
+
+    /// Attaches an adapter built from the current (pre-trained) weight. The rank is the
+    /// config's, or for SVFit with an energy threshold the smallest that holds that energy.
+    pub fn attach(&mut self, cfg: &AdapterConfig) -> Result<()> {
+        self.attach_with(cfg, None, None)
+    }
+
+    /// [`attach`](Self::attach) with an explicit rank and, for LoLDU, a stored pivot order.
+    pub fn attach_with(
+        &mut self,
+        cfg: &AdapterConfig,
+        rank: Option<usize>,
+        forced_perm: Option<&[usize]>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        let pretrained = self.pretrained_weight()?;
+        let (m, n) = self.shape();
+        let w64 = tensor_to_mat(&pretrained)?;
+        let r = match (rank, cfg.energy_threshold) {
+            (Some(r), _) => r,
+            (None, Some(tau)) => {
+                let sv =
+                    decompose::singular_values(&w64).map_err(|e| PeftError::Decomposition {
+                        layer: self.path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                decompose::rank_for_energy(&sv, tau)
+            }
+            (None, None) => cfg.rank,
+        };
+        if r == 0 || r > m.min(n) {
+            return Err(PeftError::Rank {
+                layer: self.path.clone(),
+                rank: r,
+                m,
+                n,
+            });
+        }
+        let seed = cfg.seed ^ path_hash(&self.path);
+        let (adapter, base) = match cfg.method {
+            Method::Lora => {
+                let (a, base) = LoraAdapter::init(&self.path, &pretrained, &w64, r, cfg, seed)?;
+                (Adapter::Lora(a), base)
+            }
+            Method::Svfit | Method::Loldu => {
+                let (a, base) = DiagonalAdapter::init(
+                    &self.path,
+                    &pretrained,
+                    &w64,
+                    r,
+                    cfg,
+                    seed,
+                    forced_perm,
+                )?;
+                (Adapter::Diagonal(a), base)
+            }
+        };
+        self.base = base;
+        self.adapter = Some(adapter);
+        self.trainable_weight = None;
+        self.merged = false;
+        self.disabled = false;
+        self.dropout = cfg.dropout;
+        Ok(())
+    }
+
+    /// Removes the adapter, restoring the pre-trained weight.
+    pub fn detach(&mut self) -> Result<()> {
+        self.base = self.pretrained_weight()?;
+        self.adapter = None;
+        self.merged = false;
+        self.disabled = false;
+        Ok(())
+    }
+
+    /// Makes the weight (and bias) itself trainable: full fine-tuning. Removes any adapter.
+    pub fn make_trainable(&mut self) -> Result<Var> {
+        self.detach()?;
+        let var = Var::from_tensor(&self.base.to_dtype(DType::F32)?)?;
+        self.base = var.as_tensor().clone();
+        self.trainable_weight = Some(var.clone());
+        Ok(var)
+    }
+
+    /// Evaluation forward (no dropout).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// Forward; `train` enables dropout on the adapter branch.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mode = if self.trainable_weight.is_some() {
+            FrozenGrad::Plain
+        } else {
+            self.frozen_grad
+        };
+        let mut y = frozen_linear(x, &self.base, mode)?;
+        if let Some(adapter) = &self.adapter
+            && !self.merged
+        {
+            let xf = x.to_dtype(DType::F32)?;
+            let extra = if self.disabled {
+                adapter.initial_branch(&xf)?
+            } else {
+                let xin = if train && self.dropout > 0.0 {
+                    candle_nn::ops::dropout(&xf, self.dropout as f32)?
+                } else {
+                    xf
+                };
+                Some(adapter.branch(&xin)?)
+            };
+            if let Some(extra) = extra {
+                let extra = extra.to_dtype(y.dtype())?;
+                y = (y + extra)?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
+    /// Folds the adapter into the weight: `W_eff = base + ΔW`, zero inference cost.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(a) = &self.adapter
+            && !self.merged
+        {
+            let delta = a.merge_delta()?.to_dtype(self.base.dtype())?;
+            self.base = (&self.base + delta)?.detach();
+            self.merged = true;
+            self.disabled = false;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`merge`](Self::merge) (exact up to float rounding).
+    pub fn unmerge(&mut self) -> Result<()> {
+        if let Some(a) = &self.adapter
+            && self.merged
+        {
+            let delta = a.merge_delta()?.to_dtype(self.base.dtype())?;
+            self.base = (&self.base - delta)?.detach();
+            self.merged = false;
+        }
+        Ok(())
+    }
+
+    /// Switches the adapter off (the forward becomes the pre-trained layer's, `W`, not `W_res`)
+    /// or back on. A merged adapter is unmerged first.
+    pub fn set_disabled(&mut self, disabled: bool) -> Result<()> {
+        if disabled {
+            self.unmerge()?;
+        }
+        self.disabled = disabled && self.adapter.is_some();
+        Ok(())
+    }
+
+    /// The pre-trained weight W (rebuilt from the residual and the starting factors).
+    pub fn pretrained_weight(&self) -> Result<Tensor> {
+        let mut w = self.unmerged_base()?;
+        if let Some(a) = &self.adapter
+            && let Some(init) = a.initial_delta()?
+        {
+            w = (w + init.to_dtype(self.base.dtype())?)?;
+        }
+        Ok(w.detach())
+    }
+
+    /// The weight of the unmerged forward (W, W − s·B₀·A₀ or W_res).
+    fn unmerged_base(&self) -> Result<Tensor> {
+        match &self.adapter {
+            Some(a) if self.merged => {
+                Ok((&self.base - a.merge_delta()?.to_dtype(self.base.dtype())?)?)
+            }
+            _ => Ok(self.base.clone()),
+        }
+    }
+
+    /// The weight the layer computes with now (W_eff = base + ΔW).
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match &self.adapter {
+            Some(a) if !self.merged && !self.disabled => {
+                Ok((&self.base + a.merge_delta()?.to_dtype(self.base.dtype())?)?.detach())
+            }
+            Some(_) if self.disabled => self.pretrained_weight(),
+            _ => Ok(self.base.detach()),
+        }
+    }
+
+    /// The learned change relative to the pre-trained weight, `W_eff − W` (m×n, f32). Zero
+    /// without an adapter.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        match &self.adapter {
+            None => {
+                let (m, n) = self.shape();
+                Ok(Tensor::zeros((m, n), DType::F32, self.base.device())?)
+            }
+            Some(a) => {
+                let (b, a) = a.lora_form()?;
+                Ok(b.matmul(&a)?.detach())
+            }
+        }
+    }
+
+    /// Trainable variables, named `<path>.<name>` (`lora_A`, `lora_B`, `z`, `scale`, `weight`).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        if let Some(w) = &self.trainable_weight {
+            return vec![(format!("{}.weight", self.path), w.clone())];
+        }
+        self.adapter
+            .iter()
+            .flat_map(|a| a.vars())
+            .map(|(name, v)| (format!("{}.{name}", self.path), v))
+            .collect()
+    }
+
+    /// Number of trainable values.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+}
+
+/// FNV-1a of a module path: decorrelates the random initialisers of different layers.
+fn path_hash(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A model's linear layers, reachable by module path. Models implement it so adapters can be
+/// attached, saved and loaded without knowing the model.
+pub trait LinearLayers {
+    /// Every linear layer, in a stable order.
+    fn linears(&self) -> Vec<&AdaptedLinear>;
+    /// Every linear layer, mutably, in the same order.
+    fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear>;
+}
+
+/// What attaching an adapter did.
+#[derive(Debug, Clone, Default)]
+pub struct AttachReport {
+    /// (path, out, in, rank, trainable) of each adapted layer.
+    pub layers: Vec<(String, usize, usize, usize, usize)>,
+}
+
+impl AttachReport {
+    /// Total trainable adapter values.
+    pub fn trainable(&self) -> usize {
+        self.layers.iter().map(|l| l.4).sum()
+    }
+}
+
+/// Attaches `cfg`'s adapter to every layer its targets match. Fails, leaving the model as it
+/// was, when the targets match nothing or any layer cannot take the adapter.
+pub fn attach_adapters(model: &mut impl LinearLayers, cfg: &AdapterConfig) -> Result<AttachReport> {
+    cfg.validate()?;
+    let matcher = cfg.targets.matcher()?;
+    let mut built = Vec::new();
+    for layer in model.linears() {
+        if matcher.matches(layer.path()) {
+            let mut copy = layer.clone();
+            copy.attach(cfg)?;
+            built.push(copy);
+        }
+    }
+    if built.is_empty() {
+        let examples: Vec<String> = model
+            .linears()
+            .iter()
+            .take(6)
+            .map(|l| l.path().to_string())
+            .collect();
+        return Err(PeftError::NoTarget {
+            targets: cfg.targets.describe(),
+            examples: examples.join(", "),
+        });
+    }
+    let mut report = AttachReport::default();
+    let mut built: std::collections::HashMap<String, AdaptedLinear> = built
+        .into_iter()
+        .map(|l| (l.path().to_string(), l))
+        .collect();
+    for layer in model.linears_mut() {
+        if let Some(b) = built.remove(layer.path()) {
+            let (m, n) = b.shape();
+            let rank = b.adapter().map_or(0, Adapter::rank);
+            report
+                .layers
+                .push((b.path().to_string(), m, n, rank, b.trainable_count()));
+            *layer = b;
+        }
+    }
+    Ok(report)
+}
+
+/// All trainable variables of a model's linear layers, by name.
+pub fn trainable_vars(model: &impl LinearLayers) -> Vec<(String, Var)> {
+    model
+        .linears()
+        .iter()
+        .flat_map(|l| l.trainable_vars())
+        .collect()
+}
+
+/// A plain ordered set of linear layers: enough to hold adapters without a model (tests,
+/// benchmarks, checkpoints).
+#[derive(Debug, Clone, Default)]
+pub struct LayerSet {
+    /// The layers, in order.
+    pub layers: Vec<AdaptedLinear>,
+}
+
+impl LinearLayers for LayerSet {
+    fn linears(&self) -> Vec<&AdaptedLinear> {
+        self.layers.iter().collect()
+    }
+    fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+        self.layers.iter_mut().collect()
+    }
+}
