@@ -160,3 +160,50 @@ pub fn markdown_table(title: &str, rows: &[StepStats]) -> String {
     }
     s
 }
+
+/// The MiniLM benchmark's variants: the preset each runs (under `presets/`).
+pub const MINILM_VARIANTS: [(&str, &str); 4] = [
+    ("lora", "minilm-spam-lora.toml"),
+    ("svfit", "minilm-spam-svfit.toml"),
+    ("loldu", "minilm-spam-loldu.toml"),
+    ("full", "minilm-spam-full.toml"),
+];
+
+/// One MiniLM variant: `steps` timed AdamW steps (after 2 warm-up steps) of the real trainer at
+/// batch 16 × 64 tokens, from the preset at `preset`.
+pub fn minilm(preset: &std::path::Path, steps: usize) -> anyhow::Result<StepStats> {
+    use crate::train::{MetricLine, NeverStop, RunStore, TrainConfig};
+    let total = steps + 2;
+    let overrides = [
+        format!("optim.steps={total}"),
+        format!("optim.eval_every={total}"),
+        "optim.batch_size=16".to_string(),
+        "optim.grad_accum=1".to_string(),
+        "model.max_length=64".to_string(),
+        "data.max_train=400".to_string(),
+        "data.max_eval=16".to_string(),
+    ];
+    let cfg = TrainConfig::from_preset(preset, &overrides)?;
+    let dir = std::env::temp_dir().join(format!("peft-studio-bench-{}", std::process::id()));
+    let store = RunStore::new(&dir);
+    let summary = crate::train::train(&cfg, &store, &mut NeverStop, &mut |_| {})?;
+    let mut times: Vec<f64> = store
+        .metrics(&summary.id)?
+        .into_iter()
+        .filter_map(|m| match m {
+            MetricLine::Step { step, secs, .. } if step > 2 => Some(secs),
+            _ => None,
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(!times.is_empty(), "no timed step");
+    times.sort_by(f64::total_cmp);
+    Ok(StepStats {
+        variant: summary.name.clone(),
+        steps,
+        secs_per_step: times[times.len() / 2],
+        best_secs: times[0],
+        peak_rss_mib: summary.peak_rss_mib,
+        trainable: summary.trainable,
+    })
+}

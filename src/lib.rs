@@ -8,6 +8,12 @@
 
 pub mod arch;
 pub mod bench;
+pub mod data;
 pub mod inspect;
 pub mod memory;
+pub mod models;
 pub mod peft;
+pub mod plot;
+pub mod report;
+pub mod train;
+pub mod worker;

@@ -81,9 +81,30 @@ fn peft_init(init: Init) -> Value {
 }
 
 /// Saves the adapters of `model` (built with `cfg`) into folder `dir` (created if needed).
-pub fn save_adapter(model: &impl LinearLayers, cfg: &AdapterConfig, dir: &Path) -> Result<()> {
+pub fn save_adapter(
+    model: &(impl LinearLayers + ?Sized),
+    cfg: &AdapterConfig,
+    dir: &Path,
+) -> Result<()> {
+    save_adapter_with(model, cfg, dir, &[])
+}
+
+/// [`save_adapter`] plus fully trained modules (PEFT's `modules_to_save`, e.g. the
+/// classification head), given as `(module path, [(param name, tensor)])`; they are stored
+/// as `base_model.model.<module>.<param>`, the keys PEFT writes.
+pub fn save_adapter_with(
+    model: &(impl LinearLayers + ?Sized),
+    cfg: &AdapterConfig,
+    dir: &Path,
+    modules_to_save: &[(String, Vec<(String, Tensor)>)],
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors = HashMap::new();
+    for (module, params) in modules_to_save {
+        for (name, t) in params {
+            tensors.insert(format!("{KEY_PREFIX}{module}.{name}"), t.detach());
+        }
+    }
     let mut ranks = BTreeMap::new();
     for layer in model.linears() {
         let Some(adapter) = layer.adapter() else {
@@ -116,7 +137,11 @@ pub fn save_adapter(model: &impl LinearLayers, cfg: &AdapterConfig, dir: &Path) 
             "the model carries no adapter to save".into(),
         ));
     }
-    let config = adapter_config_json(cfg, &ranks);
+    let mut config = adapter_config_json(cfg, &ranks);
+    if !modules_to_save.is_empty() {
+        config["modules_to_save"] =
+            json!(modules_to_save.iter().map(|(m, _)| m).collect::<Vec<_>>());
+    }
     save_tensors(&tensors, &dir.join(WEIGHTS_FILE))?;
     let text = serde_json::to_string_pretty(&config).map_err(|e| PeftError::Format {
         path: dir.join(CONFIG_FILE).display().to_string(),
@@ -153,7 +178,7 @@ fn adapter_config_json(cfg: &AdapterConfig, ranks: &BTreeMap<String, usize>) -> 
 
 /// Writes the learned change of every adapted layer as a plain PEFT LoRA (scale 1:
 /// `lora_alpha = r`) that any PEFT user can load onto the pre-trained model.
-pub fn export_lora(model: &impl LinearLayers, dir: &Path) -> Result<()> {
+pub fn export_lora(model: &(impl LinearLayers + ?Sized), dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors = HashMap::new();
     let mut ranks = BTreeMap::new();
@@ -275,8 +300,33 @@ struct ModuleTensors(BTreeMap<String, Tensor>);
 /// Loads the adapter folder `dir` into `model`: checks every module name and shape against the
 /// model and reports all that do not fit in one error; on any error the model is unchanged.
 /// Returns the adapter's config.
-pub fn load_adapter(model: &mut impl LinearLayers, dir: &Path) -> Result<AdapterConfig> {
+pub fn load_adapter(model: &mut (impl LinearLayers + ?Sized), dir: &Path) -> Result<AdapterConfig> {
+    let (cfg, extra) = load_adapter_with(model, dir)?;
+    if let Some(k) = extra.keys().next() {
+        return Err(PeftError::Mismatch {
+            path: dir.display().to_string(),
+            problems: vec![format!(
+                "module `{k}` (modules_to_save) is not part of this model"
+            )],
+        });
+    }
+    Ok(cfg)
+}
+
+/// [`load_adapter`], also returning the `modules_to_save` tensors by `<module>.<param>` for
+/// the caller (who owns those modules) to check and load.
+pub fn load_adapter_with(
+    model: &mut (impl LinearLayers + ?Sized),
+    dir: &Path,
+) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
     let cfg = read_adapter_config(dir)?;
+    let saved_modules: Vec<String> = std::fs::read_to_string(dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("modules_to_save").cloned())
+        .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+        .unwrap_or_default();
+    let mut extra = HashMap::new();
     cfg.validate()?;
     let wpath = dir.join(WEIGHTS_FILE);
     let tensors =
@@ -305,6 +355,13 @@ pub fn load_adapter(model: &mut impl LinearLayers, dir: &Path) -> Result<Adapter
             problems.push(format!("key `{key}` does not start with `{KEY_PREFIX}`"));
             continue;
         };
+        if saved_modules.iter().any(|m| {
+            rest.strip_prefix(m.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        }) {
+            extra.insert(rest.to_string(), t);
+            continue;
+        }
         match suffixes.iter().find(|(s, _)| rest.ends_with(s.as_str())) {
             Some((s, name)) => {
                 let module = rest[..rest.len() - s.len()].to_string();
@@ -371,7 +428,7 @@ pub fn load_adapter(model: &mut impl LinearLayers, dir: &Path) -> Result<Adapter
             *layer = b;
         }
     }
-    Ok(cfg)
+    Ok((cfg, extra))
 }
 
 /// Checks one module's tensors against its m×n layer; returns the rank.

@@ -103,6 +103,8 @@ pub struct AdaptedLinear {
     base: Tensor,
     /// Set when the weight itself trains (full fine-tuning); `base` is then its tensor.
     trainable_weight: Option<Var>,
+    /// Set when the bias trains too; `bias` is then its tensor.
+    trainable_bias: Option<Var>,
     bias: Option<Tensor>,
     adapter: Option<Adapter>,
     merged: bool,
@@ -118,6 +120,7 @@ impl AdaptedLinear {
             path: path.into(),
             base: weight,
             trainable_weight: None,
+            trainable_bias: None,
             bias,
             adapter: None,
             merged: false,
@@ -228,6 +231,7 @@ impl AdaptedLinear {
         self.base = base;
         self.adapter = Some(adapter);
         self.trainable_weight = None;
+        self.trainable_bias = None;
         self.merged = false;
         self.disabled = false;
         self.dropout = cfg.dropout;
@@ -237,19 +241,29 @@ impl AdaptedLinear {
     /// Removes the adapter, restoring the pre-trained weight.
     pub fn detach(&mut self) -> Result<()> {
         self.base = self.pretrained_weight()?;
+        self.trainable_weight = None;
+        self.trainable_bias = None;
         self.adapter = None;
         self.merged = false;
         self.disabled = false;
         Ok(())
     }
 
-    /// Makes the weight (and bias) itself trainable: full fine-tuning. Removes any adapter.
-    pub fn make_trainable(&mut self) -> Result<Var> {
+    /// Makes the weight and bias themselves trainable (full fine-tuning, or a classification
+    /// head). Removes any adapter. Returns the new variables, named like [`trainable_vars`].
+    ///
+    /// [`trainable_vars`]: Self::trainable_vars
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
         self.detach()?;
         let var = Var::from_tensor(&self.base.to_dtype(DType::F32)?)?;
         self.base = var.as_tensor().clone();
-        self.trainable_weight = Some(var.clone());
-        Ok(var)
+        self.trainable_weight = Some(var);
+        if let Some(b) = &self.bias {
+            let bv = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
+            self.bias = Some(bv.as_tensor().clone());
+            self.trainable_bias = Some(bv);
+        }
+        Ok(self.trainable_vars())
     }
 
     /// Evaluation forward (no dropout).
@@ -375,7 +389,11 @@ impl AdaptedLinear {
     /// Trainable variables, named `<path>.<name>` (`lora_A`, `lora_B`, `z`, `scale`, `weight`).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         if let Some(w) = &self.trainable_weight {
-            return vec![(format!("{}.weight", self.path), w.clone())];
+            let mut v = vec![(format!("{}.weight", self.path), w.clone())];
+            if let Some(b) = &self.trainable_bias {
+                v.push((format!("{}.bias", self.path), b.clone()));
+            }
+            return v;
         }
         self.adapter
             .iter()
@@ -425,7 +443,10 @@ impl AttachReport {
 
 /// Attaches `cfg`'s adapter to every layer its targets match. Fails, leaving the model as it
 /// was, when the targets match nothing or any layer cannot take the adapter.
-pub fn attach_adapters(model: &mut impl LinearLayers, cfg: &AdapterConfig) -> Result<AttachReport> {
+pub fn attach_adapters(
+    model: &mut (impl LinearLayers + ?Sized),
+    cfg: &AdapterConfig,
+) -> Result<AttachReport> {
     cfg.validate()?;
     let matcher = cfg.targets.matcher()?;
     let mut built = Vec::new();
@@ -467,7 +488,7 @@ pub fn attach_adapters(model: &mut impl LinearLayers, cfg: &AdapterConfig) -> Re
 }
 
 /// All trainable variables of a model's linear layers, by name.
-pub fn trainable_vars(model: &impl LinearLayers) -> Vec<(String, Var)> {
+pub fn trainable_vars(model: &(impl LinearLayers + ?Sized)) -> Vec<(String, Var)> {
     model
         .linears()
         .iter()

@@ -12,7 +12,9 @@ pub mod frozen;
 pub mod linear;
 pub mod lora;
 
-pub use checkpoint::{export_lora, load_adapter, save_adapter};
+pub use checkpoint::{
+    export_lora, load_adapter, load_adapter_with, save_adapter, save_adapter_with,
+};
 pub use config::{AdapterConfig, Init, Method, Targets};
 pub use diagonal::DiagonalAdapter;
 pub use frozen::{FrozenGrad, frozen_linear};

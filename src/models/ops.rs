@@ -1,0 +1,337 @@
+//! Fused CPU kernels with a backward pass: softmax over the last dimension and layer norm.
+//!
+//! candle-nn 0.11's `softmax_last_dim` and `layer_norm` are forward-only (`apply_op*_no_bwd`):
+//! training through them silently drops gradients, and the composite versions allocate many
+//! temporaries. These run one pass per row (rayon-parallel) and have a real backward. f32 on
+//! the CPU; other dtypes and devices use the composite formulas.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: only f32 is supported");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&v[a..b])
+}
+
+fn last_dim(l: &Layout) -> Result<usize> {
+    l.dims()
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "peft-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s, l, "softmax")?;
+        let d = last_dim(l)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, x)| {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+/// dx = y ⊙ (g − Σ g⊙y), arg1 = y, arg2 = g.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "peft-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_rows(s1, l1, "softmax backward")?;
+        let g = f32_rows(s2, l2, "softmax backward")?;
+        let d = last_dim(l1)?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, with a backward pass.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "peft-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "layer norm")?;
+        let w = f32_rows(s2, l2, "layer norm")?;
+        let b = f32_rows(s3, l3, "layer norm")?;
+        let d = last_dim(l1)?;
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, x)| {
+                let (mean, rstd) = row_stats(x, eps);
+                for i in 0..d {
+                    o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormBackward { eps: self.eps })?;
+        if !(w.track_op() || b.track_op()) {
+            return Ok((Some(dx), None, None));
+        }
+        let params = x.apply_op2_no_bwd(&grad, &LayerNormParamGrads { eps: self.eps })?;
+        let d = w.dims1()?;
+        let dw = params.narrow(0, 0, d)?;
+        let db = params.narrow(0, d, d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx of layer norm: arg1 = x, arg2 = w, arg3 = g.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "peft-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "layer norm backward")?;
+        let w = f32_rows(s2, l2, "layer norm backward")?;
+        let g = f32_rows(s3, l3, "layer norm backward")?;
+        let d = last_dim(l1)?;
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (x, g))| {
+                let (mean, rstd) = row_stats(x, eps);
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for i in 0..d {
+                    let gw = g[i] * w[i];
+                    m1 += gw;
+                    m2 += gw * (x[i] - mean) * rstd;
+                }
+                m1 /= d as f32;
+                m2 /= d as f32;
+                for i in 0..d {
+                    let xh = (x[i] - mean) * rstd;
+                    o[i] = rstd * (g[i] * w[i] - m1 - xh * m2);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// [dw; db] of layer norm (2·d values): arg1 = x, arg2 = g.
+struct LayerNormParamGrads {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormParamGrads {
+    fn name(&self) -> &'static str {
+        "peft-layer-norm-param-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "layer norm backward")?;
+        let g = f32_rows(s2, l2, "layer norm backward")?;
+        let d = last_dim(l1)?;
+        let eps = self.eps;
+        // Fixed blocks summed in order: the same result whatever the thread count or schedule.
+        const ROWS: usize = 64;
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(d * ROWS)
+            .zip(g.par_chunks(d * ROWS))
+            .map(|(xb, gb)| {
+                let mut acc = vec![0f32; 2 * d];
+                for (x, g) in xb.chunks(d).zip(gb.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, eps);
+                    for i in 0..d {
+                        acc[i] += g[i] * (x[i] - mean) * rstd;
+                        acc[d + i] += g[i];
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; 2 * d];
+        for p in partials {
+            out.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * d)))
+    }
+}
+
+/// Layer norm over the last dimension, `(x − mean)/√(var + eps) · w + b`, with a backward
+/// pass for x and, when they train, w and b.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        x.contiguous()?
+            .apply_op3(w, b, LayerNorm { eps: eps as f32 })
+    } else {
+        candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < tol, "differ by {d}");
+    }
+
+    #[test]
+    fn softmax_matches_the_composite_version_with_gradients() {
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 7), &Device::Cpu).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (3, 4, 7), &Device::Cpu).unwrap();
+        let ours = softmax_last_dim(x.as_tensor()).unwrap();
+        let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        close(&ours, &theirs, 1e-6);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composite_version_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(1f32, 3.0, (2, 5, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let theirs =
+            candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+                .unwrap();
+        close(&ours, &theirs, 1e-5);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            close(ga.get(v).unwrap(), gb.get(v).unwrap(), 1e-4);
+        }
+        // Frozen w and b: only the input gradient.
+        let y = layer_norm(
+            x.as_tensor(),
+            &w.as_tensor().detach(),
+            &b.as_tensor().detach(),
+            1e-5,
+        )
+        .unwrap();
+        let gc = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        close(gc.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-4);
+    }
+}

@@ -1,0 +1,171 @@
+//! Reading weights by name from safetensors files, with shape checks and, for modules a
+//! checkpoint lacks, seeded initialisation.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use super::ModelError;
+
+/// How a parameter is initialised when the checkpoint lacks it.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// N(0, σ²) with the config's `initializer_range` σ.
+    Normal,
+    /// Zeros (biases).
+    Zeros,
+    /// Ones (layer-norm weights).
+    Ones,
+}
+
+/// Weights of one checkpoint (or none: everything initialised), looked up by name.
+pub struct WeightReader {
+    tensors: HashMap<String, Tensor>,
+    file: String,
+    /// Prefix the checkpoint uses for the backbone (`bert.`, `roberta.`, `vit.`, or none).
+    ckpt_prefix: String,
+    /// Prefix this project uses for the backbone.
+    own_prefix: String,
+    rng: rand::rngs::StdRng,
+    std: f32,
+    device: Device,
+    /// Names that were initialised rather than loaded.
+    pub initialised: Vec<String>,
+}
+
+impl WeightReader {
+    /// Reads `file`; the backbone's names are looked up with `own_prefix` or without it.
+    pub fn open(
+        file: &Path,
+        own_prefix: &str,
+        std: f32,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensors =
+            candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| ModelError::File {
+                path: file.display().to_string(),
+                reason: format!("cannot read the weights: {e}"),
+            })?;
+        let probe = ["embeddings.word_embeddings.weight", "embeddings.cls_token"];
+        let ckpt_prefix = if probe
+            .iter()
+            .any(|p| tensors.contains_key(&format!("{own_prefix}{p}")))
+        {
+            own_prefix.to_string()
+        } else if probe.iter().any(|p| tensors.contains_key(*p)) {
+            String::new()
+        } else {
+            return Err(ModelError::Weights {
+                file: file.display().to_string(),
+                problem: format!(
+                    "no embeddings found under `{own_prefix}embeddings.` or `embeddings.`: not a checkpoint of this architecture"
+                ),
+            });
+        };
+        Ok(Self {
+            tensors,
+            file: file.display().to_string(),
+            ckpt_prefix,
+            own_prefix: own_prefix.into(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            std,
+            device: device.clone(),
+            initialised: Vec::new(),
+        })
+    }
+
+    /// No checkpoint: every parameter is initialised (a model from its config alone).
+    pub fn random(own_prefix: &str, std: f32, seed: u64, device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            file: "(random initialisation)".into(),
+            ckpt_prefix: own_prefix.into(),
+            own_prefix: own_prefix.into(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            std,
+            device: device.clone(),
+            initialised: Vec::new(),
+        }
+    }
+
+    /// Whether the reader holds a checkpoint.
+    pub fn has_checkpoint(&self) -> bool {
+        !self.tensors.is_empty()
+    }
+
+    fn stored_name(&self, name: &str) -> String {
+        match name.strip_prefix(&self.own_prefix) {
+            Some(rest) if !self.own_prefix.is_empty() => format!("{}{rest}", self.ckpt_prefix),
+            _ => name.to_string(),
+        }
+    }
+
+    fn fill(&mut self, dims: &[usize], fill: Fill) -> Result<Tensor, ModelError> {
+        Ok(match fill {
+            Fill::Zeros => Tensor::zeros(dims, DType::F32, &self.device)?,
+            Fill::Ones => Tensor::ones(dims, DType::F32, &self.device)?,
+            Fill::Normal => {
+                let n: usize = dims.iter().product();
+                let d = Normal::new(0.0f32, self.std).map_err(|e| ModelError::Weights {
+                    file: self.file.clone(),
+                    problem: format!("initializer_range: {e}"),
+                })?;
+                let v: Vec<f32> = (0..n).map(|_| d.sample(&mut self.rng)).collect();
+                Tensor::from_vec(v, dims, &self.device)?
+            }
+        })
+    }
+
+    /// A backbone parameter: required when a checkpoint is open.
+    pub fn get(&mut self, name: &str, dims: &[usize], fill: Fill) -> Result<Tensor, ModelError> {
+        if !self.has_checkpoint() {
+            self.initialised.push(name.into());
+            return self.fill(dims, fill);
+        }
+        self.lookup(name, dims)?.ok_or_else(|| ModelError::Weights {
+            file: self.file.clone(),
+            problem: format!("tensor `{}` is missing", self.stored_name(name)),
+        })
+    }
+
+    /// An optional parameter (a head, BERT's pooler): loaded when present with the right
+    /// shape, otherwise initialised and recorded in [`initialised`](Self::initialised).
+    /// `fresh` always initialises.
+    pub fn get_or_init(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        fill: Fill,
+        fresh: bool,
+    ) -> Result<Tensor, ModelError> {
+        if !fresh
+            && let Some(t) = self.tensors.get(&self.stored_name(name))
+            && t.dims() == dims
+        {
+            return Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?);
+        }
+        self.initialised.push(name.into());
+        self.fill(dims, fill)
+    }
+
+    fn lookup(&self, name: &str, dims: &[usize]) -> Result<Option<Tensor>, ModelError> {
+        let stored = self.stored_name(name);
+        let Some(t) = self.tensors.get(&stored) else {
+            return Ok(None);
+        };
+        if t.dims() != dims {
+            return Err(ModelError::Weights {
+                file: self.file.clone(),
+                problem: format!(
+                    "tensor `{stored}` has shape {:?}, the config says {dims:?}",
+                    t.dims()
+                ),
+            });
+        }
+        Ok(Some(t.to_dtype(DType::F32)?.to_device(&self.device)?))
+    }
+}

@@ -1,0 +1,12 @@
+//! Training: configuration, the loop, batches, events and the run store.
+
+pub mod batches;
+pub mod config;
+pub mod events;
+pub mod store;
+pub mod trainer;
+
+pub use config::{ModelConfig, OptimConfig, Schedule, TrainConfig, TrainMode};
+pub use events::{Control, Controller, NeverStop, Phase, RunEvent};
+pub use store::{EvalPoint, MetricLine, RunStatus, RunStore, RunSummary};
+pub use trainer::{evaluate, reload_and_evaluate, train};

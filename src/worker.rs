@@ -1,0 +1,308 @@
+//! The background worker: a named thread that takes [`Command`]s and sends [`Event`]s over
+//! crossbeam channels. All heavy work (loading, training, saving) happens here, never on the
+//! UI thread. A panic inside a run becomes [`Event::RunFailed`], never a dead thread; stop and
+//! pause are honoured between steps; the worker ends when told to or when the other side of
+//! the channel is gone.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::train::{
+    Control, Controller, EvalPoint, Phase, RunEvent, RunStatus, RunStore, RunSummary, TrainConfig,
+};
+
+/// What the UI (or a test) asks of the worker.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Train with this config (refused while a run is in progress).
+    Start(Box<TrainConfig>),
+    /// Stop the current run after the current step; its metrics so far are kept.
+    Stop,
+    /// Pause the current run between steps.
+    Pause,
+    /// Resume a paused run.
+    Resume,
+    /// End the worker thread (stopping any run first).
+    Shutdown,
+}
+
+/// What the worker reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The run's phase changed (loading, training, evaluating, saving, paused).
+    Phase(Phase),
+    /// A run started: it has a folder and knows its size.
+    RunStarted {
+        /// Run id (its folder under the run store).
+        run_id: String,
+        /// Display name.
+        name: String,
+        /// `lora`, `svfit`, `loldu`, `full` or `head`.
+        method: String,
+        /// Trainable values.
+        trainable: usize,
+        /// All values.
+        total: usize,
+        /// Optimiser steps planned.
+        total_steps: usize,
+        /// Model description.
+        model: String,
+    },
+    /// One optimiser step.
+    Step {
+        /// Step (1-based).
+        step: usize,
+        /// Steps planned.
+        total_steps: usize,
+        /// Training loss.
+        loss: f64,
+        /// Learning rate.
+        lr: f64,
+        /// Mean seconds per step so far.
+        secs_per_step: f64,
+    },
+    /// An evaluation on the held-out split.
+    Eval(EvalPoint),
+    /// A message for the log.
+    Log(String),
+    /// The run ended normally: finished every step, or stopped on request.
+    RunFinished(Box<RunSummary>),
+    /// The run failed (bad input, a NaN loss, a panic). `summary` is set when the run had
+    /// started and its folder records the failure.
+    RunFailed {
+        /// What went wrong, in words for the user.
+        error: String,
+        /// The recorded run, if it had started.
+        summary: Option<Box<RunSummary>>,
+    },
+    /// A command could not be carried out (e.g. Start while a run is in progress).
+    Refused(String),
+}
+
+/// The function that performs a run (the real trainer, or a stand-in in tests).
+pub type Runner = Arc<
+    dyn Fn(
+            &TrainConfig,
+            &RunStore,
+            &mut dyn Controller,
+            &mut dyn FnMut(RunEvent),
+        ) -> anyhow::Result<RunSummary>
+        + Send
+        + Sync,
+>;
+
+/// Handle of the worker thread. Dropping it shuts the worker down.
+pub struct Worker {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Polls the command channel between steps.
+struct ChannelController<'a> {
+    commands: &'a Receiver<Command>,
+    send: &'a dyn Fn(Event),
+    shutdown: bool,
+}
+
+impl Controller for ChannelController<'_> {
+    fn check(&mut self) -> Control {
+        let mut paused = false;
+        loop {
+            let cmd = if paused {
+                match self.commands.recv() {
+                    Ok(c) => c,
+                    Err(_) => return Control::Stop,
+                }
+            } else {
+                match self.commands.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => return Control::Continue,
+                    Err(TryRecvError::Disconnected) => return Control::Stop,
+                }
+            };
+            match cmd {
+                Command::Stop => return Control::Stop,
+                Command::Shutdown => {
+                    self.shutdown = true;
+                    return Control::Stop;
+                }
+                Command::Pause if !paused => {
+                    paused = true;
+                    (self.send)(Event::Phase(Phase::Paused));
+                }
+                Command::Resume if paused => {
+                    (self.send)(Event::Phase(Phase::Training));
+                    return Control::Continue;
+                }
+                Command::Start(_) => {
+                    (self.send)(Event::Refused("a run is in progress: stop it first".into()))
+                }
+                Command::Pause | Command::Resume => {}
+            }
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl Worker {
+    /// Starts the worker with the real trainer. `notify` runs after every event (e.g. to ask
+    /// egui for a repaint).
+    pub fn spawn(store: RunStore, notify: impl Fn() + Send + 'static) -> std::io::Result<Self> {
+        Self::spawn_with(store, Arc::new(crate::train::train), notify)
+    }
+
+    /// Starts the worker with a given runner.
+    pub fn spawn_with(
+        store: RunStore,
+        runner: Runner,
+        notify: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded::<Command>();
+        let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
+        let thread = std::thread::Builder::new()
+            .name("peft-studio-worker".into())
+            .spawn(move || {
+                let send = |e: Event| {
+                    // The UI side is gone: nothing left to tell.
+                    let _ = ev_tx.send(e);
+                    notify();
+                };
+                while let Ok(cmd) = cmd_rx.recv() {
+                    let cfg = match cmd {
+                        Command::Start(cfg) => cfg,
+                        Command::Shutdown => break,
+                        Command::Stop | Command::Pause | Command::Resume => continue,
+                    };
+                    let mut ctl = ChannelController {
+                        commands: &cmd_rx,
+                        send: &send,
+                        shutdown: false,
+                    };
+                    let mut started: Option<String> = None;
+                    let mut last: Option<RunSummary> = None;
+                    let mut emit = |e: RunEvent| {
+                        let ev = match e {
+                            RunEvent::Started {
+                                run_id,
+                                name,
+                                method,
+                                trainable,
+                                total,
+                                total_steps,
+                                model,
+                            } => {
+                                started = Some(run_id.clone());
+                                Event::RunStarted {
+                                    run_id,
+                                    name,
+                                    method,
+                                    trainable,
+                                    total,
+                                    total_steps,
+                                    model,
+                                }
+                            }
+                            RunEvent::Phase(p) => Event::Phase(p),
+                            RunEvent::Step {
+                                step,
+                                total_steps,
+                                loss,
+                                lr,
+                                secs_per_step,
+                            } => Event::Step {
+                                step,
+                                total_steps,
+                                loss,
+                                lr,
+                                secs_per_step,
+                            },
+                            RunEvent::Eval(e) => Event::Eval(e),
+                            RunEvent::Log(t) => Event::Log(t),
+                            RunEvent::Finished(s) => {
+                                last = Some(*s);
+                                return;
+                            }
+                        };
+                        send(ev);
+                    };
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        runner(&cfg, &store, &mut ctl, &mut emit)
+                    }));
+                    match result {
+                        Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),
+                        Ok(Err(e)) => send(Event::RunFailed {
+                            error: format!("{e:#}"),
+                            summary: last.filter(|s| s.status == RunStatus::Failed).map(Box::new),
+                        }),
+                        Err(p) => {
+                            let error = format!("internal error: {}", panic_text(&*p));
+                            let summary = started
+                                .as_deref()
+                                .and_then(|id| mark_failed(&store, id, &error))
+                                .map(Box::new);
+                            send(Event::RunFailed { error, summary });
+                        }
+                    }
+                    if ctl.shutdown {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            commands: cmd_tx,
+            events: ev_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends a command (ignored if the worker has ended).
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
+    }
+
+    /// The next event, if one is waiting (never blocks).
+    pub fn try_recv(&self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+
+    /// The event channel (for blocking receives in tests and the CLI).
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Whether the worker thread is still alive.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// Records a run that panicked after it started as failed; returns the updated summary.
+fn mark_failed(store: &RunStore, id: &str, error: &str) -> Option<RunSummary> {
+    let path = store.root().join(id).join("summary.json");
+    let text = std::fs::read_to_string(&path).ok()?;
+    let mut s: RunSummary = serde_json::from_str(&text).ok()?;
+    s.status = RunStatus::Failed;
+    s.error = Some(error.to_string());
+    let json = serde_json::to_string_pretty(&s).ok()?;
+    crate::peft::checkpoint::write_atomic(&path, json.as_bytes()).ok()?;
+    Some(s)
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
