@@ -77,6 +77,8 @@ pub fn line_chart(
             c.configure_mesh()
                 .x_desc("step")
                 .y_desc(y_label)
+                .y_label_formatter(&|v| format!("{v:.3}"))
+                .x_label_formatter(&|v| format!("{v:.0}"))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(|e| err(&e))?;

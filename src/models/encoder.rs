@@ -1,10 +1,10 @@
 //! The transformer encoder block shared by BERT, RoBERTa (post-LN) and ViT (pre-LN).
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{Result, Tensor};
 use serde_json::Value;
 
 use super::ModelError;
-use super::ops::{layer_norm, softmax_last_dim};
+use super::ops::{layer_norm, masked_softmax};
 use super::weights::{Fill, WeightReader};
 use crate::peft::AdaptedLinear;
 
@@ -41,7 +41,7 @@ pub enum Activation {
 impl Activation {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => x.gelu_erf(),
+            Activation::Gelu => super::ops::gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
         }
@@ -276,14 +276,11 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = (split(&self.query)? * (1.0 / (dh as f64).sqrt()))?;
+        let q = split(&self.query)?;
         let k = split(&self.key)?;
         let v = split(&self.value)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask_bias {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = masked_softmax(&scores, mask_bias, 1.0 / (dh as f64).sqrt())?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.attn_out
             .forward_t(&ctx, train)
@@ -298,7 +295,7 @@ impl Block {
             .map_err(err)
     }
 
-    /// Runs the block on (B, T, H); `mask_bias` is (B, 1, 1, T) with 0 for tokens and a large
+    /// Runs the block on (B, T, H); `mask_bias` is (B, T) with 0 for tokens and a large
     /// negative number for padding.
     pub fn forward(&self, x: &Tensor, mask_bias: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let ln = |x: &Tensor, p: &(String, Tensor, Tensor)| layer_norm(x, &p.1, &p.2, self.eps);
@@ -319,18 +316,12 @@ impl Block {
     }
 }
 
-/// Additive attention bias from a (B, T) mask of 1/0: (B, 1, 1, T).
+/// Additive attention bias (B, T) from a (B, T) mask of 1/0: 0 for tokens, −10⁹ for padding.
 pub fn mask_bias(mask: &Tensor) -> Result<Tensor> {
-    let (b, t) = mask.dims2()?;
-    ((mask.ones_like()? - mask)? * -1e9)?.reshape((b, 1, 1, t))
+    (mask.ones_like()? - mask)? * -1e9
 }
 
 /// Position `0` of every sequence: (B, T, H) → (B, H).
 pub fn first_token(x: &Tensor) -> Result<Tensor> {
     x.narrow(1, 0, 1)?.squeeze(1)
-}
-
-/// Mean over the last dim helper kept for pooling experiments.
-pub fn mean_last(x: &Tensor) -> Result<Tensor> {
-    x.mean_keepdim(D::Minus1)
 }

@@ -100,6 +100,164 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Attention probabilities `softmax(scale·scores + bias)` in one pass, where `bias` (B, T_k)
+/// is added to every head and query row of `scores` (B, H, T_q, T_k). The backward yields
+/// the scores' gradient only (the bias is a constant mask).
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "peft-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "masked softmax")?;
+        let bias = f32_rows(s2, l2, "masked softmax")?;
+        let (b, h, tq, tk) = l1.shape().dims4()?;
+        if l2.dims() != [b, tk] {
+            candle_core::bail!(
+                "masked softmax: bias is {:?}, expected [{b}, {tk}]",
+                l2.dims()
+            );
+        }
+        let scale = self.scale;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(tk)
+            .zip(x.par_chunks(tk))
+            .enumerate()
+            .for_each(|(row, (o, x))| {
+                let bias = &bias[(row / (h * tq)) * tk..][..tk];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, &v), &m) in o.iter_mut().zip(x).zip(bias) {
+                    *o = v * scale + m;
+                    max = max.max(*o);
+                }
+                let mut sum = 0.0;
+                for o in o.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?;
+        Ok((Some((g * self.scale as f64)?), None))
+    }
+}
+
+/// `softmax(scale·scores + bias)` over the last dimension; `bias` (B, T_k) is broadcast over
+/// heads and queries (0 for tokens, a large negative number for padding).
+pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let fast = scores.device().is_cpu() && scores.dtype() == DType::F32;
+    match bias {
+        Some(b) if fast => scores.contiguous()?.apply_op2(
+            &b.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        ),
+        None if fast => softmax_last_dim(&(scores * scale)?),
+        Some(b) => {
+            let (bs, _, _, tk) = scores.dims4()?;
+            candle_nn::ops::softmax(
+                &(scores * scale)?.broadcast_add(&b.reshape((bs, 1, 1, tk))?)?,
+                D::Minus1,
+            )
+        }
+        None => candle_nn::ops::softmax(&(scores * scale)?, D::Minus1),
+    }
+}
+
+/// The exact (erf) GELU with a one-pass backward.
+struct GeluErf;
+
+const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/√(2π).
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "peft-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s, l, "gelu")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * SQRT_HALF));
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)?,
+        ))
+    }
+}
+
+/// d gelu(x) = Φ(x) + x·φ(x), times the incoming gradient: arg1 = x, arg2 = g.
+struct GeluErfBackward;
+
+impl CustomOp2 for GeluErfBackward {
+    fn name(&self) -> &'static str {
+        "peft-gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "gelu backward")?;
+        let g = f32_rows(s2, l2, "gelu backward")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * SQRT_HALF));
+                    let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                    *o = g * (cdf + v * pdf);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The exact GELU, `x·Φ(x)`, with a fused backward (f32 CPU; candle's elsewhere).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
 struct LayerNorm {
     eps: f32,
 }
@@ -299,6 +457,46 @@ mod tests {
             .backward()
             .unwrap();
         close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn gelu_and_masked_softmax_match_candle_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (4, 33), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (4, 33), &dev).unwrap();
+        let ours = gelu_erf(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().gelu_erf().unwrap();
+        close(&ours, &theirs, 1e-5);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-4);
+
+        let s = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 4, 5), &dev).unwrap()).unwrap();
+        let mask = Tensor::new(&[[0f32, 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0.]], &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let ours = masked_softmax(s.as_tensor(), Some(&mask), 0.5).unwrap();
+        let theirs = candle_nn::ops::softmax(
+            &(s.as_tensor() * 0.5)
+                .unwrap()
+                .broadcast_add(&mask.reshape((2, 1, 1, 5)).unwrap())
+                .unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        close(&ours, &theirs, 1e-6);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(ga.get(&s).unwrap(), gb.get(&s).unwrap(), 1e-5);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
 };
 
 /// How the backward pass treats a frozen weight.
@@ -88,6 +88,83 @@ impl CustomOp2 for FrozenMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&wt.t()?)?), None))
     }
+}
+
+/// `x·Wᵀ + b` in one op (f32 CPU): the bias is added in place, and the backward yields the
+/// gradient of x only, so a frozen bias costs no full-size gradient buffer either.
+struct FrozenMatmulBias;
+
+impl CustomOp3 for FrozenMatmulBias {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, shape) = FrozenMatmul::fwd(s1, l1, s2, l2)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(b)) = (out, s3) else {
+            candle_core::bail!("frozen matmul with bias: only f32 is supported");
+        };
+        let Some((b0, b1)) = l3.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul with bias: the bias must be contiguous");
+        };
+        let b = &b[b0..b1];
+        let m = b.len();
+        y.chunks_exact_mut(m)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        wt: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&wt.t()?)?), None, None))
+    }
+}
+
+/// `x·Wᵀ + b` for a frozen weight and bias: fused on the CPU in f32, else [`frozen_linear`]
+/// plus a broadcast add.
+pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
+    let fused = mode == FrozenGrad::Skip
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && b.dtype() == candle_core::DType::F32;
+    if !fused {
+        return frozen_linear(x, w, mode)?.broadcast_add(b);
+    }
+    let (m, n) = w.dims2()?;
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("frozen linear: the input is a scalar");
+    };
+    if last != n || b.dims() != [m] {
+        candle_core::bail!(
+            "frozen linear: input has {last} features and bias {:?}, the weight {m}×{n} expects {n} and [{m}]",
+            b.dims()
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, n))?.contiguous()?.apply_op3(
+        &w.t()?,
+        &b.contiguous()?,
+        FrozenMatmulBias,
+    )?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(m);
+    y.reshape(out_dims)
 }
 
 /// `x·Wᵀ` for `x` of shape (…, n) and a frozen `w` of shape (m, n); returns (…, m).

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use super::config::{AdapterConfig, Method};
 use super::decompose::{self, tensor_to_mat};
 use super::diagonal::DiagonalAdapter;
-use super::frozen::{FrozenGrad, frozen_linear};
+use super::frozen::{FrozenGrad, frozen_linear, frozen_linear_bias};
 use super::lora::LoraAdapter;
 use super::{PeftError, Result};
 
@@ -278,7 +278,12 @@ impl AdaptedLinear {
         } else {
             self.frozen_grad
         };
-        let mut y = frozen_linear(x, &self.base, mode)?;
+        // A frozen bias is fused into the frozen matmul; a trainable one is added after.
+        let fused_bias = self.trainable_bias.is_none() && self.bias.is_some();
+        let mut y = match (&self.bias, fused_bias) {
+            (Some(b), true) => frozen_linear_bias(x, &self.base, b, mode)?,
+            _ => frozen_linear(x, &self.base, mode)?,
+        };
         if let Some(adapter) = &self.adapter
             && !self.merged
         {
@@ -298,7 +303,9 @@ impl AdaptedLinear {
                 y = (y + extra)?;
             }
         }
-        if let Some(b) = &self.bias {
+        if let Some(b) = &self.bias
+            && !fused_bias
+        {
             y = y.broadcast_add(b)?;
         }
         Ok(y)
