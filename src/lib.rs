@@ -6,6 +6,7 @@
 //! - [`inspect`]: parameter counts of a model with an adapter.
 //! - [`bench`]: measured training-step time and peak memory.
 
+pub mod app;
 pub mod arch;
 pub mod bench;
 pub mod data;

@@ -25,8 +25,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Parameter-efficient fine-tuning: LoRA, SVFit and LoLDU on candle"
 )]
 struct Cli {
+    /// Without a command, the studio window opens.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -61,9 +62,9 @@ enum Command {
     },
     /// Fine-tune from a preset, with a progress bar and a closing summary.
     Train {
-        /// The preset (TOML).
+        /// The preset (TOML); without one, the built-in defaults (LoRA on the tiny ViT, MNIST 5k).
         #[arg(long)]
-        preset: PathBuf,
+        preset: Option<PathBuf>,
         /// Override a preset value: `--set adapter.rank=16 --set optim.lr=0.01`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -125,14 +126,21 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+        return peft_studio::app::run_window();
+    };
+    match command {
         Command::Train {
             preset,
             overrides,
             out,
             export_model,
         } => {
-            let cfg = TrainConfig::from_preset(&preset, &overrides)?;
+            let cfg = match &preset {
+                Some(p) => TrainConfig::from_preset(p, &overrides)?,
+                None => TrainConfig::from_toml_str("", "the built-in defaults", &overrides)?,
+            };
             let store = RunStore::new(&out);
             let summary = train_with_progress(&cfg, &store)?;
             println!("\n{}", report::text_table(std::slice::from_ref(&summary)));

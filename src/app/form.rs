@@ -1,0 +1,554 @@
+//! The Train tab's form logic: methods and their defaults, target groups, rank limits, the
+//! trainable-parameter estimate, dataset previews, presets and the CLI command.
+
+use std::path::PathBuf;
+
+use crate::arch::ArchSpec;
+use crate::data::{self, DataSource, Samples};
+use crate::models::ModelSource;
+use crate::models::hub::builtin_folder;
+use crate::peft::{Init, Method, Targets};
+use crate::train::{TrainConfig, TrainMode};
+
+use super::StudioApp;
+use super::background::{Background, PickRequest, TaskResult};
+
+/// The five choices of the method selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UiMethod {
+    /// LoRA.
+    Lora,
+    /// SVFit.
+    Svfit,
+    /// LoLDU.
+    Loldu,
+    /// Full fine-tuning baseline.
+    Full,
+    /// Head-only baseline.
+    Head,
+}
+
+impl UiMethod {
+    /// All, in display order.
+    pub const ALL: [UiMethod; 5] = [
+        UiMethod::Lora,
+        UiMethod::Svfit,
+        UiMethod::Loldu,
+        UiMethod::Full,
+        UiMethod::Head,
+    ];
+
+    /// Button label.
+    pub fn label(self) -> &'static str {
+        match self {
+            UiMethod::Lora => "LoRA",
+            UiMethod::Svfit => "SVFit",
+            UiMethod::Loldu => "LoLDU",
+            UiMethod::Full => "Full fine-tuning",
+            UiMethod::Head => "Head only",
+        }
+    }
+
+    /// One-line explanation shown on hover.
+    pub fn help(self) -> &'static str {
+        match self {
+            UiMethod::Lora => {
+                "Low-rank update B·A added to each targeted weight (Hugging Face PEFT's LoRA)."
+            }
+            UiMethod::Svfit => {
+                "Only the top-r singular values of each targeted weight train (SVD)."
+            }
+            UiMethod::Loldu => {
+                "Only the first r pivots of an LU decomposition of each targeted weight train."
+            }
+            UiMethod::Full => "Baseline: every parameter trains.",
+            UiMethod::Head => "Baseline: only the classification head trains (a linear probe).",
+        }
+    }
+
+    /// The method a config describes.
+    pub fn of(cfg: &TrainConfig) -> Self {
+        match cfg.mode {
+            TrainMode::Full => UiMethod::Full,
+            TrainMode::Head => UiMethod::Head,
+            TrainMode::Adapter => match cfg.adapter.method {
+                Method::Lora => UiMethod::Lora,
+                Method::Svfit => UiMethod::Svfit,
+                Method::Loldu => UiMethod::Loldu,
+            },
+        }
+    }
+}
+
+/// Switches the config to `m` with that method's defaults (METHODS.md's practical defaults:
+/// SVFit and LoLDU need far higher learning rates than LoRA, LoLDU's kept conservative, no
+/// weight decay on z). `max_rank` is the largest rank the targeted modules allow.
+pub fn apply_method_defaults(cfg: &mut TrainConfig, m: UiMethod, max_rank: usize) {
+    let a = &mut cfg.adapter;
+    a.init = None;
+    a.energy_threshold = None;
+    a.relu = false;
+    a.trainable_scale = false;
+    a.use_rslora = false;
+    cfg.optim.head_lr = Some(1e-2);
+    match m {
+        UiMethod::Lora => {
+            cfg.mode = TrainMode::Adapter;
+            a.method = Method::Lora;
+            a.rank = 8.min(max_rank.max(1));
+            a.alpha = Some(2.0 * a.rank as f64);
+            cfg.optim.lr = 5e-3;
+        }
+        UiMethod::Svfit => {
+            cfg.mode = TrainMode::Adapter;
+            a.method = Method::Svfit;
+            a.rank = max_rank.max(1);
+            a.alpha = None;
+            cfg.optim.lr = 5e-2;
+        }
+        UiMethod::Loldu => {
+            cfg.mode = TrainMode::Adapter;
+            a.method = Method::Loldu;
+            a.rank = max_rank.max(1);
+            a.alpha = None;
+            a.trainable_scale = true;
+            cfg.optim.lr = 1e-2;
+        }
+        UiMethod::Full => {
+            cfg.mode = TrainMode::Full;
+            cfg.optim.lr = 1e-3;
+            cfg.optim.head_lr = None;
+        }
+        UiMethod::Head => {
+            cfg.mode = TrainMode::Head;
+            cfg.optim.lr = 1e-2;
+            cfg.optim.head_lr = None;
+        }
+    }
+    cfg.optim.diagonal_weight_decay = 0.0;
+}
+
+/// A group of linear modules the user can tick as a target.
+#[derive(Debug, Clone)]
+pub struct TargetGroup {
+    /// Checkbox label (PEFT's name).
+    pub name: String,
+    /// The full-match regular expression of the group.
+    pub pattern: String,
+    /// Module paths in it.
+    pub modules: Vec<String>,
+    /// min(m, n) over its modules.
+    pub max_rank: usize,
+}
+
+/// The module groups of a model: every distinct path with its layer index removed.
+pub fn target_groups(arch: &ArchSpec) -> Vec<TargetGroup> {
+    let mut groups: Vec<TargetGroup> = Vec::new();
+    for l in arch.linears.iter().filter(|l| !l.head) {
+        // `bert.encoder.layer.3.attention.self.query` → `attention.self.query`.
+        let parts: Vec<&str> = l.path.split('.').collect();
+        let tail = match parts.iter().position(|p| p.parse::<usize>().is_ok()) {
+            Some(i) => parts[i + 1..].join("."),
+            None => l.path.clone(),
+        };
+        let name = match tail.rsplit('.').next() {
+            Some(last @ ("query" | "key" | "value")) => last.to_string(),
+            _ => tail.clone(),
+        };
+        let escaped = regex::escape(&tail);
+        let pattern = if tail.contains('.') || parts.len() > 1 {
+            format!(r".*(^|\.)(\d+\.)?{escaped}")
+        } else {
+            escaped
+        };
+        let r = l.out_features.min(l.in_features);
+        match groups.iter_mut().find(|g| g.name == name) {
+            Some(g) => {
+                g.modules.push(l.path.clone());
+                g.max_rank = g.max_rank.min(r);
+            }
+            None => groups.push(TargetGroup {
+                name,
+                pattern,
+                modules: vec![l.path.clone()],
+                max_rank: r,
+            }),
+        }
+    }
+    groups
+}
+
+/// Which groups the targets select (a group counts when its every module matches).
+pub fn selected_groups(targets: &Targets, groups: &[TargetGroup]) -> Vec<bool> {
+    let Ok(m) = targets.matcher() else {
+        return vec![false; groups.len()];
+    };
+    groups
+        .iter()
+        .map(|g| g.modules.iter().all(|p| m.matches(p)))
+        .collect()
+}
+
+/// Targets for the ticked groups: PEFT's list form when the names are unambiguous suffixes,
+/// else a regular expression that matches exactly those groups.
+pub fn targets_for(groups: &[TargetGroup], ticked: &[bool]) -> Targets {
+    let chosen: Vec<&TargetGroup> = groups
+        .iter()
+        .zip(ticked)
+        .filter(|(_, t)| **t)
+        .map(|(g, _)| g)
+        .collect();
+    let all_paths: Vec<&String> = groups.iter().flat_map(|g| g.modules.iter()).collect();
+    let list = Targets::List(chosen.iter().map(|g| g.name.clone()).collect());
+    if let Ok(m) = list.matcher() {
+        let wanted: std::collections::HashSet<&String> =
+            chosen.iter().flat_map(|g| g.modules.iter()).collect();
+        if all_paths.iter().all(|p| m.matches(p) == wanted.contains(p)) {
+            return list;
+        }
+    }
+    Targets::Pattern(
+        chosen
+            .iter()
+            .map(|g| g.pattern.clone())
+            .collect::<Vec<_>>()
+            .join("|"),
+    )
+}
+
+/// What the form shows of a dataset.
+#[derive(Debug, Clone)]
+pub struct DataPreview {
+    /// Name and split sizes.
+    pub summary: String,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Training examples per class.
+    pub train_counts: Vec<usize>,
+    /// Eval examples per class.
+    pub eval_counts: Vec<usize>,
+    /// A few images: (width, height, RGBA bytes).
+    pub images: Vec<(usize, usize, Vec<u8>)>,
+    /// A few texts with their class.
+    pub rows: Vec<(String, String)>,
+}
+
+fn build_preview(cfg: &data::DataConfig) -> Result<DataPreview, String> {
+    let d = data::load(cfg).map_err(|e| e.to_string())?;
+    let (train_counts, eval_counts) = d.class_counts();
+    let mut images = Vec::new();
+    let mut rows = Vec::new();
+    match &d.train {
+        Samples::Images(s) => {
+            for i in 0..s.len().min(8) {
+                let px = s.image(i);
+                let mut rgba = Vec::with_capacity(s.width * s.height * 4);
+                for p in 0..s.width * s.height {
+                    let (r, g, b) = if s.channels == 1 {
+                        (px[p], px[p], px[p])
+                    } else {
+                        let plane = s.width * s.height;
+                        (px[p], px[plane + p], px[2 * plane + p])
+                    };
+                    rgba.extend_from_slice(&[r, g, b, 255]);
+                }
+                images.push((s.width, s.height, rgba));
+            }
+        }
+        Samples::Texts(s) => {
+            for i in 0..s.texts.len().min(5) {
+                let label = d
+                    .classes
+                    .get(s.labels[i] as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                rows.push((s.texts[i].chars().take(160).collect(), label));
+            }
+        }
+    }
+    Ok(DataPreview {
+        summary: format!(
+            "{}: {} train / {} eval, {} classes",
+            d.name,
+            d.train.len(),
+            d.eval.len(),
+            d.classes.len()
+        ),
+        classes: d.classes,
+        train_counts,
+        eval_counts,
+        images,
+        rows,
+    })
+}
+
+/// Why a dialog was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickPurpose {
+    /// A model folder.
+    ModelFolder,
+    /// A dataset file (IDX images, CSV, JSONL).
+    DatasetFile,
+    /// A folder of class sub-folders.
+    DatasetFolder,
+    /// A preset to load.
+    LoadPreset,
+    /// Where to save the preset.
+    SavePreset,
+}
+
+/// The form's runtime state.
+#[derive(Default)]
+pub struct FormState {
+    generation: u64,
+    /// The latest preview, or why it failed.
+    pub preview: Option<Result<DataPreview, String>>,
+    /// Textures of the preview images.
+    pub textures: Vec<egui::TextureHandle>,
+    /// Model description cache: (source, num_labels) → description or error.
+    arch: Option<((ModelSource, usize), Result<ArchSpec, String>)>,
+    /// A dialog is open.
+    pub picking: bool,
+}
+
+impl FormState {
+    /// Loads a preview of the config's dataset on a helper thread.
+    pub fn request_preview(&mut self, bg: &Background, cfg: &TrainConfig) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.preview = None;
+        self.textures.clear();
+        let data = cfg.data.clone();
+        bg.spawn("preview", move || {
+            TaskResult::Preview(generation, build_preview(&data))
+        });
+    }
+
+    /// Stores a preview unless a newer one was requested.
+    pub fn set_preview(&mut self, generation: u64, r: Result<DataPreview, String>) {
+        if generation == self.generation {
+            self.preview = Some(r);
+            self.textures.clear();
+        }
+    }
+
+    /// Classes in the previewed dataset (10 until a preview is there).
+    pub fn num_classes(&self) -> usize {
+        match &self.preview {
+            Some(Ok(p)) => p.classes.len().max(2),
+            _ => 10,
+        }
+    }
+
+    /// The model's description (from its `config.json` only; cached).
+    pub fn arch(&mut self, source: &ModelSource, num_labels: usize) -> Result<ArchSpec, String> {
+        let key = (source.clone(), num_labels);
+        if let Some((k, v)) = &self.arch
+            && *k == key
+        {
+            return v.clone();
+        }
+        let v = config_path(source)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                ArchSpec::resolve(&p.display().to_string(), Some(num_labels))
+                    .map_err(|e| e.to_string())
+            });
+        self.arch = Some((key, v.clone()));
+        v
+    }
+
+    /// Checks what the worker would refuse, with a message for the user.
+    pub fn check(&mut self, cfg: &TrainConfig) -> Result<(), String> {
+        cfg.validate()?;
+        if let Some(Err(e)) = &self.preview {
+            return Err(format!("the dataset cannot be read: {e}"));
+        }
+        let arch = self.arch(&cfg.model.source, self.num_classes())?;
+        if cfg.mode == TrainMode::Adapter {
+            crate::inspect::inspect(&arch, &cfg.adapter).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The `config.json` of a model source.
+pub fn config_path(source: &ModelSource) -> Result<PathBuf, crate::models::ModelError> {
+    Ok(match source {
+        ModelSource::Builtin { name } => builtin_folder(name)?.join("config.json"),
+        ModelSource::Folder { path } => path.join("config.json"),
+        ModelSource::Config { path } => path.clone(),
+    })
+}
+
+/// Opens a dialog on a helper thread.
+pub fn pick(app: &mut StudioApp, purpose: PickPurpose) {
+    if app.form.picking {
+        return;
+    }
+    app.form.picking = true;
+    let req = match purpose {
+        PickPurpose::ModelFolder => PickRequest::Folder {
+            title: "Open a Hugging Face model folder (config.json, model.safetensors)".into(),
+        },
+        PickPurpose::DatasetFolder => PickRequest::Folder {
+            title: "Open a folder with one sub-folder of images per class".into(),
+        },
+        PickPurpose::DatasetFile => PickRequest::OpenFile {
+            title: "Open a dataset: CSV/JSONL text, or IDX images".into(),
+            filters: vec![
+                (
+                    "Text (CSV, JSONL)".into(),
+                    vec!["csv".into(), "tsv".into(), "jsonl".into()],
+                ),
+                (
+                    "IDX images".into(),
+                    vec!["gz".into(), "idx3-ubyte".into(), "ubyte".into()],
+                ),
+            ],
+        },
+        PickPurpose::LoadPreset => PickRequest::OpenFile {
+            title: "Load a preset".into(),
+            filters: vec![("Presets".into(), vec!["toml".into()])],
+        },
+        PickPurpose::SavePreset => PickRequest::SaveFile {
+            title: "Save the preset".into(),
+            default_name: "my-preset.toml".into(),
+        },
+    };
+    let picker = app.options.picker.clone();
+    app.background.spawn("file-dialog", move || {
+        TaskResult::Picked(purpose, picker(req))
+    });
+}
+
+/// Applies a dialog's answer.
+pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: Option<PathBuf>) {
+    app.form.picking = false;
+    let Some(path) = path else { return };
+    let cfg = &mut app.settings.config;
+    match purpose {
+        PickPurpose::ModelFolder => {
+            if !path.join("config.json").is_file() {
+                app.report(
+                    "That folder is not a model",
+                    format!("{}: no config.json (a Hugging Face model folder has config.json and model.safetensors)", path.display()),
+                );
+                return;
+            }
+            cfg.model.source = ModelSource::Folder { path };
+        }
+        PickPurpose::DatasetFolder => {
+            cfg.data.source = DataSource::ImageFolder {
+                path,
+                size: None,
+                grayscale: false,
+            };
+            app.form.request_preview(&app.background, cfg);
+        }
+        PickPurpose::DatasetFile => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            cfg.data.source = if name.contains("idx3") || name.contains("images") {
+                let labels = PathBuf::from(
+                    path.display()
+                        .to_string()
+                        .replace("images-idx3", "labels-idx1")
+                        .replace("images", "labels"),
+                );
+                DataSource::Idx {
+                    images: path,
+                    labels,
+                    eval_images: None,
+                    eval_labels: None,
+                }
+            } else {
+                DataSource::Text {
+                    path,
+                    text_column: "text".into(),
+                    label_column: "label".into(),
+                }
+            };
+            app.form.request_preview(&app.background, cfg);
+        }
+        PickPurpose::LoadPreset => match TrainConfig::from_preset(&path, &[]) {
+            Ok(c) => {
+                *cfg = c;
+                app.settings.last_preset = Some(path);
+                app.form
+                    .request_preview(&app.background, &app.settings.config);
+            }
+            Err(e) => app.report("The preset cannot be loaded", e.to_string()),
+        },
+        PickPurpose::SavePreset => {
+            let text = cfg.to_toml();
+            match crate::peft::checkpoint::write_atomic(&path, text.as_bytes()) {
+                Ok(()) => app.settings.last_preset = Some(path),
+                Err(e) => app.report("The preset cannot be saved", e.to_string()),
+            }
+        }
+    }
+}
+
+/// The command line that runs this config: `peft-studio train` with a `--set` for every value
+/// that differs from the defaults.
+pub fn cli_command(cfg: &TrainConfig) -> String {
+    let mut cmd = String::from("peft-studio train");
+    let (Ok(toml::Value::Table(cur)), Ok(toml::Value::Table(def))) = (
+        toml::Value::try_from(cfg),
+        toml::Value::try_from(TrainConfig::default()),
+    ) else {
+        return cmd;
+    };
+    let mut sets = Vec::new();
+    diff("", &cur, &def, &mut sets);
+    for s in sets {
+        cmd.push_str(&format!(" --set '{s}'"));
+    }
+    cmd
+}
+
+fn diff(prefix: &str, cur: &toml::Table, def: &toml::Table, out: &mut Vec<String>) {
+    for (k, v) in cur {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (v, def.get(k)) {
+            (toml::Value::Table(c), Some(toml::Value::Table(d))) if k != "source" => {
+                diff(&key, c, d, out)
+            }
+            (v, Some(d)) if v == d => {}
+            (v, _) => out.push(format!("{key}={}", inline(v))),
+        }
+    }
+}
+
+fn inline(v: &toml::Value) -> String {
+    match v {
+        toml::Value::Table(t) => {
+            let items: Vec<String> = t
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", inline(v)))
+                .collect();
+            format!("{{ {} }}", items.join(", "))
+        }
+        toml::Value::Array(a) => {
+            format!("[{}]", a.iter().map(inline).collect::<Vec<_>>().join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Initialisers the chosen method offers.
+pub fn inits(m: UiMethod) -> &'static [Init] {
+    match m {
+        UiMethod::Lora => Method::Lora.inits(),
+        UiMethod::Svfit => Method::Svfit.inits(),
+        UiMethod::Loldu => Method::Loldu.inits(),
+        UiMethod::Full | UiMethod::Head => &[],
+    }
+}

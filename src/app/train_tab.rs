@@ -1,0 +1,621 @@
+//! The Train tab: model, data, method and options on the left; Train/Stop/Pause, the state
+//! line, progress and live curves in the middle.
+
+use egui::{RichText, Ui};
+
+use super::StudioApp;
+use super::form::{self, PickPurpose, UiMethod};
+use super::plots::{self, Curves};
+use crate::data::{BUILTIN_DATASETS, DataSource};
+use crate::inspect::thousands;
+use crate::models::ModelSource;
+use crate::models::hub::BUILTIN_MODELS;
+use crate::train::{Schedule, TrainMode};
+
+/// Draws the tab.
+pub fn show(app: &mut StudioApp, ui: &mut Ui) {
+    egui::Panel::left("form")
+        .resizable(true)
+        .default_size(380.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| form_ui(app, ui));
+        });
+    egui::CentralPanel::default().show(ui, |ui| run_ui(app, ui));
+}
+
+fn section(ui: &mut Ui, title: &str) -> egui::Response {
+    ui.add_space(6.0);
+    ui.label(RichText::new(title).strong().size(15.0))
+}
+
+fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
+    let title = section(ui, "Base model");
+    let current = app.settings.config.model.source.display_name();
+    egui::ComboBox::from_id_salt("model")
+        .selected_text(current)
+        .width(260.0)
+        .show_ui(ui, |ui| {
+            for (name, help) in BUILTIN_MODELS {
+                let src = ModelSource::Builtin {
+                    name: name.to_string(),
+                };
+                let selected = app.settings.config.model.source == src;
+                if ui
+                    .selectable_label(selected, *name)
+                    .on_hover_text(*help)
+                    .clicked()
+                {
+                    app.settings.config.model.source = src;
+                }
+            }
+        })
+        .response
+        .labelled_by(title.id);
+    if ui.button("Open model folder…").clicked() {
+        form::pick(app, PickPurpose::ModelFolder);
+    }
+    let labels = app.form.num_classes();
+    match app
+        .form
+        .arch(&app.settings.config.model.source.clone(), labels)
+    {
+        Ok(arch) => {
+            ui.label(format!(
+                "{} — {} parameters",
+                arch.summary,
+                thousands(arch.total_params())
+            ));
+            let groups = form::target_groups(&arch);
+            ui.label(
+                RichText::new(format!(
+                    "adaptable modules: {}",
+                    groups
+                        .iter()
+                        .map(|g| g.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .small(),
+            );
+        }
+        Err(e) => {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("cannot read the model: {e}"),
+            );
+        }
+    }
+}
+
+fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
+    let title = section(ui, "Dataset");
+    let cfg = &mut app.settings.config;
+    let current = crate::train::trainer::dataset_name(&cfg.data.source);
+    let mut changed = false;
+    egui::ComboBox::from_id_salt("dataset")
+        .selected_text(current)
+        .width(260.0)
+        .show_ui(ui, |ui| {
+            for name in BUILTIN_DATASETS {
+                let src = DataSource::Builtin {
+                    name: name.to_string(),
+                };
+                if ui.selectable_label(cfg.data.source == src, *name).clicked() {
+                    cfg.data.source = src;
+                    changed = true;
+                }
+            }
+        })
+        .response
+        .labelled_by(title.id);
+    ui.horizontal(|ui| {
+        if ui
+            .button("Open dataset file…")
+            .on_hover_text("CSV or JSONL text, or IDX images")
+            .clicked()
+        {
+            form::pick(app, PickPurpose::DatasetFile);
+        }
+        if ui
+            .button("Open image folder…")
+            .on_hover_text("one sub-folder of images per class")
+            .clicked()
+        {
+            form::pick(app, PickPurpose::DatasetFolder);
+        }
+    });
+    let cfg = &mut app.settings.config;
+    ui.horizontal(|ui| {
+        changed |= ui
+            .add(
+                egui::Slider::new(&mut cfg.data.eval_fraction, 0.05..=0.5)
+                    .fixed_decimals(2)
+                    .text("eval split"),
+            )
+            .on_hover_text("share held out when the dataset has no held-out split of its own")
+            .changed();
+        let l = ui.label("split seed");
+        changed |= ui
+            .add(egui::DragValue::new(&mut cfg.data.split_seed))
+            .labelled_by(l.id)
+            .changed();
+    });
+    if changed {
+        app.form
+            .request_preview(&app.background, &app.settings.config);
+    }
+    match &app.form.preview {
+        None => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("reading the dataset…");
+            });
+        }
+        Some(Err(e)) => {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("cannot read the dataset: {e}"),
+            );
+        }
+        Some(Ok(p)) => {
+            ui.label(&p.summary);
+            if app.form.textures.is_empty() && !p.images.is_empty() {
+                app.form.textures = p
+                    .images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (w, h, rgba))| {
+                        let img = egui::ColorImage::from_rgba_unmultiplied([*w, *h], rgba);
+                        ui.ctx().load_texture(
+                            format!("preview-{i}"),
+                            img,
+                            egui::TextureOptions::NEAREST,
+                        )
+                    })
+                    .collect();
+            }
+            ui.horizontal_wrapped(|ui| {
+                for t in &app.form.textures {
+                    ui.image((t.id(), egui::vec2(36.0, 36.0)));
+                }
+            });
+            for (text, label) in &p.rows {
+                ui.label(RichText::new(format!("[{label}] {text}")).small());
+            }
+            egui::CollapsingHeader::new("Class counts").show(ui, |ui| {
+                egui::Grid::new("counts").striped(true).show(ui, |ui| {
+                    ui.label("class");
+                    ui.label("train");
+                    ui.label("eval");
+                    ui.end_row();
+                    for (i, c) in p.classes.iter().enumerate() {
+                        ui.label(c);
+                        ui.label(p.train_counts.get(i).copied().unwrap_or(0).to_string());
+                        ui.label(p.eval_counts.get(i).copied().unwrap_or(0).to_string());
+                        ui.end_row();
+                    }
+                });
+            });
+        }
+    }
+}
+
+fn method_ui(app: &mut StudioApp, ui: &mut Ui) {
+    section(ui, "Method");
+    let labels = app.form.num_classes();
+    let arch = app
+        .form
+        .arch(&app.settings.config.model.source.clone(), labels)
+        .ok();
+    let groups = arch.as_ref().map(form::target_groups).unwrap_or_default();
+    let cfg = &mut app.settings.config;
+    let current = UiMethod::of(cfg);
+    ui.horizontal_wrapped(|ui| {
+        for m in UiMethod::ALL {
+            if ui
+                .selectable_label(current == m, m.label())
+                .on_hover_text(m.help())
+                .clicked()
+                && current != m
+            {
+                let ticked = form::selected_groups(&cfg.adapter.targets, &groups);
+                let max_rank = groups
+                    .iter()
+                    .zip(&ticked)
+                    .filter(|(_, t)| **t)
+                    .map(|(g, _)| g.max_rank)
+                    .min()
+                    .unwrap_or(64);
+                form::apply_method_defaults(cfg, m, max_rank);
+            }
+        }
+    });
+    if cfg.mode != TrainMode::Adapter {
+        return;
+    }
+    let ticked = form::selected_groups(&cfg.adapter.targets, &groups);
+    let max_rank = groups
+        .iter()
+        .zip(&ticked)
+        .filter(|(_, t)| **t)
+        .map(|(g, _)| g.max_rank)
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    ui.label("targets");
+    ui.horizontal_wrapped(|ui| {
+        let mut new = ticked.clone();
+        for (i, g) in groups.iter().enumerate() {
+            ui.checkbox(&mut new[i], &g.name).on_hover_text(format!(
+                "{} modules, up to rank {}",
+                g.modules.len(),
+                g.max_rank
+            ));
+        }
+        if new != ticked && new.iter().any(|t| *t) {
+            cfg.adapter.targets = form::targets_for(&groups, &new);
+        }
+    });
+    egui::Grid::new("adapter").num_columns(2).show(ui, |ui| {
+        let a = &mut cfg.adapter;
+        let l = ui.label("rank");
+        ui.add_enabled(
+            a.energy_threshold.is_none(),
+            egui::Slider::new(&mut a.rank, 1..=max_rank)
+                .logarithmic(max_rank > 16)
+                .clamping(egui::SliderClamping::Never),
+        )
+        .labelled_by(l.id)
+        .on_hover_text(format!(
+            "at most {max_rank}: the smallest min(out, in) of the targeted modules"
+        ));
+        ui.end_row();
+        let l = ui.label("alpha");
+        let mut alpha = a.alpha.unwrap_or(a.rank as f64);
+        if ui
+            .add(
+                egui::DragValue::new(&mut alpha)
+                    .range(0.01..=4096.0)
+                    .speed(0.5),
+            )
+            .labelled_by(l.id)
+            .on_hover_text("scale s = alpha / r")
+            .changed()
+        {
+            a.alpha = Some(alpha);
+        }
+        ui.end_row();
+        let m = UiMethod::of_adapter(a.method);
+        let options = form::inits(m);
+        let l = ui.label("init");
+        let mut init = a.init.unwrap_or(a.method.default_init());
+        egui::ComboBox::from_id_salt("init")
+            .selected_text(init.name())
+            .show_ui(ui, |ui| {
+                for i in options {
+                    ui.selectable_value(&mut init, *i, i.name());
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        a.init = (init != a.method.default_init()).then_some(init);
+        ui.end_row();
+        match a.method {
+            crate::peft::Method::Lora => {
+                let l = ui.label("dropout");
+                ui.add(egui::Slider::new(&mut a.dropout, 0.0..=0.5))
+                    .labelled_by(l.id);
+                ui.end_row();
+                ui.label("rsLoRA");
+                ui.checkbox(&mut a.use_rslora, "scale alpha / √r");
+                ui.end_row();
+            }
+            method => {
+                ui.label("trainable scale");
+                ui.checkbox(&mut a.trainable_scale, "s trains too (r + 1 values)");
+                ui.end_row();
+                ui.label("ReLU on z");
+                ui.checkbox(&mut a.relu, "relu(z) in the forward");
+                ui.end_row();
+                if method == crate::peft::Method::Svfit {
+                    ui.label("energy threshold");
+                    let mut on = a.energy_threshold.is_some();
+                    ui.horizontal(|ui| {
+                        ui.checkbox(&mut on, "on")
+                            .on_hover_text("choose each rank to hold this share of Σσ²");
+                        let mut t = a.energy_threshold.unwrap_or(0.99);
+                        ui.add_enabled(
+                            on,
+                            egui::Slider::new(&mut t, 0.5..=1.0)
+                                .fixed_decimals(3)
+                                .text("τ"),
+                        );
+                        a.energy_threshold = on.then_some(t);
+                    });
+                    ui.end_row();
+                }
+            }
+        }
+    });
+}
+
+impl UiMethod {
+    fn of_adapter(m: crate::peft::Method) -> Self {
+        match m {
+            crate::peft::Method::Lora => UiMethod::Lora,
+            crate::peft::Method::Svfit => UiMethod::Svfit,
+            crate::peft::Method::Loldu => UiMethod::Loldu,
+        }
+    }
+}
+
+fn optim_ui(app: &mut StudioApp, ui: &mut Ui) {
+    section(ui, "Training");
+    let o = &mut app.settings.config.optim;
+    egui::Grid::new("optim").num_columns(2).show(ui, |ui| {
+        let l = ui.label("learning rate");
+        ui.add(
+            egui::DragValue::new(&mut o.lr)
+                .speed(1e-4)
+                .range(1e-7..=1.0)
+                .custom_formatter(|v, _| format!("{v:.1e}")),
+        )
+        .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("steps");
+        let mut steps = o.steps.unwrap_or(1000);
+        if ui
+            .add(egui::DragValue::new(&mut steps).range(1..=1_000_000))
+            .labelled_by(l.id)
+            .changed()
+            || o.steps.is_none()
+        {
+            o.steps = Some(steps);
+            o.epochs = None;
+        }
+        ui.end_row();
+        let l = ui.label("batch size");
+        ui.add(egui::DragValue::new(&mut o.batch_size).range(1..=4096))
+            .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("schedule");
+        egui::ComboBox::from_id_salt("schedule")
+            .selected_text(format!("{:?}", o.schedule).to_lowercase())
+            .show_ui(ui, |ui| {
+                for s in [Schedule::Linear, Schedule::Cosine, Schedule::Constant] {
+                    ui.selectable_value(&mut o.schedule, s, format!("{s:?}").to_lowercase());
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("warm-up steps");
+        ui.add(egui::DragValue::new(&mut o.warmup_steps).range(0..=100_000))
+            .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("eval every");
+        ui.add(egui::DragValue::new(&mut o.eval_every).range(1..=100_000))
+            .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("seed");
+        ui.add(egui::DragValue::new(&mut o.seed)).labelled_by(l.id);
+        ui.end_row();
+    });
+    egui::CollapsingHeader::new("More options").show(ui, |ui| {
+        egui::Grid::new("optim2").num_columns(2).show(ui, |ui| {
+            let l = ui.label("head learning rate");
+            let mut h = o.head_lr.unwrap_or(o.lr);
+            if ui
+                .add(
+                    egui::DragValue::new(&mut h)
+                        .speed(1e-4)
+                        .range(1e-7..=1.0)
+                        .custom_formatter(|v, _| format!("{v:.1e}")),
+                )
+                .labelled_by(l.id)
+                .changed()
+            {
+                o.head_lr = Some(h);
+            }
+            ui.end_row();
+            let l = ui.label("weight decay");
+            ui.add(
+                egui::DragValue::new(&mut o.weight_decay)
+                    .speed(1e-3)
+                    .range(0.0..=1.0),
+            )
+            .labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("gradient clipping");
+            let mut clip = o.max_grad_norm.unwrap_or(0.0);
+            if ui
+                .add(egui::DragValue::new(&mut clip).speed(0.1).range(0.0..=1e6))
+                .labelled_by(l.id)
+                .on_hover_text("0: off")
+                .changed()
+            {
+                o.max_grad_norm = (clip > 0.0).then_some(clip);
+            }
+            ui.end_row();
+            let l = ui.label("gradient accumulation");
+            ui.add(egui::DragValue::new(&mut o.grad_accum).range(1..=1024))
+                .labelled_by(l.id);
+            ui.end_row();
+        });
+    });
+}
+
+fn presets_ui(app: &mut StudioApp, ui: &mut Ui) {
+    section(ui, "Presets");
+    ui.horizontal(|ui| {
+        if ui.button("Load preset…").clicked() {
+            form::pick(app, PickPurpose::LoadPreset);
+        }
+        if ui.button("Save preset…").clicked() {
+            form::pick(app, PickPurpose::SavePreset);
+        }
+        if ui.button("Copy CLI command").clicked() {
+            ui.ctx().copy_text(form::cli_command(&app.settings.config));
+        }
+    });
+    if let Some(p) = &app.settings.last_preset {
+        ui.label(RichText::new(format!("last preset: {}", p.display())).small());
+    }
+}
+
+fn form_ui(app: &mut StudioApp, ui: &mut Ui) {
+    let busy = app.run.state.is_busy();
+    ui.add_enabled_ui(!busy, |ui| {
+        presets_ui(app, ui);
+        ui.separator();
+        model_ui(app, ui);
+        ui.separator();
+        data_ui(app, ui);
+        ui.separator();
+        method_ui(app, ui);
+        ui.separator();
+        optim_ui(app, ui);
+    });
+}
+
+/// "trainable X of Y (p%)" for the form's current settings, from the model's config.
+pub fn trainable_estimate(app: &mut StudioApp) -> Result<(usize, usize), String> {
+    let cfg = app.settings.config.clone();
+    let arch = app.form.arch(&cfg.model.source, app.form.num_classes())?;
+    let head: usize = arch
+        .linears
+        .iter()
+        .filter(|l| l.head)
+        .map(|l| l.params())
+        .sum();
+    Ok(match cfg.mode {
+        TrainMode::Full => (arch.total_params(), arch.total_params()),
+        TrainMode::Head => (head, arch.total_params()),
+        TrainMode::Adapter => {
+            let r = crate::inspect::inspect(&arch, &cfg.adapter).map_err(|e| e.to_string())?;
+            (r.trainable, r.total)
+        }
+    })
+}
+
+fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
+    let busy = app.run.state.is_busy();
+    ui.horizontal(|ui| {
+        let train = ui.add_enabled(
+            !busy,
+            egui::Button::new(RichText::new("Start training").size(16.0)),
+        );
+        if train.clicked() {
+            app.start_training();
+        }
+        if ui.add_enabled(busy, egui::Button::new("Stop")).clicked() {
+            app.send(crate::worker::Command::Stop);
+        }
+        let paused = app.run.state == super::UiState::Paused;
+        let (label, cmd) = if paused {
+            ("Resume", crate::worker::Command::Resume)
+        } else {
+            ("Pause", crate::worker::Command::Pause)
+        };
+        if ui.add_enabled(busy, egui::Button::new(label)).clicked() {
+            app.send(cmd);
+        }
+        ui.separator();
+        match trainable_estimate(app) {
+            Ok((t, total)) => {
+                ui.label(format!(
+                    "trainable: {} of {} ({:.3}%)",
+                    thousands(t),
+                    thousands(total),
+                    100.0 * t as f64 / total.max(1) as f64
+                ));
+            }
+            Err(e) => {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+            }
+        }
+    });
+    let state = app.run.state.describe();
+    let color = match app.run.state {
+        super::UiState::Failed(_) => ui.visuals().error_fg_color,
+        super::UiState::Finished => egui::Color32::from_rgb(80, 180, 90),
+        _ => ui.visuals().text_color(),
+    };
+    ui.horizontal(|ui| {
+        ui.colored_label(color, RichText::new(format!("State: {state}")).strong());
+        if !app.run.name.is_empty() {
+            ui.label(format!("— {}", app.run.name));
+        }
+        if let Some(last) = app.run.eval_accuracy.last() {
+            ui.label(format!(
+                "eval accuracy {:.2}% at step {}",
+                100.0 * last[1],
+                last[0]
+            ));
+        }
+    });
+    if app.run.total_steps > 0 {
+        let frac = app.run.step as f32 / app.run.total_steps as f32;
+        let eta = app
+            .run
+            .eta_secs()
+            .map(|s| format!(", ETA {}", fmt_secs(s)))
+            .unwrap_or_default();
+        ui.add(egui::ProgressBar::new(frac).text(format!(
+            "{}/{} steps, {:.3} s/step{eta}",
+            app.run.step, app.run.total_steps, app.run.secs_per_step
+        )));
+    } else if busy {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(format!("loading… {:.0} s", app.run.elapsed_secs()));
+        });
+    }
+    ui.horizontal(|ui| {
+        ui.add(egui::Slider::new(&mut app.settings.ema, 0.0..=0.99).text("smoothing"));
+        ui.checkbox(&mut app.settings.log_scale, "log scale");
+        ui.label(
+            RichText::new(
+                "click a legend entry to hide or show a curve; earlier runs: tick them in Compare",
+            )
+            .small(),
+        );
+    });
+    let mut curves = vec![Curves {
+        name: if app.run.name.is_empty() {
+            "current".into()
+        } else {
+            app.run.name.clone()
+        },
+        train_loss: app.run.train_loss.clone(),
+        eval_loss: app.run.eval_loss.clone(),
+        eval_accuracy: app.run.eval_accuracy.clone(),
+    }];
+    let current_id = app.run.run_id.clone();
+    curves.extend(
+        app.compare
+            .overlay_curves(&app.store, current_id.as_deref()),
+    );
+    let h = (ui.available_height() - 30.0).max(200.0);
+    plots::loss_plot(
+        ui,
+        "loss",
+        &curves,
+        app.settings.ema,
+        app.settings.log_scale,
+        h * 0.55,
+    );
+    plots::accuracy_plot(ui, "accuracy", &curves, h * 0.4);
+}
+
+/// `1 h 02 min`, `3 min 05 s`, `12 s`.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{} h {:02} min", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{s} s")
+    }
+}
