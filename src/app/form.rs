@@ -149,17 +149,20 @@ pub fn target_groups(arch: &ArchSpec) -> Vec<TargetGroup> {
         let parts: Vec<&str> = l.path.split('.').collect();
         let tail = match parts.iter().position(|p| p.parse::<usize>().is_ok()) {
             Some(i) => parts[i + 1..].join("."),
-            None => l.path.clone(),
+            // Outside the layer stack (e.g. `bert.pooler.dense`): the last two names.
+            None => parts[parts.len().saturating_sub(2)..].join("."),
         };
         let name = match tail.rsplit('.').next() {
             Some(last @ ("query" | "key" | "value")) => last.to_string(),
             _ => tail.clone(),
         };
         let escaped = regex::escape(&tail);
-        let pattern = if tail.contains('.') || parts.len() > 1 {
-            format!(r".*(^|\.)(\d+\.)?{escaped}")
+        let in_stack = parts.iter().any(|p| p.parse::<usize>().is_ok());
+        // Right after the layer index, so `output.dense` never matches `attention.output.dense`.
+        let pattern = if in_stack {
+            format!(r".*\.\d+\.{escaped}")
         } else {
-            escaped
+            format!(r"(.*\.)?{escaped}")
         };
         let r = l.out_features.min(l.in_features);
         match groups.iter_mut().find(|g| g.name == name) {
@@ -493,21 +496,31 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: Option<PathB
 }
 
 /// The command line that runs this config: `peft-studio train` with a `--set` for every value
-/// that differs from the defaults.
+/// that differs from the defaults, quoted for a POSIX shell.
 pub fn cli_command(cfg: &TrainConfig) -> String {
     let mut cmd = String::from("peft-studio train");
-    let (Ok(toml::Value::Table(cur)), Ok(toml::Value::Table(def))) = (
-        toml::Value::try_from(cfg),
-        toml::Value::try_from(TrainConfig::default()),
-    ) else {
-        return cmd;
-    };
-    let mut sets = Vec::new();
-    diff("", &cur, &def, &mut sets);
-    for s in sets {
-        cmd.push_str(&format!(" --set '{s}'"));
+    for s in cli_overrides(cfg) {
+        cmd.push_str(" --set ");
+        cmd.push_str(&shell_quote(&s));
     }
     cmd
+}
+
+/// The `key=value` overrides that turn the defaults into `cfg`.
+pub fn cli_overrides(cfg: &TrainConfig) -> Vec<String> {
+    let mut sets = Vec::new();
+    if let (Ok(toml::Value::Table(cur)), Ok(toml::Value::Table(def))) = (
+        toml::Value::try_from(cfg),
+        toml::Value::try_from(TrainConfig::default()),
+    ) {
+        diff("", &cur, &def, &mut sets);
+    }
+    sets
+}
+
+/// `s` as one POSIX shell word.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn diff(prefix: &str, cur: &toml::Table, def: &toml::Table, out: &mut Vec<String>) {
@@ -550,5 +563,67 @@ pub fn inits(m: UiMethod) -> &'static [Init] {
         UiMethod::Svfit => Method::Svfit.inits(),
         UiMethod::Loldu => Method::Loldu.inits(),
         UiMethod::Full | UiMethod::Head => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_command_reproduces_the_form() {
+        let mut cfg = TrainConfig::default();
+        apply_method_defaults(&mut cfg, UiMethod::Loldu, 64);
+        cfg.adapter.targets = Targets::Pattern(r".*\.(query|key)".into());
+        cfg.optim.steps = Some(321);
+        cfg.data.source = DataSource::Text {
+            path: "data/x.jsonl".into(),
+            text_column: "body".into(),
+            label_column: "label".into(),
+        };
+        let back = TrainConfig::from_toml_str("", "cli", &cli_overrides(&cfg)).unwrap();
+        assert_eq!(back, cfg);
+        assert!(cli_command(&cfg).starts_with("peft-studio train --set '"));
+        assert_eq!(cli_command(&TrainConfig::default()), "peft-studio train");
+        // A value holding a quote survives the shell: sh -c 'printf %s <quoted>'.
+        let tricky = "adapter.targets='.*\\.(query)'";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(tricky)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), tricky);
+    }
+
+    #[test]
+    fn target_groups_round_trip() {
+        let arch = ArchSpec::resolve("bert-base-uncased", Some(2)).unwrap();
+        let groups = target_groups(&arch);
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "query",
+                "key",
+                "value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+                "pooler.dense"
+            ]
+        );
+        // query + value is PEFT's list form.
+        let mut ticked = vec![false; groups.len()];
+        ticked[0] = true;
+        ticked[2] = true;
+        let t = targets_for(&groups, &ticked);
+        assert_eq!(t, Targets::List(vec!["query".into(), "value".into()]));
+        assert_eq!(selected_groups(&t, &groups), ticked);
+        // The FFN output alone needs a pattern: `output.dense` also ends `attention.output.dense`.
+        let mut ticked = vec![false; groups.len()];
+        ticked[5] = true;
+        let t = targets_for(&groups, &ticked);
+        assert!(matches!(t, Targets::Pattern(_)), "{t:?}");
+        assert_eq!(selected_groups(&t, &groups), ticked);
     }
 }
