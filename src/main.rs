@@ -11,7 +11,7 @@ use peft_studio::inspect::inspect;
 use peft_studio::peft::checkpoint::write_atomic;
 use peft_studio::peft::{AdapterConfig, FrozenGrad, Method, Targets};
 use peft_studio::report;
-use peft_studio::train::{NeverStop, RunEvent, RunStatus, RunStore, RunSummary, TrainConfig};
+use peft_studio::train::{Event, NeverStop, RunStatus, RunStore, RunSummary, TrainConfig};
 
 /// Keeps freed memory for reuse instead of returning it to the OS every step (glibc's
 /// allocator did, costing ~30% of a training step in page faults).
@@ -74,6 +74,10 @@ enum Command {
         /// Copy the trained model folder here (full fine-tuning runs).
         #[arg(long)]
         export_model: Option<PathBuf>,
+        /// Continue an interrupted run from its last checkpoint (`optim.checkpoint_every`):
+        /// give its folder, e.g. `runs/20261129-004726-pretrain-…`.
+        #[arg(long, conflicts_with_all = ["preset", "overrides"])]
+        resume: Option<PathBuf>,
     },
     /// Run several presets and print one comparison table; writes it as markdown and CSV beside
     /// a PNG of the loss curves.
@@ -136,17 +140,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides,
             out,
             export_model,
+            resume,
         } => {
-            let cfg = match &preset {
-                Some(p) => TrainConfig::from_preset(p, &overrides)?,
-                None => TrainConfig::from_toml_str("", "the built-in defaults", &overrides)?,
+            let (summary, run_folder) = match &resume {
+                Some(folder) => (
+                    with_progress(|emit| peft_studio::train::resume(folder, &mut NeverStop, emit))?,
+                    folder.clone(),
+                ),
+                None => {
+                    let cfg = match &preset {
+                        Some(p) => TrainConfig::from_preset(p, &overrides)?,
+                        None => {
+                            TrainConfig::from_toml_str("", "the built-in defaults", &overrides)?
+                        }
+                    };
+                    let store = RunStore::new(&out);
+                    let s = train_with_progress(&cfg, &store)?;
+                    let folder = out.join(&s.id);
+                    (s, folder)
+                }
             };
-            let store = RunStore::new(&out);
-            let summary = train_with_progress(&cfg, &store)?;
             println!("\n{}", report::text_table(std::slice::from_ref(&summary)));
-            println!("run folder: {}", out.join(&summary.id).display());
+            println!("run folder: {}", run_folder.display());
             if let Some(dest) = export_model {
-                let src = out.join(&summary.id).join("model");
+                let src = run_folder.join("model");
                 anyhow::ensure!(
                     src.is_dir(),
                     "--export-model needs a full fine-tuning run (mode = \"full\")"
@@ -320,6 +337,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn train_with_progress(cfg: &TrainConfig, store: &RunStore) -> anyhow::Result<RunSummary> {
+    with_progress(|emit| peft_studio::train::train(cfg, store, &mut NeverStop, emit))
+}
+
+/// Runs `job` (a training or a resumed one) with a progress bar on stderr; a panic inside
+/// becomes an error.
+fn with_progress(
+    job: impl FnOnce(&mut dyn FnMut(Event)) -> Result<RunSummary, peft_studio::train::RunFailure>,
+) -> anyhow::Result<RunSummary> {
     use indicatif::{ProgressBar, ProgressStyle};
     let bar = ProgressBar::new(1);
     bar.set_style(
@@ -337,8 +362,8 @@ fn train_with_progress(cfg: &TrainConfig, store: &RunStore) -> anyhow::Result<Ru
             bar.println(text);
         }
     };
-    let mut emit = |e: RunEvent| match e {
-        RunEvent::Started {
+    let mut emit = |e: Event| match e {
+        Event::RunStarted {
             name,
             trainable,
             total,
@@ -354,11 +379,11 @@ fn train_with_progress(cfg: &TrainConfig, store: &RunStore) -> anyhow::Result<Ru
                 100.0 * trainable as f64 / total.max(1) as f64
             ));
         }
-        RunEvent::Step { step, loss, .. } => {
+        Event::Step { step, loss, .. } => {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss:.4}{last_eval}"));
         }
-        RunEvent::Eval(ev) => {
+        Event::Eval(ev) => {
             last_eval = format!("  eval acc {:.2}%", 100.0 * ev.accuracy);
             if plain {
                 eprintln!(
@@ -369,16 +394,14 @@ fn train_with_progress(cfg: &TrainConfig, store: &RunStore) -> anyhow::Result<Ru
                 );
             }
         }
-        RunEvent::Log(text) => say(text),
-        RunEvent::Phase(_) => {}
-        RunEvent::Finished(s) => bar.finish_with_message(format!("{}", s.status)),
+        Event::Log(text) => say(text),
+        Event::Phase(_) => {}
+        Event::RunFinished(_) | Event::RunFailed { .. } | Event::Refused(_) => {}
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        peft_studio::train::train(cfg, store, &mut NeverStop, &mut emit)
-    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut emit)));
     bar.finish_and_clear();
     match result {
-        Ok(r) => r,
+        Ok(r) => r.map_err(|f| f.error),
         Err(p) => anyhow::bail!("internal error: {}", panic_message(&*p)),
     }
 }

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::train::{
-    Control, Controller, EvalPoint, Phase, RunEvent, RunStatus, RunStore, RunSummary, TrainConfig,
+    Control, Controller, Phase, RunFailure, RunStatus, RunStore, RunSummary, TrainConfig,
 };
 
 /// What the UI (or a test) asks of the worker.
@@ -29,58 +29,7 @@ pub enum Command {
     Shutdown,
 }
 
-/// What the worker reports.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The run's phase changed (loading, training, evaluating, saving, paused).
-    Phase(Phase),
-    /// A run started: it has a folder and knows its size.
-    RunStarted {
-        /// Run id (its folder under the run store).
-        run_id: String,
-        /// Display name.
-        name: String,
-        /// `lora`, `svfit`, `loldu`, `full` or `head`.
-        method: String,
-        /// Trainable values.
-        trainable: usize,
-        /// All values.
-        total: usize,
-        /// Optimiser steps planned.
-        total_steps: usize,
-        /// Model description.
-        model: String,
-    },
-    /// One optimiser step.
-    Step {
-        /// Step (1-based).
-        step: usize,
-        /// Steps planned.
-        total_steps: usize,
-        /// Training loss.
-        loss: f64,
-        /// Learning rate.
-        lr: f64,
-        /// Mean seconds per step so far.
-        secs_per_step: f64,
-    },
-    /// An evaluation on the held-out split.
-    Eval(EvalPoint),
-    /// A message for the log.
-    Log(String),
-    /// The run ended normally: finished every step, or stopped on request.
-    RunFinished(Box<RunSummary>),
-    /// The run failed (bad input, a NaN loss, a panic). `summary` is set when the run had
-    /// started and its folder records the failure.
-    RunFailed {
-        /// What went wrong, in words for the user.
-        error: String,
-        /// The recorded run, if it had started.
-        summary: Option<Box<RunSummary>>,
-    },
-    /// A command could not be carried out (e.g. Start while a run is in progress).
-    Refused(String),
-}
+pub use crate::train::Event;
 
 /// The function that performs a run (the real trainer, or a stand-in in tests).
 pub type Runner = Arc<
@@ -88,8 +37,8 @@ pub type Runner = Arc<
             &TrainConfig,
             &RunStore,
             &mut dyn Controller,
-            &mut dyn FnMut(RunEvent),
-        ) -> anyhow::Result<RunSummary>
+            &mut dyn FnMut(Event),
+        ) -> Result<RunSummary, RunFailure>
         + Send
         + Sync,
 >;
@@ -189,60 +138,20 @@ impl Worker {
                         shutdown: false,
                     };
                     let mut started: Option<String> = None;
-                    let mut last: Option<RunSummary> = None;
-                    let mut emit = |e: RunEvent| {
-                        let ev = match e {
-                            RunEvent::Started {
-                                run_id,
-                                name,
-                                method,
-                                trainable,
-                                total,
-                                total_steps,
-                                model,
-                            } => {
-                                started = Some(run_id.clone());
-                                Event::RunStarted {
-                                    run_id,
-                                    name,
-                                    method,
-                                    trainable,
-                                    total,
-                                    total_steps,
-                                    model,
-                                }
-                            }
-                            RunEvent::Phase(p) => Event::Phase(p),
-                            RunEvent::Step {
-                                step,
-                                total_steps,
-                                loss,
-                                lr,
-                                secs_per_step,
-                            } => Event::Step {
-                                step,
-                                total_steps,
-                                loss,
-                                lr,
-                                secs_per_step,
-                            },
-                            RunEvent::Eval(e) => Event::Eval(e),
-                            RunEvent::Log(t) => Event::Log(t),
-                            RunEvent::Finished(s) => {
-                                last = Some(*s);
-                                return;
-                            }
-                        };
-                        send(ev);
+                    let mut emit = |e: Event| {
+                        if let Event::RunStarted { run_id, .. } = &e {
+                            started = Some(run_id.clone());
+                        }
+                        send(e);
                     };
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         runner(&cfg, &store, &mut ctl, &mut emit)
                     }));
                     match result {
                         Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),
-                        Ok(Err(e)) => send(Event::RunFailed {
-                            error: format!("{e:#}"),
-                            summary: last.filter(|s| s.status == RunStatus::Failed).map(Box::new),
+                        Ok(Err(f)) => send(Event::RunFailed {
+                            error: format!("{:#}", f.error),
+                            summary: f.summary,
                         }),
                         Err(p) => {
                             let error = format!("internal error: {}", panic_text(&*p));

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peft_studio::train::{
-    EvalPoint, MetricLine, NeverStop, RunEvent, RunStatus, RunStore, TrainConfig,
-    reload_and_evaluate, train,
+    EvalPoint, Event, MetricLine, NeverStop, RunStatus, RunStore, TrainConfig, reload_and_evaluate,
+    train,
 };
-use peft_studio::worker::{Command, Event, Worker};
+use peft_studio::worker::{Command, Worker};
 
 fn store(name: &str) -> RunStore {
     let d = std::env::temp_dir().join(format!(
@@ -286,8 +286,8 @@ fn a_panic_in_a_run_becomes_a_failed_event() {
     let s = store("panic");
     let runner: peft_studio::worker::Runner = Arc::new(|cfg, store, ctl, emit| {
         let mut n = 0;
-        let mut wrapped = |e: RunEvent| {
-            if matches!(e, RunEvent::Step { .. }) {
+        let mut wrapped = |e: Event| {
+            if matches!(e, Event::Step { .. }) {
                 n += 1;
                 assert!(n < 3, "injected failure at step {n}");
             }
@@ -314,5 +314,71 @@ fn a_panic_in_a_run_becomes_a_failed_event() {
     );
     assert!(w.is_alive(), "the worker survives a panicking run");
     drop(w);
+    std::fs::remove_dir_all(s.root()).unwrap();
+}
+
+/// Continues for `n` steps, then says stop.
+struct StopAfter(usize);
+
+impl peft_studio::train::Controller for StopAfter {
+    fn check(&mut self) -> peft_studio::train::Control {
+        if self.0 == 0 {
+            peft_studio::train::Control::Stop
+        } else {
+            self.0 -= 1;
+            peft_studio::train::Control::Continue
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_result() {
+    let s = store("resume");
+    for p in ["quickstart-loldu.toml", "baseline-full.toml"] {
+        let cfg = quick(
+            p,
+            &[
+                "optim.steps=24",
+                "optim.eval_every=8",
+                "optim.checkpoint_every=10",
+                "optim.grad_accum=2",
+            ],
+        );
+        let whole = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
+        let cut = train(&cfg, &s, &mut StopAfter(15), &mut |_| {}).unwrap();
+        assert_eq!(cut.status, RunStatus::Stopped);
+        assert_eq!(cut.steps_done, 15);
+        assert!(
+            s.root()
+                .join(&cut.id)
+                .join("checkpoint/state.safetensors")
+                .is_file()
+        );
+        let resumed =
+            peft_studio::train::resume(&s.root().join(&cut.id), &mut NeverStop, &mut |_| {})
+                .unwrap();
+        assert_eq!(resumed.id, cut.id, "{p}: the same run continues");
+        assert_eq!(resumed.status, RunStatus::Finished);
+        assert_eq!(resumed.steps_done, 24);
+        assert_eq!(
+            losses(&s, &whole.id),
+            losses(&s, &cut.id),
+            "{p}: every step's loss matches"
+        );
+        assert_eq!(resumed.final_eval, whole.final_eval, "{p}");
+        let again = reload_and_evaluate(&s.root().join(&cut.id)).unwrap();
+        assert_eq!(again.accuracy, whole.final_eval.unwrap().accuracy);
+    }
+    // A run without a checkpoint says so.
+    let plain = train(
+        &quick("baseline-head.toml", &["optim.steps=2"]),
+        &s,
+        &mut NeverStop,
+        &mut |_| {},
+    )
+    .unwrap();
+    let e = peft_studio::train::resume(&s.root().join(&plain.id), &mut NeverStop, &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("checkpoint"), "{e}");
     std::fs::remove_dir_all(s.root()).unwrap();
 }

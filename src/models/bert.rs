@@ -291,22 +291,12 @@ impl Classifier for BertClassifier {
     }
 
     fn config_json(&self) -> Value {
-        let mut c = self.config.clone();
-        if let Some(o) = c.as_object_mut() {
-            o.insert("num_labels".into(), self.num_labels.into());
-            let arch = if self.family == Family::Roberta {
-                "RobertaForSequenceClassification"
-            } else {
-                "BertForSequenceClassification"
-            };
-            o.insert("architectures".into(), serde_json::json!([arch]));
-            let labels: serde_json::Map<String, Value> = (0..self.num_labels)
-                .map(|i| (i.to_string(), Value::String(format!("LABEL_{i}"))))
-                .collect();
-            o.insert("id2label".into(), Value::Object(labels));
-            o.remove("label2id");
-        }
-        c
+        let arch = if self.family == Family::Roberta {
+            "RobertaForSequenceClassification"
+        } else {
+            "BertForSequenceClassification"
+        };
+        super::classification_config(&self.config, arch, self.num_labels)
     }
 
     fn summary(&self) -> String {

@@ -124,6 +124,31 @@ pub trait Classifier: LinearLayers + Send {
     fn other_params(&self) -> Vec<(String, Tensor)>;
 }
 
+/// `base` (a model's `config.json`) turned into a classification config: `architectures`,
+/// `num_labels` and `id2label` set for `num_labels` classes.
+pub fn classification_config(
+    base: &serde_json::Value,
+    architecture: &str,
+    num_labels: usize,
+) -> serde_json::Value {
+    let mut c = base.clone();
+    if let Some(o) = c.as_object_mut() {
+        o.insert("num_labels".into(), num_labels.into());
+        o.insert("architectures".into(), serde_json::json!([architecture]));
+        let labels: serde_json::Map<String, serde_json::Value> = (0..num_labels)
+            .map(|i| {
+                (
+                    i.to_string(),
+                    serde_json::Value::String(format!("LABEL_{i}")),
+                )
+            })
+            .collect();
+        o.insert("id2label".into(), serde_json::Value::Object(labels));
+        o.remove("label2id");
+    }
+    c
+}
+
 /// Every parameter of the model by Hugging Face name (merged weights), for saving a whole model.
 pub fn named_tensors(model: &dyn Classifier) -> candle_core::Result<Vec<(String, Tensor)>> {
     let mut out = model.other_params();

@@ -171,20 +171,7 @@ impl Classifier for VitClassifier {
     }
 
     fn config_json(&self) -> Value {
-        let mut c = self.config.clone();
-        if let Some(o) = c.as_object_mut() {
-            o.insert("num_labels".into(), self.num_labels.into());
-            o.insert(
-                "architectures".into(),
-                serde_json::json!(["ViTForImageClassification"]),
-            );
-            let labels: serde_json::Map<String, Value> = (0..self.num_labels)
-                .map(|i| (i.to_string(), Value::String(format!("LABEL_{i}"))))
-                .collect();
-            o.insert("id2label".into(), Value::Object(labels));
-            o.remove("label2id");
-        }
-        c
+        super::classification_config(&self.config, "ViTForImageClassification", self.num_labels)
     }
 
     fn summary(&self) -> String {

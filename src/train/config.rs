@@ -112,6 +112,9 @@ pub struct OptimConfig {
     pub eval_batch_size: usize,
     /// Seed of initialisation and batch order.
     pub seed: u64,
+    /// Save a checkpoint (trainable values and optimiser state) every this many steps, so
+    /// `peft-studio train --resume <run folder>` can continue after an interruption.
+    pub checkpoint_every: Option<usize>,
 }
 
 impl Default for OptimConfig {
@@ -131,6 +134,7 @@ impl Default for OptimConfig {
             eval_every: 50,
             eval_batch_size: 250,
             seed: 0,
+            checkpoint_every: None,
         }
     }
 }
@@ -264,6 +268,9 @@ impl TrainConfig {
             return Err(
                 "optim.batch_size, grad_accum and eval_batch_size must be at least 1".into(),
             );
+        }
+        if o.checkpoint_every == Some(0) {
+            return Err("optim.checkpoint_every: must be at least 1".into());
         }
         if o.eval_every == 0 {
             return Err("optim.eval_every: must be at least 1".into());

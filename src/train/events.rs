@@ -29,17 +29,20 @@ impl std::fmt::Display for Phase {
     }
 }
 
-/// Events of one run, in order: `Started`, then `Phase`/`Step`/`Eval`/`Log`, then `Finished`
-/// (any status) or `Failed` before a run folder existed.
+/// What a run reports. The trainer sends, in order, `Phase`, `RunStarted`, then `Phase`,
+/// `Step`, `Eval` and `Log`; whoever drives it (the worker) sends the closing `RunFinished` or
+/// `RunFailed` from its result, and `Refused` for commands it cannot carry out.
 #[derive(Debug, Clone)]
-pub enum RunEvent {
-    /// The run has a folder and knows its size.
-    Started {
-        /// Run id.
+pub enum Event {
+    /// The run's phase changed (loading, training, evaluating, saving, paused).
+    Phase(Phase),
+    /// A run started: it has a folder and knows its size.
+    RunStarted {
+        /// Run id (its folder under the run store).
         run_id: String,
         /// Display name.
         name: String,
-        /// Method column.
+        /// `lora`, `svfit`, `loldu`, `full` or `head`.
         method: String,
         /// Trainable values.
         trainable: usize,
@@ -50,8 +53,6 @@ pub enum RunEvent {
         /// Model description.
         model: String,
     },
-    /// The phase changed.
-    Phase(Phase),
     /// One optimiser step.
     Step {
         /// Step (1-based).
@@ -65,12 +66,48 @@ pub enum RunEvent {
         /// Mean seconds per step so far.
         secs_per_step: f64,
     },
-    /// An evaluation.
+    /// An evaluation on the held-out split.
     Eval(EvalPoint),
     /// A message for the log.
     Log(String),
-    /// The run ended (finished, stopped or failed after it started); the summary is on disk.
-    Finished(Box<RunSummary>),
+    /// The run ended normally: finished every step, or stopped on request.
+    RunFinished(Box<RunSummary>),
+    /// The run failed (bad input, a NaN loss, a panic). `summary` is set when the run had
+    /// started and its folder records the failure.
+    RunFailed {
+        /// What went wrong, in words for the user.
+        error: String,
+        /// The recorded run, if it had started.
+        summary: Option<Box<RunSummary>>,
+    },
+    /// A command could not be carried out (e.g. Start while a run is in progress).
+    Refused(String),
+}
+
+/// A run that failed: the error, and the run's record when it had started.
+#[derive(Debug)]
+pub struct RunFailure {
+    /// What went wrong.
+    pub error: anyhow::Error,
+    /// The run as recorded (status failed), if it had a folder.
+    pub summary: Option<Box<RunSummary>>,
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for RunFailure {}
+
+impl From<anyhow::Error> for RunFailure {
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            error,
+            summary: None,
+        }
+    }
 }
 
 /// What the controller says between steps.

@@ -254,6 +254,43 @@ impl RunStore {
 }
 
 impl RunDir {
+    /// Re-opens an existing run folder to continue it from `step`: metrics after that step are
+    /// dropped (atomically); returns the folder and the metrics kept.
+    pub fn reopen(path: &Path, step: usize) -> anyhow::Result<(RunDir, Vec<MetricLine>)> {
+        let id = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| anyhow::anyhow!("{}: not a run folder", path.display()))?;
+        let store = RunStore::new(path.parent().unwrap_or(Path::new(".")));
+        let kept: Vec<MetricLine> = store
+            .metrics(&id)?
+            .into_iter()
+            .filter(|m| match m {
+                MetricLine::Step { step: s, .. } => *s <= step,
+                MetricLine::Eval(e) => e.step <= step,
+            })
+            .collect();
+        let mut text = String::new();
+        for m in &kept {
+            text += &serde_json::to_string(m)?;
+            text.push('\n');
+        }
+        let mpath = path.join("metrics.jsonl");
+        write_atomic(&mpath, text.as_bytes())?;
+        let metrics = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&mpath)
+            .map_err(io(&mpath))?;
+        Ok((
+            RunDir {
+                id,
+                path: path.to_path_buf(),
+                metrics,
+            },
+            kept,
+        ))
+    }
+
     /// Appends one metrics line (flushed, so a crash keeps what was written).
     pub fn append(&mut self, line: &MetricLine) -> anyhow::Result<()> {
         let mut s = serde_json::to_string(line)?;

@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::batches::{EncodedSplit, Sampler};
 use super::config::{TrainConfig, TrainMode};
-use super::events::{Control, Controller, Phase, RunEvent};
+use super::events::{Control, Controller, Event, Phase, RunFailure};
+use super::optim::{AdamW, AdamWParams};
 use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
 use crate::data::{self, DataSource, Dataset};
 use crate::memory;
@@ -186,11 +186,24 @@ fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
     }
 }
 
+/// Where a run starts: fresh, or from its checkpoint.
+struct Start {
+    /// Steps already done.
+    step: usize,
+    /// Training losses so far.
+    losses: Vec<f64>,
+    /// Evaluations so far.
+    evals: Vec<EvalPoint>,
+    /// Seconds spent in training steps so far.
+    train_secs: f64,
+}
+
 struct Loop<'a, 'r, 'e> {
     cfg: &'a TrainConfig,
     p: &'a Prepared,
     run: &'r mut RunDir,
-    emit: &'e mut dyn FnMut(RunEvent),
+    emit: &'e mut dyn FnMut(Event),
+    opts: Vec<(AdamW, f64)>,
     total_steps: usize,
     losses: Vec<f64>,
     evals: Vec<EvalPoint>,
@@ -198,9 +211,26 @@ struct Loop<'a, 'r, 'e> {
     steps_done: usize,
 }
 
+/// The optimisers of a prepared run, one per parameter group.
+fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64)>> {
+    let mut opts = Vec::new();
+    for (vars, wd, scale) in &p.groups {
+        let params = AdamWParams {
+            lr: cfg.optim.lr * scale,
+            weight_decay: *wd,
+            ..Default::default()
+        };
+        opts.push((AdamW::new(vars.clone(), params)?, *scale));
+    }
+    Ok(opts)
+}
+
+/// Name of the checkpoint folder inside a run.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
 impl Loop<'_, '_, '_> {
     fn eval(&mut self, step: usize) -> anyhow::Result<()> {
-        (self.emit)(RunEvent::Phase(Phase::Evaluating));
+        (self.emit)(Event::Phase(Phase::Evaluating));
         let e = evaluate(
             self.p.model.as_ref(),
             &self.p.eval,
@@ -209,26 +239,45 @@ impl Loop<'_, '_, '_> {
         )?;
         self.run.append(&MetricLine::Eval(e))?;
         self.evals.push(e);
-        (self.emit)(RunEvent::Eval(e));
-        (self.emit)(RunEvent::Phase(Phase::Training));
+        (self.emit)(Event::Eval(e));
+        (self.emit)(Event::Phase(Phase::Training));
         Ok(())
     }
 
-    fn run(&mut self, ctl: &mut dyn Controller) -> anyhow::Result<RunStatus> {
+    /// Writes the trainable values, the optimiser state and the step, atomically (a new
+    /// folder, then renames).
+    fn checkpoint(&self, step: usize) -> anyhow::Result<()> {
+        let dir = self.run.path.join(CHECKPOINT_DIR);
+        let tmp = self.run.path.join(format!("{CHECKPOINT_DIR}.tmp"));
+        let old = self.run.path.join(format!("{CHECKPOINT_DIR}.old"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut tensors = HashMap::new();
+        let mut opt_steps = Vec::new();
+        for (k, (opt, _)) in self.opts.iter().enumerate() {
+            let (t, n) = opt.state(&format!("group{k}"));
+            tensors.extend(t);
+            opt_steps.push(n);
+        }
+        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+        let meta = serde_json::json!({
+            "step": step,
+            "optimizer_steps": opt_steps,
+            "train_secs": self.train_secs,
+        });
+        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&meta)?)?;
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(&dir, &old)?;
+        }
+        std::fs::rename(&tmp, &dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    fn run(&mut self, ctl: &mut dyn Controller, start: usize) -> anyhow::Result<RunStatus> {
         let o = &self.cfg.optim;
         let dev = Device::Cpu;
-        let mut opts = Vec::new();
-        for (vars, wd, scale) in &self.p.groups {
-            if vars.is_empty() {
-                continue;
-            }
-            let params = ParamsAdamW {
-                lr: o.lr * scale,
-                weight_decay: *wd,
-                ..Default::default()
-            };
-            opts.push((AdamW::new(vars.clone(), params)?, *scale));
-        }
         let all_vars: Vec<Var> = self
             .p
             .groups
@@ -236,8 +285,12 @@ impl Loop<'_, '_, '_> {
             .flat_map(|g| g.0.iter().cloned())
             .collect();
         let mut sampler = Sampler::new(self.p.train.len(), o.seed);
-        (self.emit)(RunEvent::Phase(Phase::Training));
-        for step in 1..=self.total_steps {
+        // A resumed run replays the batch order up to where it stopped.
+        for _ in 0..start * o.grad_accum {
+            sampler.next_batch(o.batch_size);
+        }
+        (self.emit)(Event::Phase(Phase::Training));
+        for step in start + 1..=self.total_steps {
             if ctl.check() == Control::Stop {
                 return Ok(RunStatus::Stopped);
             }
@@ -306,8 +359,8 @@ impl Loop<'_, '_, '_> {
                 }
             }
             let factor = o.schedule.factor(step, self.total_steps, o.warmup_steps);
-            for (opt, scale) in &mut opts {
-                opt.set_learning_rate(o.lr * *scale * factor);
+            for (opt, scale) in &mut self.opts {
+                opt.params.lr = o.lr * *scale * factor;
                 opt.step(&grads)?;
             }
             drop(grads);
@@ -323,15 +376,21 @@ impl Loop<'_, '_, '_> {
                 lr,
                 secs,
             })?;
-            (self.emit)(RunEvent::Step {
+            (self.emit)(Event::Step {
                 step,
                 total_steps: self.total_steps,
                 loss,
                 lr,
-                secs_per_step: self.train_secs / step as f64,
+                secs_per_step: self.train_secs / (step - start) as f64,
             });
             if step % o.eval_every == 0 || step == self.total_steps {
                 self.eval(step)?;
+            }
+            if let Some(every) = o.checkpoint_every
+                && step % every == 0
+                && step < self.total_steps
+            {
+                self.checkpoint(step)?;
             }
         }
         Ok(RunStatus::Finished)
@@ -463,29 +522,29 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
 }
 
 /// Runs one training run to the end (or until `ctl` says stop), reporting through `emit`
-/// and recording it in `store`. Errors before the run folder exists are returned as they are;
-/// errors after are recorded (status failed, with the reason) and returned too.
+/// and recording it in `store`. A failure after the run folder exists is recorded there
+/// (status failed, with the reason) and returned with that record.
 pub fn train(
     cfg: &TrainConfig,
     store: &RunStore,
     ctl: &mut dyn Controller,
-    emit: &mut dyn FnMut(RunEvent),
-) -> anyhow::Result<RunSummary> {
+    emit: &mut dyn FnMut(Event),
+) -> Result<RunSummary, RunFailure> {
     let started = Instant::now();
     let started_at = chrono::Local::now().to_rfc3339();
     memory::reset_peak_rss();
-    emit(RunEvent::Phase(Phase::Loading));
+    emit(Event::Phase(Phase::Loading));
     let p = prepare(cfg)?;
     if !p.initialised.is_empty() {
         let head: Vec<&str> = p.initialised.iter().map(String::as_str).collect();
-        emit(RunEvent::Log(format!(
+        emit(Event::Log(format!(
             "initialised (not in the checkpoint): {}",
             head.join(", ")
         )));
     }
     let total_steps = total_steps(cfg, p.train.len());
-    let mut run = store.create(cfg)?;
-    let mut summary = RunSummary {
+    let run = store.create(cfg)?;
+    let summary = RunSummary {
         id: run.id.clone(),
         name: cfg.label(),
         method: cfg.method_name(),
@@ -506,36 +565,131 @@ pub fn train(
         error: None,
         started_at,
     };
+    let opts = optimisers(cfg, &p)?;
+    let start = Start {
+        step: 0,
+        losses: Vec::new(),
+        evals: Vec::new(),
+        train_secs: 0.0,
+    };
+    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+}
+
+/// Continues the run in `run_path` from its last checkpoint (`optim.checkpoint_every`): the
+/// same config, the trainable values and optimiser state as saved, the batch order replayed,
+/// metrics after the checkpoint discarded. The result equals an uninterrupted run.
+pub fn resume(
+    run_path: &Path,
+    ctl: &mut dyn Controller,
+    emit: &mut dyn FnMut(Event),
+) -> Result<RunSummary, RunFailure> {
+    let started = Instant::now();
+    memory::reset_peak_rss();
+    emit(Event::Phase(Phase::Loading));
+    let cfg = TrainConfig::from_preset(&run_path.join("config.toml"), &[])
+        .map_err(anyhow::Error::from)?;
+    let ckpt = run_path.join(CHECKPOINT_DIR);
+    let meta_path = ckpt.join("state.json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| {
+            format!(
+                "{}: this run has no checkpoint to resume from (set optim.checkpoint_every)",
+                meta_path.display()
+            )
+        })?)
+        .with_context(|| format!("{}: not valid JSON", meta_path.display()))?;
+    let step = meta["step"]
+        .as_u64()
+        .context("state.json: `step` is missing")? as usize;
+    let opt_steps: Vec<usize> = serde_json::from_value(meta["optimizer_steps"].clone())
+        .context("state.json: `optimizer_steps` is missing")?;
+    let summary_path = run_path.join("summary.json");
+    let mut summary: RunSummary = serde_json::from_str(
+        &std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("reading {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a run summary", summary_path.display()))?;
+    let p = prepare(&cfg)?;
+    let mut opts = optimisers(&cfg, &p)?;
+    let tensors = candle_core::safetensors::load(ckpt.join("state.safetensors"), &Device::Cpu)
+        .with_context(|| format!("reading {}", ckpt.join("state.safetensors").display()))?;
+    if opt_steps.len() != opts.len() {
+        return Err(anyhow::anyhow!(
+            "the checkpoint has {} parameter groups, the run {}",
+            opt_steps.len(),
+            opts.len()
+        )
+        .into());
+    }
+    for (k, (opt, _)) in opts.iter_mut().enumerate() {
+        opt.load_state(&format!("group{k}"), &tensors, opt_steps[k])?;
+    }
+    let (run, kept) = RunDir::reopen(run_path, step)?;
+    let mut start = Start {
+        step,
+        losses: Vec::new(),
+        evals: Vec::new(),
+        train_secs: meta["train_secs"].as_f64().unwrap_or(0.0),
+    };
+    for m in kept {
+        match m {
+            MetricLine::Step { loss, .. } => start.losses.push(loss),
+            MetricLine::Eval(e) => start.evals.push(e),
+        }
+    }
+    summary.status = RunStatus::Running;
+    summary.error = None;
+    emit(Event::Log(format!(
+        "resuming {} from step {step}",
+        summary.id
+    )));
+    drive(&cfg, &p, run, summary, opts, start, started, ctl, emit)
+}
+
+/// The shared body of [`train`] and [`resume`]: announce, loop, save, record.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    cfg: &TrainConfig,
+    p: &Prepared,
+    mut run: RunDir,
+    mut summary: RunSummary,
+    opts: Vec<(AdamW, f64)>,
+    start: Start,
+    started: Instant,
+    ctl: &mut dyn Controller,
+    emit: &mut dyn FnMut(Event),
+) -> Result<RunSummary, RunFailure> {
     run.write_summary(&summary)?;
-    emit(RunEvent::Started {
+    emit(Event::RunStarted {
         run_id: run.id.clone(),
         name: summary.name.clone(),
         method: summary.method.clone(),
         trainable: p.trainable,
         total: p.total,
-        total_steps,
+        total_steps: summary.total_steps,
         model: p.model.summary(),
     });
     let run_path = run.path.clone();
     let mut lp = Loop {
         cfg,
-        p: &p,
+        p,
         run: &mut run,
         emit,
-        total_steps,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        train_secs: 0.0,
-        steps_done: 0,
+        opts,
+        total_steps: summary.total_steps,
+        losses: start.losses,
+        evals: start.evals,
+        train_secs: start.train_secs,
+        steps_done: start.step,
     };
-    let outcome = lp.run(ctl).and_then(|status| {
+    let outcome = lp.run(ctl, start.step).and_then(|status| {
         if status == RunStatus::Stopped
             && lp.steps_done > 0
             && lp.evals.last().map(|e| e.step) != Some(lp.steps_done)
         {
             lp.eval(lp.steps_done)?;
         }
-        (lp.emit)(RunEvent::Phase(Phase::Saving));
+        (lp.emit)(Event::Phase(Phase::Saving));
         save_trained(cfg, p.model.as_ref(), &run_path)?;
         Ok(status)
     });
@@ -561,13 +715,14 @@ pub fn train(
     } else {
         0.0
     };
-    summary.wall_secs = started.elapsed().as_secs_f64();
-    summary.peak_rss_mib = memory::peak_rss_bytes().map(memory::mib).unwrap_or(0.0);
+    summary.wall_secs += started.elapsed().as_secs_f64();
+    summary.peak_rss_mib = summary
+        .peak_rss_mib
+        .max(memory::peak_rss_bytes().map(memory::mib).unwrap_or(0.0));
     match outcome {
         Ok(status) => {
             summary.status = status;
             run.write_summary(&summary)?;
-            emit(RunEvent::Finished(Box::new(summary.clone())));
             Ok(summary)
         }
         Err(e) => {
@@ -576,12 +731,12 @@ pub fn train(
             // The failure is what the caller needs; a second error writing the summary is
             // reported beside it.
             if let Err(w) = run.write_summary(&summary) {
-                emit(RunEvent::Log(format!(
-                    "could not record the failure: {w:#}"
-                )));
+                emit(Event::Log(format!("could not record the failure: {w:#}")));
             }
-            emit(RunEvent::Finished(Box::new(summary.clone())));
-            Err(e)
+            Err(RunFailure {
+                error: e,
+                summary: Some(Box::new(summary)),
+            })
         }
     }
 }
