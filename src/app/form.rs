@@ -66,16 +66,21 @@ impl UiMethod {
         }
     }
 
+    /// The selector entry of an adapter method.
+    pub fn of_adapter(m: Method) -> Self {
+        match m {
+            Method::Lora => UiMethod::Lora,
+            Method::Svfit => UiMethod::Svfit,
+            Method::Loldu => UiMethod::Loldu,
+        }
+    }
+
     /// The method a config describes.
     pub fn of(cfg: &TrainConfig) -> Self {
         match cfg.mode {
             TrainMode::Full => UiMethod::Full,
             TrainMode::Head => UiMethod::Head,
-            TrainMode::Adapter => match cfg.adapter.method {
-                Method::Lora => UiMethod::Lora,
-                Method::Svfit => UiMethod::Svfit,
-                Method::Loldu => UiMethod::Loldu,
-            },
+            TrainMode::Adapter => Self::of_adapter(cfg.adapter.method),
         }
     }
 }

@@ -339,16 +339,6 @@ fn method_ui(app: &mut StudioApp, ui: &mut Ui) {
     });
 }
 
-impl UiMethod {
-    fn of_adapter(m: crate::peft::Method) -> Self {
-        match m {
-            crate::peft::Method::Lora => UiMethod::Lora,
-            crate::peft::Method::Svfit => UiMethod::Svfit,
-            crate::peft::Method::Loldu => UiMethod::Loldu,
-        }
-    }
-}
-
 fn optim_ui(app: &mut StudioApp, ui: &mut Ui) {
     section(ui, "Training");
     let o = &mut app.settings.config.optim;

@@ -220,17 +220,15 @@ impl RunStore {
         let p = self.root.join(id).join("metrics.jsonl");
         let text = std::fs::read_to_string(&p).map_err(io(&p))?;
         let mut out = Vec::new();
+        let count = text.lines().count();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str(line) {
                 Ok(m) => out.push(m),
-                // A line cut by a crash ends the file; earlier lines stay usable.
-                Err(e) if i + 1 == text.lines().count() => {
-                    let _ = e;
-                    break;
-                }
+                // A last line cut short by a crash is dropped; earlier lines stay usable.
+                Err(_) if i + 1 == count => break,
                 Err(e) => anyhow::bail!("{}: line {}: {e}", p.display(), i + 1),
             }
         }
