@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod memory;
 pub mod models;
 pub mod peft;
+pub mod personalize;
 pub mod plot;
 pub mod report;
 pub mod train;

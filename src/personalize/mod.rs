@@ -1,0 +1,20 @@
+//! Data for personalisation (DiffLoRA, see `METHODS.md`): portraits with known identity.
+//!
+//! - [`portrait`]: a procedural, deterministic renderer of synthetic cartoon faces. Every face
+//!   comes from an [`Identity`] (the person: face shape, colours, hair, eyes, nose, mouth,
+//!   facial hair, glasses) and [`Attributes`] (what a text prompt can change: expression, head
+//!   turn, background, lighting, accessory), so identity ground truth is exact.
+//! - [`identity_folder`]: the loader for real photos laid out one sub-folder per person (like the
+//!   ORL faces), and for a folder of one person's reference photos.
+
+pub mod identity_folder;
+pub mod portrait;
+
+pub use identity_folder::{
+    IMAGE_EXTENSIONS, IdentityError, MIN_IMAGE_SIDE, Person, load_identity_folder, load_references,
+    natural_cmp,
+};
+pub use portrait::{
+    Accessory, Attributes, Background, Expression, FacialHair, Glasses, HairStyle, HeadTurn,
+    IDENTITY_DIMS, Identity, Lighting, render, render_set,
+};
