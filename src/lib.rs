@@ -10,6 +10,7 @@ pub mod app;
 pub mod arch;
 pub mod bench;
 pub mod data;
+pub mod diffusion;
 pub mod inspect;
 pub mod memory;
 pub mod models;
