@@ -25,10 +25,8 @@ use rayon::prelude::*;
 /// Images smaller than this on either side are refused ([`IdentityError::TooSmall`]).
 pub const MIN_IMAGE_SIDE: u32 = 16;
 
-/// File extensions (lower-case) read as images.
-pub const IMAGE_EXTENSIONS: &[&str] = &[
-    "png", "jpg", "jpeg", "pgm", "ppm", "pbm", "pnm", "pam", "bmp", "gif", "webp", "tif", "tiff",
-];
+/// File extensions (lower-case) read as images: the same list as the dataset loader's.
+pub use crate::data::IMAGE_EXTENSIONS;
 
 /// One person of an identity folder.
 #[derive(Debug, Clone)]
