@@ -12,6 +12,7 @@ pub mod bert;
 pub mod encoder;
 pub mod hub;
 pub mod ops;
+pub mod unet;
 pub mod vit;
 pub mod weights;
 
