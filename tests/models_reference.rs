@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::rel_err;
 use peft_studio::models::bert::BertClassifier;
 use peft_studio::models::vit::VitClassifier;
+use peft_studio::models::weights::WeightReader;
 use peft_studio::models::{Batch, Classifier, ModelSource, load_model};
 use peft_studio::peft::linear::LinearLayers;
 
@@ -27,18 +28,12 @@ fn ids(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
 }
 
-fn load(name: &str, labels: usize) -> Box<dyn Classifier> {
-    // The tiny models have no tokenizer: build from config and weights directly.
+/// A tiny model's `config.json` and a reader of its weights (backbone prefix `prefix`).
+fn open(name: &str, prefix: &str) -> (serde_json::Value, WeightReader) {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir(name).join("config.json")).unwrap())
             .unwrap();
-    let model_type = v["model_type"].as_str().unwrap().to_string();
-    let prefix = match model_type.as_str() {
-        "vit" => "vit.",
-        "roberta" => "roberta.",
-        _ => "bert.",
-    };
-    let mut r = peft_studio::models::weights::WeightReader::open(
+    let r = WeightReader::open(
         &dir(name).join("model.safetensors"),
         prefix,
         0.02,
@@ -46,9 +41,21 @@ fn load(name: &str, labels: usize) -> Box<dyn Classifier> {
         &Device::Cpu,
     )
     .unwrap();
-    if model_type == "vit" {
+    (v, r)
+}
+
+fn load(name: &str, labels: usize) -> Box<dyn Classifier> {
+    // The tiny models have no tokenizer: build from config and weights directly.
+    if name.starts_with("tiny-vit") {
+        let (v, mut r) = open(name, "vit.");
         Box::new(VitClassifier::load(&v, name, &mut r, labels, false).unwrap())
     } else {
+        let prefix = if name.starts_with("tiny-roberta") {
+            "roberta."
+        } else {
+            "bert."
+        };
+        let (v, mut r) = open(name, prefix);
         Box::new(BertClassifier::load(&v, name, &mut r, labels, false).unwrap())
     }
 }
@@ -58,18 +65,7 @@ const TOL: f64 = 1e-4;
 #[test]
 fn bert_matches_the_reference() {
     let r = reference("tiny-bert");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir("tiny-bert").join("config.json")).unwrap(),
-    )
-    .unwrap();
-    let mut w = peft_studio::models::weights::WeightReader::open(
-        &dir("tiny-bert").join("model.safetensors"),
-        "bert.",
-        0.02,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (v, mut w) = open("tiny-bert", "bert.");
     let m = BertClassifier::load(&v, "tiny-bert", &mut w, 3, false).unwrap();
     assert!(
         w.initialised.is_empty(),
@@ -101,18 +97,7 @@ fn bert_matches_the_reference() {
 #[test]
 fn bare_bert_checkpoints_load_with_a_new_head() {
     let r = reference("tiny-bert-bare");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir("tiny-bert-bare").join("config.json")).unwrap(),
-    )
-    .unwrap();
-    let mut w = peft_studio::models::weights::WeightReader::open(
-        &dir("tiny-bert-bare").join("model.safetensors"),
-        "bert.",
-        0.02,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (v, mut w) = open("tiny-bert-bare", "bert.");
     let m = BertClassifier::load(&v, "tiny-bert-bare", &mut w, 2, false).unwrap();
     assert_eq!(
         w.initialised,

@@ -2,8 +2,10 @@
 //! nuisance differences, attributes, prompts, sizes) and the identity-folder loader (formats,
 //! natural order, errors naming the path, the ORL faces when present).
 
+mod common;
+
+use common::TempDir;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use peft_studio::personalize::*;
@@ -475,37 +477,6 @@ fn contact_sheet() {
 // ---------------------------------------------------------------------------------------------
 // Identity folders
 // ---------------------------------------------------------------------------------------------
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "peft-studio-portraits-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        let p = self.0.join(rel);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).unwrap();
-        }
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// An RGB image with a bright left half, to check the centre crop.
 fn rgb_img(w: u32, h: u32, colour: [u8; 3]) -> RgbImage {

@@ -61,3 +61,45 @@ pub fn config(method: Method, init: Init, rank: usize) -> AdapterConfig {
         ..AdapterConfig::default()
     }
 }
+
+/// A fresh folder under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// A new empty folder named after the test binary, a counter and `tag`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "peft-studio-{}-{}-{}-{tag}",
+            env!("CARGO_CRATE_NAME"),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// `rel` inside the folder, its parent folders created.
+    pub fn path(&self, rel: &str) -> std::path::PathBuf {
+        let p = self.0.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        p
+    }
+
+    /// Writes `bytes` to `rel`; returns its path.
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = self.path(rel);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
