@@ -564,13 +564,12 @@ impl GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let g = self.groups;
-        let xr = x.reshape((b, g, (c / g) * h * w))?;
-        let mean = xr.mean_keepdim(2)?;
-        let xc = xr.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(2)?;
-        let xn = xc
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
+        // Group norm = layer norm over each group's values (the fused kernel, with its one-pass
+        // backward), then the per-channel affine.
+        let n = (c / g) * h * w;
+        let ones = Tensor::ones(n, x.dtype(), x.device())?;
+        let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+        let xn = layer_norm(&x.reshape((b, g, n))?, &ones, &zeros, 1e-5)?.reshape((b, c, h, w))?;
         Ok(xn
             .broadcast_mul(&self.w.t.reshape((1, c, 1, 1))?)?
             .broadcast_add(&self.b.t.reshape((1, c, 1, 1))?)?)
@@ -1619,9 +1618,9 @@ impl Generator {
                         let x2 = Tensor::cat(&[x, x], 0)?;
                         let t2: Vec<usize> = t.iter().chain(t.iter()).copied().collect();
                         let o = self.unet.forward(&self.schedule, &x2, &t2, &text, &mask)?;
-                        Ok(guided(&o.narrow(0, 0, n)?, &o.narrow(0, n, n)?, guidance)?)
+                        Ok(guided(&o.narrow(0, 0, n)?, &o.narrow(0, n, n)?, guidance)?.detach())
                     } else {
-                        self.unet.forward(&self.schedule, x, t, &text, &mask)
+                        Ok(self.unet.forward(&self.schedule, x, t, &text, &mask)?.detach())
                     }
                 };
                 run().map_err(|e| candle_core::Error::Msg(e.to_string()))

@@ -60,6 +60,18 @@ pub enum IdentityError {
     /// An identity folder holds no person sub-folders.
     #[error("no person sub-folders in {} (expected one sub-folder of images per person)", .0.display())]
     NoPersons(PathBuf),
+    /// An identity folder holds fewer people than a configuration asks for.
+    #[error("{} holds {have} people; {asked} were asked for after skipping {skip}", .path.display())]
+    TooFewPeople {
+        /// The identity folder.
+        path: PathBuf,
+        /// People asked for.
+        asked: usize,
+        /// People passed over first.
+        skip: usize,
+        /// People in the folder.
+        have: usize,
+    },
     /// An image could not be decoded (corrupt, truncated, or an unsupported variant).
     #[error("cannot decode image {}: {source}", .path.display())]
     Image {

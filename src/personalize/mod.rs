@@ -7,13 +7,24 @@
 //! - [`identity_folder`]: the loader for real photos laid out one sub-folder per person (like the
 //!   ORL faces), and for a folder of one person's reference photos.
 
+pub mod bank;
+pub mod build;
+pub mod commands;
+pub mod evaluate;
+pub mod generator_training;
+pub mod identity_encoder;
+pub mod hyper;
 pub mod identity_folder;
+pub mod people;
+pub mod pipeline;
 pub mod portrait;
+pub mod tensors;
 
 pub use identity_folder::{
     IMAGE_EXTENSIONS, IdentityError, MIN_IMAGE_SIDE, Person, load_identity_folder, load_references,
     natural_cmp,
 };
+pub use tensors::{images_to_tensor, tensor_to_images};
 pub use portrait::{
     Accessory, Attributes, Background, Expression, FacialHair, Glasses, HairStyle, HeadTurn,
     IDENTITY_DIMS, Identity, Lighting, render, render_set,

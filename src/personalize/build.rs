@@ -1,0 +1,488 @@
+//! Building a DiffLoRA personaliser from a preset, stage by stage: the base generator, the
+//! identity-oriented LoRA bank, the identity encoders, the LoRA autoencoder and the latent
+//! denoiser. Every stage writes its result into the preset's output folder and is skipped when
+//! that result exists, and the long stages checkpoint, so an interrupted build resumes where it
+//! stopped by running the same command again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::bank::{LoraBank, LoraRecipe, build_bank};
+use super::generator_training::{GeneratorTraining, train_generator};
+use super::hyper::{AutoencoderConfig, DenoiserConfig, LatentDenoiser, LoraAutoencoder};
+use super::identity_encoder::{
+    EncoderConfig, IdentityEncoder, ParamRegressor, centroid_accuracy_of,
+};
+use super::portrait::IDENTITY_DIMS;
+use super::people::{PeopleSource, PersonImages};
+use super::tensors::images_to_tensor;
+use crate::models::unet::{Generator, UnetConfig};
+use crate::peft::checkpoint::write_atomic;
+
+/// File names inside a personaliser folder.
+pub mod files {
+    /// The base generator's weights.
+    pub const GENERATOR: &str = "generator.safetensors";
+    /// The generator's training checkpoint (removed when training ends).
+    pub const GENERATOR_CHECKPOINT: &str = "generator.checkpoint.safetensors";
+    /// The preset the folder was built from.
+    pub const PRESET: &str = "preset.toml";
+    /// The identity-oriented LoRA bank.
+    pub const BANK: &str = "lora_bank.safetensors";
+    /// The identity encoder that conditions the hypernetwork.
+    pub const ENCODER: &str = "identity_encoder.safetensors";
+    /// The evaluation identity encoder (never used for conditioning).
+    pub const EVAL_ENCODER: &str = "eval_encoder.safetensors";
+    /// Ridge regression from evaluation embeddings to identity parameters (synthetic only).
+    pub const PARAM_REGRESSOR: &str = "param_regressor.safetensors";
+    /// The LoRA autoencoder.
+    pub const AUTOENCODER: &str = "lora_autoencoder.safetensors";
+    /// The conditional latent denoiser.
+    pub const DENOISER: &str = "latent_denoiser.safetensors";
+    /// What the build measured (losses, accuracies, seconds per stage).
+    pub const BUILD_REPORT: &str = "build_report.json";
+}
+
+/// Which people each stage uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeopleRoles {
+    /// People the base generator is trained on (identity is not controllable by the prompt).
+    pub generator: PeopleSource,
+    /// People of the LoRA bank (the hypernetwork's training identities).
+    pub bank: PeopleSource,
+    /// People the evaluation identity encoder is trained on (it plays no part in conditioning).
+    pub eval_encoder: PeopleSource,
+    /// Held-out people for `eval-personalize`: never in the bank or the hypernetwork's data.
+    pub eval: PeopleSource,
+}
+
+/// Everything that defines a personaliser: data, architectures and training recipes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffLoraPreset {
+    /// Output folder of the built personaliser.
+    pub out: PathBuf,
+    /// Side of the square images.
+    pub image_size: u32,
+    /// The people of each role.
+    pub people: PeopleRoles,
+    /// The generator's architecture.
+    #[serde(default)]
+    pub unet: UnetConfig,
+    /// The generator's training.
+    #[serde(default)]
+    pub generator_training: GeneratorTraining,
+    /// The recipe of every identity LoRA (bank and direct fine-tuning).
+    #[serde(default)]
+    pub lora: LoraRecipe,
+    /// The conditioning identity encoder.
+    #[serde(default)]
+    pub encoder: EncoderConfig,
+    /// The evaluation identity encoder (train it differently: another seed and shape).
+    #[serde(default)]
+    pub eval_encoder: EncoderConfig,
+    /// The LoRA autoencoder.
+    #[serde(default)]
+    pub autoencoder: AutoencoderConfig,
+    /// The latent denoiser (`latent_dim` and `cond_dim` are set from the autoencoder and the
+    /// encoder).
+    #[serde(default)]
+    pub denoiser: DenoiserConfig,
+    /// How personalisation samples.
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+}
+
+/// How galleries are drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// DDIM steps of the image generator.
+    pub steps: usize,
+    /// Classifier-free guidance scale (1: none).
+    pub guidance: f64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            guidance: 2.0,
+        }
+    }
+}
+
+impl DiffLoraPreset {
+    /// Reads a preset file; errors name the file and the bad field.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read preset {}: {e}", path.display()))?;
+        let preset: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("preset {}: {e}", path.display()))?;
+        anyhow::ensure!(
+            preset.unet.image_size as u32 == preset.image_size,
+            "preset {}: unet.image_size {} differs from image_size {}",
+            path.display(),
+            preset.unet.image_size,
+            preset.image_size
+        );
+        Ok(preset)
+    }
+}
+
+impl DiffLoraPreset {
+    /// A very small personaliser that builds in seconds (tests, UI development): a tiny
+    /// generator trained for a few steps, a bank of 3 synthetic people, brief encoders and
+    /// hypernetwork. Its outputs are meaningless; the plumbing is real.
+    pub fn tiny(out: &Path) -> Self {
+        let synthetic = |first_seed: u64, count: usize, images_per_person: usize| {
+            PeopleSource::Synthetic {
+                first_seed,
+                count,
+                images_per_person,
+                render_seed: 0,
+            }
+        };
+        Self {
+            out: out.to_path_buf(),
+            image_size: 32,
+            people: PeopleRoles {
+                generator: synthetic(0, 8, 2),
+                bank: synthetic(1_000_000, 3, 4),
+                eval_encoder: synthetic(3_000_000, 4, 3),
+                eval: synthetic(2_000_000, 2, 3),
+            },
+            unet: UnetConfig::tiny(),
+            generator_training: GeneratorTraining {
+                steps: 3,
+                batch: 4,
+                checkpoint_every: 2,
+                ..GeneratorTraining::default()
+            },
+            lora: LoraRecipe {
+                steps: 2,
+                batch: 2,
+                per_person: 2,
+                images_per_lora: 3,
+                ..LoraRecipe::default()
+            },
+            encoder: EncoderConfig {
+                steps: 3,
+                batch: 8,
+                ..EncoderConfig::default()
+            },
+            eval_encoder: EncoderConfig {
+                steps: 3,
+                batch: 8,
+                seed: 1,
+                ..EncoderConfig::default()
+            },
+            autoencoder: AutoencoderConfig {
+                latent_dim: 4,
+                hidden: 16,
+                steps: 5,
+                batch: 4,
+                ..AutoencoderConfig::default()
+            },
+            denoiser: DenoiserConfig {
+                hidden: 16,
+                layers: 1,
+                time_dim: 8,
+                steps: 5,
+                batch: 4,
+                sample_steps: 3,
+                ..DenoiserConfig::default()
+            },
+            sampling: SamplingConfig {
+                steps: 3,
+                guidance: 2.0,
+            },
+        }
+    }
+}
+
+/// The stages of a build, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// The base text-to-image generator.
+    Generator,
+    /// The identity-oriented LoRA bank.
+    Bank,
+    /// The conditioning and evaluation identity encoders.
+    Encoders,
+    /// The LoRA autoencoder.
+    Autoencoder,
+    /// The conditional latent denoiser.
+    Denoiser,
+    /// Every stage in order.
+    All,
+}
+
+/// Reports what a build is doing: `(stage, step, total, loss)`.
+pub type BuildProgress<'a> = &'a mut dyn FnMut(&str, usize, usize, f32);
+
+/// Stacks the images and prompts of `people`.
+pub fn stack_people(
+    people: &[PersonImages],
+    device: &Device,
+) -> anyhow::Result<(Tensor, Vec<String>)> {
+    let images: Vec<image::RgbImage> = people.iter().flat_map(|p| p.images.clone()).collect();
+    let prompts: Vec<String> = people.iter().flat_map(|p| p.prompts.clone()).collect();
+    Ok((images_to_tensor(&images, device)?, prompts))
+}
+
+/// Runs `stage` (and, for [`Stage::All`], every stage) of `preset`, skipping finished ones.
+pub fn build(preset: &DiffLoraPreset, stage: Stage, progress: BuildProgress<'_>) -> anyhow::Result<()> {
+    let out = &preset.out;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let text = toml::to_string(preset)?;
+    write_atomic(&out.join(files::PRESET), text.as_bytes())?;
+    let order = [
+        Stage::Generator,
+        Stage::Bank,
+        Stage::Encoders,
+        Stage::Autoencoder,
+        Stage::Denoiser,
+    ];
+    let last = order.iter().position(|s| *s == stage).unwrap_or(order.len() - 1);
+    let mut report = BuildReport::load(&out.join(files::BUILD_REPORT));
+    for s in &order[..=last] {
+        let t = Instant::now();
+        let ran = match s {
+            Stage::Generator => build_generator(preset, progress)?,
+            Stage::Bank => build_lora_bank(preset, progress)?,
+            Stage::Encoders => build_encoders(preset, &mut report, progress)?,
+            Stage::Autoencoder => build_autoencoder(preset, &mut report, progress)?,
+            Stage::Denoiser => build_denoiser(preset, progress)?,
+            Stage::All => false,
+        };
+        if ran {
+            report
+                .seconds
+                .insert(format!("{s:?}").to_lowercase(), t.elapsed().as_secs_f64());
+            report.save(&out.join(files::BUILD_REPORT))?;
+        }
+    }
+    Ok(())
+}
+
+/// What a build measured, kept in the output folder.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BuildReport {
+    /// Wall seconds of each stage that ran (a resumed stage counts its last part).
+    pub seconds: BTreeMap<String, f64>,
+    /// Nearest-centroid identity accuracy of each encoder on held-out images of its people.
+    pub encoder_accuracy: BTreeMap<String, f32>,
+    /// Relative reconstruction error of the LoRA autoencoder on the bank.
+    pub autoencoder_error: Option<f32>,
+}
+
+impl BuildReport {
+    fn load(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes())?;
+        Ok(())
+    }
+}
+
+fn build_generator(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+    let path = preset.out.join(files::GENERATOR);
+    if path.exists() {
+        return Ok(false);
+    }
+    let device = Device::Cpu;
+    let people = preset.people.generator.load(preset.image_size)?;
+    let (images, prompts) = stack_people(&people, &device)?;
+    log::info!(
+        "generator: {} images of {} people",
+        prompts.len(),
+        people.len()
+    );
+    let checkpoint = preset.out.join(files::GENERATOR_CHECKPOINT);
+    let generator: Generator = train_generator(
+        &preset.unet,
+        &images,
+        &prompts,
+        &preset.generator_training,
+        Some(&checkpoint),
+        &mut |step, total, loss| progress("generator", step, total, loss),
+    )?;
+    generator.save(&path)?;
+    let _ = std::fs::remove_file(&checkpoint);
+    Ok(true)
+}
+
+fn load_generator(preset: &DiffLoraPreset) -> anyhow::Result<Generator> {
+    let path = preset.out.join(files::GENERATOR);
+    Generator::load(&path, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{e} (build the `generator` stage first)"))
+}
+
+fn build_lora_bank(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+    let path = preset.out.join(files::BANK);
+    let people = preset.people.bank.load(preset.image_size)?;
+    let done = LoraBank::load(&path)
+        .map(|b| b.vectors.len() == people.len() * preset.lora.per_person)
+        .unwrap_or(false);
+    if done {
+        return Ok(false);
+    }
+    let generator = load_generator(preset)?;
+    build_bank(&generator, &people, &preset.lora, &path, &mut |i, n, loss| {
+        progress("lora-bank", i, n, loss)
+    })?;
+    Ok(true)
+}
+
+/// Images and identity labels of `people`.
+fn labelled(people: &[PersonImages], device: &Device) -> anyhow::Result<(Tensor, Vec<usize>)> {
+    let (images, _) = stack_people(people, device)?;
+    let labels = people
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| std::iter::repeat_n(i, p.images.len()))
+        .collect();
+    Ok((images, labels))
+}
+
+/// Trains an encoder on every image but the last of each person and reports its
+/// nearest-centroid accuracy on those last images.
+fn train_encoder(
+    name: &str,
+    people: &[PersonImages],
+    cfg: &EncoderConfig,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<(IdentityEncoder, f32)> {
+    let device = Device::Cpu;
+    let (images, labels) = labelled(people, &device)?;
+    let mut train_idx = Vec::new();
+    let mut test_idx = Vec::new();
+    let mut offset = 0;
+    for p in people {
+        let k = p.images.len();
+        train_idx.extend((offset..offset + k - 1).map(|i| i as u32));
+        test_idx.push((offset + k - 1) as u32);
+        offset += k;
+    }
+    let take = |idx: &[u32]| -> anyhow::Result<(Tensor, Vec<usize>)> {
+        let t = images.index_select(&Tensor::from_slice(idx, idx.len(), &device)?, 0)?;
+        Ok((t, idx.iter().map(|&i| labels[i as usize]).collect()))
+    };
+    let (train_x, train_y) = take(&train_idx)?;
+    let (test_x, test_y) = take(&test_idx)?;
+    let total = cfg.steps;
+    let encoder = IdentityEncoder::train(&train_x, &train_y, cfg, &mut |s, l| {
+        progress(name, s, total, l)
+    })?;
+    // Nearest centroid of the training images of each person, tested on the held-out ones.
+    let train_e = encoder.embed(&train_x)?;
+    let test_e = encoder.embed(&test_x)?;
+    let accuracy = centroid_accuracy_of(&train_e, &train_y, &test_e, &test_y)?;
+    Ok((encoder, accuracy))
+}
+
+fn build_encoders(
+    preset: &DiffLoraPreset,
+    report: &mut BuildReport,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<bool> {
+    let mut ran = false;
+    let path = preset.out.join(files::ENCODER);
+    if !path.exists() {
+        let people = preset.people.generator.load(preset.image_size)?;
+        let (encoder, acc) = train_encoder("identity-encoder", &people, &preset.encoder, progress)?;
+        encoder.save(&path)?;
+        report.encoder_accuracy.insert("identity_encoder".into(), acc);
+        ran = true;
+    }
+    let path = preset.out.join(files::EVAL_ENCODER);
+    if !path.exists() {
+        let people = preset.people.eval_encoder.load(preset.image_size)?;
+        let (encoder, acc) = train_encoder("eval-encoder", &people, &preset.eval_encoder, progress)?;
+        if preset.people.eval_encoder.is_synthetic() {
+            let (images, _) = stack_people(&people, &Device::Cpu)?;
+            let params: Vec<f32> = people
+                .iter()
+                .flat_map(|p| {
+                    let v = p.params.clone().unwrap_or_default();
+                    std::iter::repeat_n(v, p.images.len()).flatten()
+                })
+                .collect();
+            let targets = Tensor::from_vec(params, (images.dim(0)?, IDENTITY_DIMS), &Device::Cpu)?;
+            let reg = ParamRegressor::fit(&encoder.embed(&images)?, &targets, 1e-2)?;
+            reg.save(&preset.out.join(files::PARAM_REGRESSOR))?;
+        }
+        encoder.save(&path)?;
+        report.encoder_accuracy.insert("eval_encoder".into(), acc);
+        ran = true;
+    }
+    Ok(ran)
+}
+
+fn load_bank(preset: &DiffLoraPreset) -> anyhow::Result<LoraBank> {
+    let path = preset.out.join(files::BANK);
+    LoraBank::load(&path).map_err(|e| anyhow::anyhow!("{e} (build the `bank` stage first)"))
+}
+
+fn build_autoencoder(
+    preset: &DiffLoraPreset,
+    report: &mut BuildReport,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<bool> {
+    let path = preset.out.join(files::AUTOENCODER);
+    if path.exists() {
+        return Ok(false);
+    }
+    let bank = load_bank(preset)?;
+    let vectors = bank.matrix(&Device::Cpu)?;
+    let total = preset.autoencoder.steps;
+    let ae = LoraAutoencoder::train(&vectors, &preset.autoencoder, &mut |s, l| {
+        progress("lora-autoencoder", s, total, l)
+    })?;
+    report.autoencoder_error = Some(ae.reconstruction_error(&vectors)?);
+    ae.save(&path)?;
+    Ok(true)
+}
+
+fn build_denoiser(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+    let path = preset.out.join(files::DENOISER);
+    if path.exists() {
+        return Ok(false);
+    }
+    let device = Device::Cpu;
+    let bank = load_bank(preset)?;
+    let ae = LoraAutoencoder::load(&preset.out.join(files::AUTOENCODER), &device)?;
+    let encoder = IdentityEncoder::load(&preset.out.join(files::ENCODER), &device)?;
+    let people = preset.people.bank.load(preset.image_size)?;
+    anyhow::ensure!(
+        people.iter().map(|p| &p.name).eq(bank.people.iter()),
+        "the bank's people differ from the preset's `people.bank`; rebuild the bank"
+    );
+    let latents = ae.encode(&bank.matrix(&device)?)?;
+    let embeddings = people
+        .iter()
+        .map(|p| Ok(encoder.embed(&images_to_tensor(&p.images, &device)?)?))
+        .collect::<anyhow::Result<Vec<Tensor>>>()?;
+    let mut cfg = preset.denoiser.clone();
+    cfg.latent_dim = ae.latent_dim();
+    cfg.cond_dim = encoder.embed_dim();
+    let total = cfg.steps;
+    let den = LatentDenoiser::train(&latents, &bank.person, &embeddings, &cfg, &mut |s, l| {
+        progress("latent-denoiser", s, total, l)
+    })?;
+    den.save(&path)?;
+    Ok(true)
+}

@@ -1,0 +1,345 @@
+//! Personalisation with a built DiffLoRA personaliser: reference portraits → identity
+//! embedding → sampled LoRA latent → decoded LoRA → merged into the generator → a gallery for
+//! the prompt, with no fine-tuning. The two comparison paths live here too: the base generator
+//! (no LoRA) and a LoRA fine-tuned directly on the references (what DiffLoRA replaces).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::bank::{LoraBank, LoraLayout, LoraRecipe, train_lora, with_fresh_lora};
+use super::build::{DiffLoraPreset, files};
+use super::hyper::{LatentDenoiser, LoraAutoencoder};
+use super::identity_encoder::{IdentityEncoder, ParamRegressor};
+use super::tensors::{images_to_tensor, tensor_to_images};
+use crate::diffusion::{DdimConfig, Prediction};
+use crate::models::unet::Generator;
+use crate::peft::checkpoint::save_adapter;
+use crate::peft::linear::LinearLayers;
+
+/// Folder of the built-in personaliser, relative to the assets folder.
+pub const BUILTIN_PERSONALISER: &str = "models/difflora-portraits";
+
+/// The built-in personaliser's folder (`assets/models/difflora-portraits`).
+pub fn builtin_dir() -> PathBuf {
+    crate::data::assets_dir().join(BUILTIN_PERSONALISER)
+}
+
+/// Seconds spent in each stage of one personalisation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageSeconds {
+    /// Embedding and fusing the references.
+    pub encode_references: f64,
+    /// Sampling the LoRA latent with the conditional denoiser.
+    pub sample_latent: f64,
+    /// Decoding the latent to LoRA weights.
+    pub decode_lora: f64,
+    /// Loading the LoRA into the generator and merging it.
+    pub merge: f64,
+    /// References to merged LoRA: the sum of the four above.
+    pub personalise_total: f64,
+    /// Drawing the gallery.
+    pub gallery: f64,
+}
+
+/// A generated gallery with an identity score per image.
+#[derive(Debug, Clone)]
+pub struct Gallery {
+    /// The images.
+    pub images: Vec<RgbImage>,
+    /// Cosine similarity of each image to the fused references under the evaluation encoder
+    /// (an encoder that played no part in conditioning).
+    pub scores: Vec<f32>,
+    /// Seconds to draw the gallery.
+    pub seconds: f64,
+}
+
+impl Gallery {
+    /// Mean identity score.
+    pub fn mean_score(&self) -> f32 {
+        self.scores.iter().sum::<f32>() / self.scores.len().max(1) as f32
+    }
+}
+
+/// The result of [`Personaliser::personalise`].
+pub struct Personalised {
+    /// The generator with the predicted LoRA attached, unmerged (to save as an adapter).
+    pub adapted: Generator,
+    /// The generator with the LoRA merged into its weights (what the gallery was drawn with).
+    pub merged: Generator,
+    /// The predicted LoRA as a flat vector.
+    pub lora: Vec<f32>,
+    /// The gallery.
+    pub gallery: Gallery,
+    /// Seconds per stage.
+    pub seconds: StageSeconds,
+}
+
+/// Checks of a reference set: problems that do not stop personalisation.
+pub fn reference_warnings(refs: &[RgbImage]) -> Vec<String> {
+    let mut w = Vec::new();
+    if refs.len() == 1 {
+        w.push(
+            "only one reference image: the identity estimate is rough (3–5 photos work better)"
+                .to_string(),
+        );
+    }
+    if refs.len() > 1 && refs.windows(2).all(|p| p[0] == p[1]) {
+        w.push("all reference images are identical".to_string());
+    }
+    w
+}
+
+/// A built personaliser: generator, encoders, LoRA autoencoder and latent denoiser.
+pub struct Personaliser {
+    dir: PathBuf,
+    preset: DiffLoraPreset,
+    generator: Generator,
+    encoder: IdentityEncoder,
+    eval_encoder: IdentityEncoder,
+    regressor: Option<ParamRegressor>,
+    autoencoder: LoraAutoencoder,
+    denoiser: LatentDenoiser,
+    layout: LoraLayout,
+}
+
+impl Personaliser {
+    /// Loads the personaliser built into `dir` by `difflora-build`; the error names the missing
+    /// or bad file.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let device = Device::Cpu;
+        let file = |name: &str| dir.join(name);
+        let preset_path = file(files::PRESET);
+        let text = std::fs::read_to_string(&preset_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (not a built personaliser)", preset_path.display()))?;
+        let preset: DiffLoraPreset = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", preset_path.display()))?;
+        let generator = Generator::load(&file(files::GENERATOR), &device)?;
+        let encoder = IdentityEncoder::load(&file(files::ENCODER), &device)?;
+        let eval_encoder = IdentityEncoder::load(&file(files::EVAL_ENCODER), &device)?;
+        let regressor = if file(files::PARAM_REGRESSOR).exists() {
+            Some(ParamRegressor::load(&file(files::PARAM_REGRESSOR))?)
+        } else {
+            None
+        };
+        let autoencoder = LoraAutoencoder::load(&file(files::AUTOENCODER), &device)?;
+        let denoiser = LatentDenoiser::load(&file(files::DENOISER), &device)?;
+        let layout = LoraLayout::of_model(with_fresh_lora(&generator, &preset.lora)?.unet())?;
+        anyhow::ensure!(
+            layout.len() == autoencoder.input_dim(),
+            "{}: the autoencoder reads {} values, the generator's LoRA layout has {}",
+            file(files::AUTOENCODER).display(),
+            autoencoder.input_dim(),
+            layout.len()
+        );
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            preset,
+            generator,
+            encoder,
+            eval_encoder,
+            regressor,
+            autoencoder,
+            denoiser,
+            layout,
+        })
+    }
+
+    /// The folder it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The preset it was built from.
+    pub fn preset(&self) -> &DiffLoraPreset {
+        &self.preset
+    }
+
+    /// Side of the images it reads and draws.
+    pub fn image_size(&self) -> u32 {
+        self.preset.image_size
+    }
+
+    /// The base generator.
+    pub fn generator(&self) -> &Generator {
+        &self.generator
+    }
+
+    /// The LoRA recipe (layout and direct fine-tuning).
+    pub fn recipe(&self) -> &LoraRecipe {
+        &self.preset.lora
+    }
+
+    /// The flat LoRA layout.
+    pub fn layout(&self) -> &LoraLayout {
+        &self.layout
+    }
+
+    /// The evaluation encoder.
+    pub fn eval_encoder(&self) -> &IdentityEncoder {
+        &self.eval_encoder
+    }
+
+    /// The identity-parameter regressor (synthetic personalisers only).
+    pub fn regressor(&self) -> Option<&ParamRegressor> {
+        self.regressor.as_ref()
+    }
+
+    /// The LoRA bank, when the folder still holds it.
+    pub fn bank(&self) -> Option<LoraBank> {
+        LoraBank::load(&self.dir.join(files::BANK)).ok()
+    }
+
+    /// The reference images as a tensor, checked.
+    pub fn references_tensor(&self, refs: &[RgbImage]) -> anyhow::Result<Tensor> {
+        anyhow::ensure!(!refs.is_empty(), "no reference images");
+        let s = self.image_size();
+        for (i, r) in refs.iter().enumerate() {
+            anyhow::ensure!(
+                r.dimensions() == (s, s),
+                "reference {} is {}×{}; references must be {s}×{s} (load them with load_references)",
+                i + 1,
+                r.width(),
+                r.height()
+            );
+        }
+        Ok(images_to_tensor(refs, &Device::Cpu)?)
+    }
+
+    /// References → LoRA (no fine-tuning): the generator with the predicted LoRA attached,
+    /// the flat vector, and the seconds of each stage (the gallery's left at 0).
+    pub fn predict_lora(
+        &self,
+        refs: &[RgbImage],
+        seed: u64,
+    ) -> anyhow::Result<(Generator, Vec<f32>, StageSeconds)> {
+        let mut secs = StageSeconds::default();
+        let t = Instant::now();
+        let x = self.references_tensor(refs)?;
+        let cond = self.encoder.fuse(&x)?.unsqueeze(0)?;
+        secs.encode_references = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let z = self.denoiser.sample(&cond, seed)?;
+        secs.sample_latent = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let v = self.autoencoder.decode(&z)?.squeeze(0)?.to_vec1::<f32>()?;
+        secs.decode_lora = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let g = with_fresh_lora(&self.generator, &self.preset.lora)?;
+        self.layout.unflatten_into(g.unet(), &v)?;
+        secs.merge = t.elapsed().as_secs_f64();
+        Ok((g, v, secs))
+    }
+
+    /// The full DiffLoRA path: predict the LoRA, merge it, draw `n` images for `prompt`.
+    pub fn personalise(
+        &self,
+        refs: &[RgbImage],
+        prompt: &str,
+        n: usize,
+        seed: u64,
+    ) -> anyhow::Result<Personalised> {
+        let (adapted, lora, mut seconds) = self.predict_lora(refs, seed)?;
+        let t = Instant::now();
+        let merged = merged(&adapted)?;
+        seconds.merge += t.elapsed().as_secs_f64();
+        seconds.personalise_total = seconds.encode_references
+            + seconds.sample_latent
+            + seconds.decode_lora
+            + seconds.merge;
+        let gallery = self.gallery(&merged, refs, prompt, n, seed)?;
+        seconds.gallery = gallery.seconds;
+        Ok(Personalised {
+            adapted,
+            merged,
+            lora,
+            gallery,
+            seconds,
+        })
+    }
+
+    /// The test-time-tuning path DiffLoRA replaces: a LoRA of the same recipe trained on the
+    /// references (with `prompts` when known, else the empty prompt). Returns the generator
+    /// with the LoRA merged and the training seconds.
+    pub fn direct_lora(
+        &self,
+        refs: &[RgbImage],
+        prompts: Option<&[String]>,
+        seed: u64,
+        progress: &mut dyn FnMut(usize, usize, f32),
+    ) -> anyhow::Result<(Generator, f64)> {
+        let t = Instant::now();
+        let x = self.references_tensor(refs)?;
+        let prompts: Vec<String> = match prompts {
+            Some(p) => p.to_vec(),
+            None => vec![String::new(); refs.len()],
+        };
+        let g = train_lora(&self.generator, &x, &prompts, &self.preset.lora, seed, progress)?;
+        let g = merged(&g)?;
+        Ok((g, t.elapsed().as_secs_f64()))
+    }
+
+    /// Draws `n` images for `prompt` with `generator` (the base one, or one with a LoRA) and
+    /// scores each against `refs` with the evaluation encoder.
+    pub fn gallery(
+        &self,
+        generator: &Generator,
+        refs: &[RgbImage],
+        prompt: &str,
+        n: usize,
+        seed: u64,
+    ) -> anyhow::Result<Gallery> {
+        anyhow::ensure!(n > 0, "asked for an empty gallery");
+        let t = Instant::now();
+        let ddim = DdimConfig {
+            steps: self.preset.sampling.steps,
+            eta: 0.0,
+            prediction: Prediction::Epsilon,
+            clip_x0: Some(1.0),
+            seed,
+        };
+        let prompt = if self.preset.people.generator.is_synthetic() {
+            prompt
+        } else {
+            // Photos carry no prompts: that generator was trained on the empty prompt only.
+            ""
+        };
+        let out = generator.sample(prompt, n, &ddim, self.preset.sampling.guidance)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let images = tensor_to_images(&out)?;
+        let scores = self.identity_scores(&out, &self.references_tensor(refs)?)?;
+        Ok(Gallery {
+            images,
+            scores,
+            seconds,
+        })
+    }
+
+    /// Cosine similarity of each image of `images` (N, 3, S, S) to the fused `refs` under the
+    /// evaluation encoder.
+    pub fn identity_scores(&self, images: &Tensor, refs: &Tensor) -> anyhow::Result<Vec<f32>> {
+        let r = self.eval_encoder.fuse(refs)?;
+        let e = self.eval_encoder.embed(images)?;
+        Ok(e.matmul(&r.unsqueeze(1)?)?.squeeze(1)?.to_vec1::<f32>()?)
+    }
+
+    /// Saves the LoRA of `adapted` (unmerged) as a PEFT adapter folder.
+    pub fn save_adapter(&self, adapted: &Generator, dir: &Path) -> anyhow::Result<()> {
+        save_adapter(adapted.unet(), &self.preset.lora.adapter_config(), dir)?;
+        Ok(())
+    }
+}
+
+/// A copy of `g` with every adapter merged into its layer's weight.
+pub fn merged(g: &Generator) -> anyhow::Result<Generator> {
+    let mut m = g.clone();
+    for l in m.unet_mut().linears_mut() {
+        if l.adapter().is_some() && !l.is_merged() {
+            l.merge()?;
+        }
+    }
+    Ok(m)
+}

@@ -1,0 +1,125 @@
+//! DiffLoRA end to end on a tiny personaliser built in the test: build stages, resume,
+//! personalise, the predicted LoRA as a normal adapter, the command's files, bad references.
+
+mod common;
+
+use candle_core::Tensor;
+use common::TempDir;
+use peft_studio::peft::checkpoint::load_adapter;
+use peft_studio::personalize::bank::{LoraBank, with_fresh_lora};
+use peft_studio::personalize::build::{DiffLoraPreset, Stage, build, files};
+use peft_studio::personalize::commands::{personalize_command, sample_person, save_png};
+use peft_studio::personalize::pipeline::Personaliser;
+use peft_studio::personalize::{images_to_tensor, render};
+use peft_studio::personalize::{Attributes, Identity};
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn tiny_build_personalise_and_adapter_round_trip() {
+    let dir = TempDir::new("difflora-tiny");
+    let preset = DiffLoraPreset::tiny(&dir.path("model"));
+    let mut stages = Vec::new();
+    build(&preset, Stage::All, &mut |s, _, _, l| {
+        assert!(l.is_finite(), "{s}: loss {l}");
+        if stages.last() != Some(&s.to_string()) {
+            stages.push(s.to_string());
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        stages,
+        ["generator", "lora-bank", "identity-encoder", "eval-encoder", "lora-autoencoder", "latent-denoiser"]
+    );
+    for f in [
+        files::GENERATOR,
+        files::BANK,
+        files::ENCODER,
+        files::EVAL_ENCODER,
+        files::PARAM_REGRESSOR,
+        files::AUTOENCODER,
+        files::DENOISER,
+        files::BUILD_REPORT,
+    ] {
+        assert!(preset.out.join(f).exists(), "{f} missing");
+    }
+    assert!(!preset.out.join(files::GENERATOR_CHECKPOINT).exists());
+    // A second build finds everything done and trains nothing.
+    let mut calls = 0;
+    build(&preset, Stage::All, &mut |_, _, _, _| calls += 1).unwrap();
+    assert_eq!(calls, 0);
+
+    let bank = LoraBank::load(&preset.out.join(files::BANK)).unwrap();
+    assert_eq!(bank.vectors.len(), 6);
+    assert_eq!(bank.person, [0, 0, 1, 1, 2, 2]);
+
+    let p = Personaliser::load(&preset.out).unwrap();
+    let refs = sample_person(0, 32);
+    let a = p.personalise(&refs, "smile, hat", 2, 5).unwrap();
+    let b = p.personalise(&refs, "smile, hat", 2, 5).unwrap();
+    assert_eq!(a.gallery.images.len(), 2);
+    assert_eq!(a.gallery.scores.len(), 2);
+    assert_eq!(a.lora, b.lora, "personalisation is deterministic per seed");
+    assert_eq!(a.gallery.images, b.gallery.images);
+    assert_eq!(a.lora.len(), p.layout().len());
+    assert!(a.lora.iter().any(|v| *v != 0.0));
+
+    // The predicted LoRA is a normal adapter: saved, loaded into a fresh generator, it gives
+    // the same outputs as the merged generator that drew the gallery.
+    let adapter_dir = dir.path("adapter");
+    p.save_adapter(&a.adapted, &adapter_dir).unwrap();
+    let mut fresh = with_fresh_lora(p.generator(), p.recipe()).unwrap();
+    load_adapter(fresh.unet_mut(), &adapter_dir).unwrap();
+    let x = images_to_tensor(&refs[..2], &candle_core::Device::Cpu).unwrap();
+    let prompts = ["smile", "hat"];
+    let from_file = fresh.predict(&x, &[10, 500], &prompts).unwrap();
+    let merged = a.merged.predict(&x, &[10, 500], &prompts).unwrap();
+    let base = p.generator().predict(&x, &[10, 500], &prompts).unwrap();
+    let diff = max_abs(&(&from_file - &merged).unwrap());
+    assert!(diff < 1e-4, "adapter file vs merged: {diff}");
+    assert!(max_abs(&(&from_file - &base).unwrap()) > 1e-6, "the LoRA changes nothing");
+
+    // The command writes images, the sheet, the adapter and the report.
+    let refs_dir = dir.path("refs");
+    std::fs::create_dir_all(&refs_dir).unwrap();
+    for (i, r) in refs.iter().enumerate() {
+        save_png(r, &refs_dir.join(format!("{i}.png"))).unwrap();
+    }
+    let out = dir.path("out");
+    let report = personalize_command(&preset.out, &refs_dir, "surprised", 3, 1, &out).unwrap();
+    assert_eq!(report.reference_count, 4);
+    assert_eq!(report.identity_scores.len(), 3);
+    for f in ["images/01.png", "images/03.png", "sheet.png", "report.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["n"], 3);
+    assert!(json["seconds"]["personalise_total"].as_f64().unwrap() > 0.0);
+
+    // Bad references: clear errors naming the problem, nothing written.
+    let empty = dir.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let bad_out = dir.path("bad-out");
+    let err = personalize_command(&preset.out, &empty, "", 2, 0, &bad_out).unwrap_err();
+    assert!(format!("{err:#}").contains("no images"), "{err:#}");
+    let broken = dir.path("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("a.png"), b"not a png").unwrap();
+    let err = personalize_command(&preset.out, &broken, "", 2, 0, &bad_out).unwrap_err();
+    assert!(format!("{err:#}").contains("a.png"), "{err:#}");
+    let tiny = dir.path("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    save_png(&image::RgbImage::new(8, 8), &tiny.join("small.png")).unwrap();
+    let err = personalize_command(&preset.out, &tiny, "", 2, 0, &bad_out).unwrap_err();
+    assert!(format!("{err:#}").contains("too small"), "{err:#}");
+    assert!(!bad_out.exists(), "a failed run wrote files");
+
+    // One reference works, with a warning.
+    let one = dir.path("one.png");
+    save_png(&render(&Identity::random(5), &Attributes::default(), 40, 0), &one).unwrap();
+    let report = personalize_command(&preset.out, &one, "", 1, 0, &dir.path("one-out")).unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+}
