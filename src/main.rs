@@ -144,6 +144,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Time DiffLoRA against direct LoRA fine-tuning and a 4-image gallery on the built-in
+    /// sample people; writes a markdown table.
+    BenchPersonalize {
+        /// A personaliser folder (default: the built-in one).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Where the table goes.
+        #[arg(long, default_value = "bench-results/personalize.md")]
+        out: PathBuf,
+    },
     /// Measure seconds per training step and peak memory; writes a markdown table.
     Bench {
         /// Which benchmark.
@@ -327,7 +337,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let s = &report.seconds;
             println!(
                 "seconds: personalise {:.3} (encode {:.3}, latent {:.3}, decode {:.3}, merge {:.3}), gallery {:.2}",
-                s.personalise_total, s.encode_references, s.sample_latent, s.decode_lora, s.merge, s.gallery
+                s.personalise_total,
+                s.encode_references,
+                s.sample_latent,
+                s.decode_lora,
+                s.merge,
+                s.gallery
             );
             Ok(())
         }
@@ -349,16 +364,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = eval_command(&model, settings, &out, &mut |i, total, what| {
                 eprintln!("[eval] {i}/{total} {what}")
             })?;
-            println!("{}", report.markdown(&format!("eval-personalize: {}", model.display())));
+            println!(
+                "{}",
+                report.markdown(&format!("eval-personalize: {}", model.display()))
+            );
             println!("written: {}.md, {}.json", out.display(), out.display());
+            Ok(())
+        }
+        Command::BenchPersonalize { model, out } => {
+            let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
+            let (_, table) = peft_studio::personalize::commands::bench_personalize(&model)?;
+            print!("{table}");
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            write_atomic(&out, table.as_bytes())?;
+            eprintln!("wrote {}", out.display());
             Ok(())
         }
         Command::DiffloraBuild { preset, stage } => {
             let preset = peft_studio::personalize::build::DiffLoraPreset::load(&preset)?;
             let mut reporter = StageReporter::default();
-            peft_studio::personalize::build::build(&preset, stage, &mut |name, step, total, loss| {
-                reporter.report(name, step, total, loss)
-            })?;
+            peft_studio::personalize::build::build(
+                &preset,
+                stage,
+                &mut |name, step, total, loss| reporter.report(name, step, total, loss),
+            )?;
             println!("built {}", preset.out.display());
             Ok(())
         }
@@ -560,7 +592,9 @@ impl StageReporter {
             .last_print
             .is_none_or(|t| now.duration_since(t).as_secs_f64() >= 5.0);
         if due || step == total {
-            let elapsed = self.started.map_or(0.0, |s| now.duration_since(s).as_secs_f64());
+            let elapsed = self
+                .started
+                .map_or(0.0, |s| now.duration_since(s).as_secs_f64());
             let per = elapsed / (step - self.first_step).max(1) as f64;
             println!(
                 "[{stage}] {step}/{total} loss {:.4} ({per:.3} s/step, {:.0} s left)",

@@ -10,11 +10,16 @@ use peft_studio::personalize::bank::{LoraBank, with_fresh_lora};
 use peft_studio::personalize::build::{DiffLoraPreset, Stage, build, files};
 use peft_studio::personalize::commands::{personalize_command, sample_person, save_png};
 use peft_studio::personalize::pipeline::Personaliser;
-use peft_studio::personalize::{images_to_tensor, render};
 use peft_studio::personalize::{Attributes, Identity};
+use peft_studio::personalize::{images_to_tensor, render};
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -31,7 +36,14 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     .unwrap();
     assert_eq!(
         stages,
-        ["generator", "lora-bank", "identity-encoder", "eval-encoder", "lora-autoencoder", "latent-denoiser"]
+        [
+            "generator",
+            "lora-bank",
+            "identity-encoder",
+            "eval-encoder",
+            "lora-autoencoder",
+            "latent-denoiser"
+        ]
     );
     for f in [
         files::GENERATOR,
@@ -79,7 +91,10 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let base = p.generator().predict(&x, &[10, 500], &prompts).unwrap();
     let diff = max_abs(&(&from_file - &merged).unwrap());
     assert!(diff < 1e-4, "adapter file vs merged: {diff}");
-    assert!(max_abs(&(&from_file - &base).unwrap()) > 1e-6, "the LoRA changes nothing");
+    assert!(
+        max_abs(&(&from_file - &base).unwrap()) > 1e-6,
+        "the LoRA changes nothing"
+    );
 
     // The command writes images, the sheet, the adapter and the report.
     let refs_dir = dir.path("refs");
@@ -91,7 +106,14 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let report = personalize_command(&preset.out, &refs_dir, "surprised", 3, 1, &out).unwrap();
     assert_eq!(report.reference_count, 4);
     assert_eq!(report.identity_scores.len(), 3);
-    for f in ["images/01.png", "images/03.png", "sheet.png", "report.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    for f in [
+        "images/01.png",
+        "images/03.png",
+        "sheet.png",
+        "report.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let json: serde_json::Value =
@@ -119,7 +141,139 @@ fn tiny_build_personalise_and_adapter_round_trip() {
 
     // One reference works, with a warning.
     let one = dir.path("one.png");
-    save_png(&render(&Identity::random(5), &Attributes::default(), 40, 0), &one).unwrap();
+    save_png(
+        &render(&Identity::random(5), &Attributes::default(), 40, 0),
+        &one,
+    )
+    .unwrap();
     let report = personalize_command(&preset.out, &one, "", 1, 0, &dir.path("one-out")).unwrap();
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+}
+
+fn tiny_generator() -> peft_studio::models::unet::Generator {
+    peft_studio::models::unet::Generator::new(
+        peft_studio::models::unet::UnetConfig::tiny(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn flatten_unflatten_is_exact_and_checked() {
+    use peft_studio::personalize::bank::{LoraLayout, LoraRecipe};
+    let g = tiny_generator();
+    let recipe = LoraRecipe::default();
+    let a = with_fresh_lora(&g, &recipe).unwrap();
+    let layout = LoraLayout::of_model(a.unet()).unwrap();
+    // 4 attention blocks × (self + cross) × (q, k, v, out), A and B each.
+    assert_eq!(layout.entries.len(), 64);
+    assert!(layout.entries[0].key.ends_with("lora_A.weight"));
+    let flat: Vec<f32> = (0..layout.len()).map(|i| (i as f32 * 0.37).sin()).collect();
+    layout.unflatten_into(a.unet(), &flat).unwrap();
+    assert_eq!(layout.flatten(a.unet()).unwrap(), flat, "round trip must be exact");
+    // A fresh model with the same recipe has the same layout and takes the vector too.
+    let b = with_fresh_lora(&g, &recipe).unwrap();
+    layout.unflatten_into(b.unet(), &flat).unwrap();
+    let x = images_to_tensor(&sample_person(1, 32)[..2], &candle_core::Device::Cpu).unwrap();
+    let pa = a.predict(&x, &[3, 700], &["smile", ""]).unwrap();
+    let pb = b.predict(&x, &[3, 700], &["smile", ""]).unwrap();
+    assert_eq!(max_abs(&(&pa - &pb).unwrap()), 0.0);
+    // Wrong length and wrong layout are refused, naming the problem.
+    let err = layout.unflatten_into(a.unet(), &flat[1..]).unwrap_err();
+    assert!(err.to_string().contains("values"), "{err}");
+    let other = with_fresh_lora(
+        &g,
+        &LoraRecipe {
+            rank: 2,
+            ..recipe.clone()
+        },
+    )
+    .unwrap();
+    let err = layout.unflatten_into(other.unet(), &flat).unwrap_err();
+    assert!(err.to_string().contains("lora_A.weight"), "{err}");
+}
+
+#[test]
+fn bank_build_resumes_after_an_interruption() {
+    use peft_studio::personalize::bank::{LoraRecipe, build_bank};
+    use peft_studio::personalize::people::synthetic_person;
+    let dir = TempDir::new("difflora-bank-resume");
+    let g = tiny_generator();
+    let people: Vec<_> = (0..2).map(|i| synthetic_person(50 + i, 3, 32, 0)).collect();
+    let recipe = LoraRecipe {
+        steps: 2,
+        batch: 2,
+        per_person: 2,
+        images_per_lora: 2,
+        ..LoraRecipe::default()
+    };
+    let path = dir.path("bank.safetensors");
+    let full = build_bank(&g, &people, &recipe, &path, &mut |_, _, _| {}).unwrap();
+    assert_eq!(full.vectors.len(), 4);
+    assert_ne!(full.vectors[0], full.vectors[1], "other subsets and seeds");
+    // Drop the last LoRA as if the session had ended before it was saved.
+    let mut cut = LoraBank::load(&path).unwrap();
+    cut.vectors.pop();
+    cut.person.pop();
+    cut.save(&path).unwrap();
+    let mut trained = Vec::new();
+    let resumed = build_bank(&g, &people, &recipe, &path, &mut |i, _, _| trained.push(i)).unwrap();
+    assert_eq!(trained, [4], "only the missing LoRA is trained");
+    assert_eq!(resumed.vectors, full.vectors, "the resumed bank equals the uninterrupted one");
+    // Another recipe does not silently mix into an existing bank.
+    let other = LoraRecipe {
+        rank: 2,
+        ..recipe.clone()
+    };
+    let err = build_bank(&g, &people, &other, &path, &mut |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("delete it"), "{err}");
+}
+
+#[test]
+fn generator_training_resumes_exactly() {
+    use peft_studio::personalize::generator_training::{GeneratorTraining, train_generator};
+    use peft_studio::personalize::people::synthetic_person;
+    let dir = TempDir::new("difflora-gen-resume");
+    let people: Vec<_> = (0..3).map(|i| synthetic_person(i, 2, 32, 0)).collect();
+    let images: Vec<_> = people.iter().flat_map(|p| p.images.clone()).collect();
+    let prompts: Vec<String> = people.iter().flat_map(|p| p.prompts.clone()).collect();
+    let x = images_to_tensor(&images, &candle_core::Device::Cpu).unwrap();
+    let cfg = peft_studio::models::unet::UnetConfig::tiny();
+    let training = GeneratorTraining {
+        steps: 4,
+        batch: 2,
+        warmup: 1,
+        checkpoint_every: 2,
+        ..GeneratorTraining::default()
+    };
+    let mut straight = Vec::new();
+    let a = train_generator(&cfg, &x, &prompts, &training, None, &mut |_, _, l| {
+        straight.push(l)
+    })
+    .unwrap();
+    // Interrupted after step 3 (the checkpoint holds step 2), then resumed.
+    let ckpt = dir.path("gen.ckpt");
+    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_generator(&cfg, &x, &prompts, &training, Some(&ckpt), &mut |s, _, _| {
+            assert!(s < 3, "session ended")
+        })
+    }));
+    assert!(interrupted.is_err());
+    let mut resumed = Vec::new();
+    let b = train_generator(&cfg, &x, &prompts, &training, Some(&ckpt), &mut |s, _, l| {
+        resumed.push((s, l))
+    })
+    .unwrap();
+    assert_eq!(resumed.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(resumed[0].1, straight[2]);
+    assert_eq!(resumed[1].1, straight[3]);
+    let xa = a.predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"]).unwrap();
+    let xb = b.predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"]).unwrap();
+    assert_eq!(max_abs(&(&xa - &xb).unwrap()), 0.0);
+    // A checkpoint of another architecture is refused.
+    let mut other = cfg.clone();
+    other.base_channels = 8;
+    let err = train_generator(&other, &x, &prompts, &training, Some(&ckpt), &mut |_, _, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("another generator architecture"), "{err}");
 }

@@ -50,6 +50,7 @@ fn harness(dir: &Path, answers: Vec<Option<PathBuf>>) -> Harness<'static, Studio
         runs_dir: dir.join("runs"),
         picker: scripted_picker(answers),
         persist: false,
+        personaliser_dir: dir.join("no-personaliser"),
     };
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))

@@ -9,6 +9,7 @@
 mod background;
 mod compare_tab;
 mod form;
+mod personalise_tab;
 mod plots;
 mod run_view;
 mod train_tab;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use background::{FilePicker, PickRequest, rfd_picker};
+pub use personalise_tab::{GalleryRow, ModelState, PersonaliseSettings, PersonaliseState, Phase};
 pub use run_view::{RunView, UiState};
 
 use crate::train::{RunStore, RunSummary, TrainConfig};
@@ -44,6 +46,8 @@ pub struct Settings {
     pub sort: (compare_tab::SortColumn, bool),
     /// Last preset loaded or saved.
     pub last_preset: Option<PathBuf>,
+    /// The Personalise tab: prompt, image count, seed, comparisons.
+    pub personalise: PersonaliseSettings,
 }
 
 impl Default for Settings {
@@ -62,6 +66,7 @@ impl Default for Settings {
             tab: Tab::Train,
             sort: (compare_tab::SortColumn::Date, false),
             last_preset: None,
+            personalise: PersonaliseSettings::default(),
         }
     }
 }
@@ -74,6 +79,8 @@ pub enum Tab {
     Train,
     /// Compare runs.
     Compare,
+    /// Personalise a portrait generator from reference images (DiffLoRA).
+    Personalise,
 }
 
 /// How the app is set up (tests use a temporary run store and a scripted file picker).
@@ -85,6 +92,8 @@ pub struct AppOptions {
     pub picker: FilePicker,
     /// Read and write eframe storage.
     pub persist: bool,
+    /// The DiffLoRA personaliser the Personalise tab uses.
+    pub personaliser_dir: PathBuf,
 }
 
 impl Default for AppOptions {
@@ -93,6 +102,7 @@ impl Default for AppOptions {
             runs_dir: PathBuf::from("runs"),
             picker: rfd_picker(),
             persist: true,
+            personaliser_dir: crate::personalize::pipeline::builtin_dir(),
         }
     }
 }
@@ -116,6 +126,8 @@ pub struct StudioApp {
     pub runs: Vec<RunSummary>,
     /// Errors waiting to be read.
     pub errors: Vec<UiError>,
+    /// The Personalise tab.
+    pub personalise: PersonaliseState,
     store: RunStore,
     worker: Option<Worker>,
     background: Background,
@@ -162,6 +174,7 @@ impl StudioApp {
             run: RunView::default(),
             runs: Vec::new(),
             errors,
+            personalise: PersonaliseState::default(),
             store,
             worker,
             background: Background::new(ctx.clone()),
@@ -247,6 +260,7 @@ impl StudioApp {
         for r in self.background.drain() {
             self.handle_task(r);
         }
+        personalise_tab::poll(self);
     }
 
     fn handle_task(&mut self, r: TaskResult) {
@@ -331,6 +345,7 @@ impl eframe::App for StudioApp {
                 ui.separator();
                 ui.selectable_value(&mut self.settings.tab, Tab::Train, "Fine-tune");
                 ui.selectable_value(&mut self.settings.tab, Tab::Compare, "Compare");
+                ui.selectable_value(&mut self.settings.tab, Tab::Personalise, "Personalise");
                 ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                     let label = if self.settings.dark_mode {
                         "Light theme"
@@ -354,6 +369,7 @@ impl eframe::App for StudioApp {
         match self.settings.tab {
             Tab::Train => train_tab::show(self, ui),
             Tab::Compare => compare_tab::show(self, ui),
+            Tab::Personalise => personalise_tab::show(self, ui),
         }
     }
 

@@ -1620,7 +1620,10 @@ impl Generator {
                         let o = self.unet.forward(&self.schedule, &x2, &t2, &text, &mask)?;
                         Ok(guided(&o.narrow(0, 0, n)?, &o.narrow(0, n, n)?, guidance)?.detach())
                     } else {
-                        Ok(self.unet.forward(&self.schedule, x, t, &text, &mask)?.detach())
+                        Ok(self
+                            .unet
+                            .forward(&self.schedule, x, t, &text, &mask)?
+                            .detach())
                     }
                 };
                 run().map_err(|e| candle_core::Error::Msg(e.to_string()))

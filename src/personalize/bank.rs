@@ -173,8 +173,18 @@ impl LoraLayout {
         }
         let mut out = Vec::with_capacity(self.len());
         for (_, a, b) in lora_layers(model) {
-            out.extend(a.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-            out.extend(b.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            out.extend(
+                a.as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+            out.extend(
+                b.as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
         }
         Ok(out)
     }
@@ -236,7 +246,11 @@ pub fn train_lora(
 ) -> anyhow::Result<Generator> {
     let n = images.dim(0)?;
     anyhow::ensure!(n > 0, "no images to train a LoRA on");
-    anyhow::ensure!(prompts.len() == n, "{} prompts for {n} images", prompts.len());
+    anyhow::ensure!(
+        prompts.len() == n,
+        "{} prompts for {n} images",
+        prompts.len()
+    );
     let g = with_fresh_lora(base, recipe)?;
     let vars: Vec<Var> = crate::peft::linear::trainable_vars(g.unet())
         .into_iter()
@@ -256,11 +270,16 @@ pub fn train_lora(
         let idx: Vec<u32> = (0..recipe.batch)
             .map(|_| rng.random_range(0..n) as u32)
             .collect();
-        let batch = images.index_select(&Tensor::from_vec(idx.clone(), recipe.batch, device)?, 0)?;
+        let batch =
+            images.index_select(&Tensor::from_vec(idx.clone(), recipe.batch, device)?, 0)?;
         let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i as usize].clone()).collect();
         let loss = g.loss(&batch, &batch_prompts, &mut rng)?;
         let value = loss.to_scalar::<f32>()?;
-        anyhow::ensure!(value.is_finite(), "LoRA loss became {value} at step {}", step + 1);
+        anyhow::ensure!(
+            value.is_finite(),
+            "LoRA loss became {value} at step {}",
+            step + 1
+        );
         opt.step(&loss.backward()?)?;
         progress(step + 1, recipe.steps, value);
     }

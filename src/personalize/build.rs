@@ -17,8 +17,8 @@ use super::hyper::{AutoencoderConfig, DenoiserConfig, LatentDenoiser, LoraAutoen
 use super::identity_encoder::{
     EncoderConfig, IdentityEncoder, ParamRegressor, centroid_accuracy_of,
 };
-use super::portrait::IDENTITY_DIMS;
 use super::people::{PeopleSource, PersonImages};
+use super::portrait::IDENTITY_DIMS;
 use super::tensors::images_to_tensor;
 use crate::models::unet::{Generator, UnetConfig};
 use crate::peft::checkpoint::write_atomic;
@@ -122,8 +122,8 @@ impl DiffLoraPreset {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read preset {}: {e}", path.display()))?;
-        let preset: Self = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("preset {}: {e}", path.display()))?;
+        let preset: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("preset {}: {e}", path.display()))?;
         anyhow::ensure!(
             preset.unet.image_size as u32 == preset.image_size,
             "preset {}: unet.image_size {} differs from image_size {}",
@@ -140,14 +140,13 @@ impl DiffLoraPreset {
     /// generator trained for a few steps, a bank of 3 synthetic people, brief encoders and
     /// hypernetwork. Its outputs are meaningless; the plumbing is real.
     pub fn tiny(out: &Path) -> Self {
-        let synthetic = |first_seed: u64, count: usize, images_per_person: usize| {
-            PeopleSource::Synthetic {
+        let synthetic =
+            |first_seed: u64, count: usize, images_per_person: usize| PeopleSource::Synthetic {
                 first_seed,
                 count,
                 images_per_person,
                 render_seed: 0,
-            }
-        };
+            };
         Self {
             out: out.to_path_buf(),
             image_size: 32,
@@ -237,7 +236,11 @@ pub fn stack_people(
 }
 
 /// Runs `stage` (and, for [`Stage::All`], every stage) of `preset`, skipping finished ones.
-pub fn build(preset: &DiffLoraPreset, stage: Stage, progress: BuildProgress<'_>) -> anyhow::Result<()> {
+pub fn build(
+    preset: &DiffLoraPreset,
+    stage: Stage,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<()> {
     let out = &preset.out;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
@@ -250,7 +253,10 @@ pub fn build(preset: &DiffLoraPreset, stage: Stage, progress: BuildProgress<'_>)
         Stage::Autoencoder,
         Stage::Denoiser,
     ];
-    let last = order.iter().position(|s| *s == stage).unwrap_or(order.len() - 1);
+    let last = order
+        .iter()
+        .position(|s| *s == stage)
+        .unwrap_or(order.len() - 1);
     let mut report = BuildReport::load(&out.join(files::BUILD_REPORT));
     for s in &order[..=last] {
         let t = Instant::now();
@@ -341,9 +347,13 @@ fn build_lora_bank(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyh
         return Ok(false);
     }
     let generator = load_generator(preset)?;
-    build_bank(&generator, &people, &preset.lora, &path, &mut |i, n, loss| {
-        progress("lora-bank", i, n, loss)
-    })?;
+    build_bank(
+        &generator,
+        &people,
+        &preset.lora,
+        &path,
+        &mut |i, n, loss| progress("lora-bank", i, n, loss),
+    )?;
     Ok(true)
 }
 
@@ -405,13 +415,16 @@ fn build_encoders(
         let people = preset.people.generator.load(preset.image_size)?;
         let (encoder, acc) = train_encoder("identity-encoder", &people, &preset.encoder, progress)?;
         encoder.save(&path)?;
-        report.encoder_accuracy.insert("identity_encoder".into(), acc);
+        report
+            .encoder_accuracy
+            .insert("identity_encoder".into(), acc);
         ran = true;
     }
     let path = preset.out.join(files::EVAL_ENCODER);
     if !path.exists() {
         let people = preset.people.eval_encoder.load(preset.image_size)?;
-        let (encoder, acc) = train_encoder("eval-encoder", &people, &preset.eval_encoder, progress)?;
+        let (encoder, acc) =
+            train_encoder("eval-encoder", &people, &preset.eval_encoder, progress)?;
         if preset.people.eval_encoder.is_synthetic() {
             let (images, _) = stack_people(&people, &Device::Cpu)?;
             let params: Vec<f32> = people

@@ -47,7 +47,10 @@ pub struct PersonaliseReport {
 /// Saves `img` as PNG atomically.
 pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
     write_atomic(path, &bytes)?;
     Ok(())
 }
@@ -95,7 +98,10 @@ pub const SAMPLE_PEOPLE: [(&str, u64); 4] = [
 /// The four reference portraits of built-in sample person `index` at `size` pixels.
 pub fn sample_person(index: usize, size: u32) -> Vec<RgbImage> {
     let (_, seed) = SAMPLE_PEOPLE[index % SAMPLE_PEOPLE.len()];
-    render_set(seed, 4, size, 7).into_iter().map(|(_, i)| i).collect()
+    render_set(seed, 4, size, 7)
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect()
 }
 
 /// `personalize`: reads the references, personalises, writes `images/NN.png`,
@@ -173,7 +179,10 @@ pub fn eval_command(
         std::fs::create_dir_all(dir)?;
     }
     let title = format!("eval-personalize: {}", model.display());
-    write_atomic(&out.with_extension("md"), report.markdown(&title).as_bytes())?;
+    write_atomic(
+        &out.with_extension("md"),
+        report.markdown(&title).as_bytes(),
+    )?;
     write_atomic(
         &out.with_extension("json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -188,4 +197,83 @@ pub fn default_eval_out(model: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "personaliser".into());
     PathBuf::from("bench-results").join(format!("eval-{name}"))
+}
+
+/// Timings of one personaliser on the built-in sample people (`bench-personalize`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PersonaliseBench {
+    /// Median seconds from references to a merged LoRA (DiffLoRA).
+    pub difflora_seconds: f64,
+    /// Median seconds of direct LoRA fine-tuning on the same references (same recipe).
+    pub direct_seconds: f64,
+    /// Median seconds of a 4-image gallery.
+    pub gallery4_seconds: f64,
+    /// Median seconds of references to a 4-image gallery (DiffLoRA + gallery).
+    pub end_to_end_seconds: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// People measured.
+    pub people: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Measures DiffLoRA against direct LoRA fine-tuning on each built-in sample person, and the
+/// 4-image gallery; returns the numbers and a markdown table.
+pub fn bench_personalize(model: &Path) -> anyhow::Result<(PersonaliseBench, String)> {
+    let personaliser = Personaliser::load(model)
+        .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
+    let size = personaliser.image_size();
+    // Warm-up (first-touch allocations, thread pools).
+    personaliser.personalise(&sample_person(0, size), "smile", 1, 0)?;
+    let (mut diff, mut direct, mut gallery, mut total) = (vec![], vec![], vec![], vec![]);
+    for i in 0..SAMPLE_PEOPLE.len() {
+        let refs = sample_person(i, size);
+        let t = Instant::now();
+        let r = personaliser.personalise(&refs, "smile, blue background", 4, i as u64)?;
+        total.push(t.elapsed().as_secs_f64());
+        diff.push(r.seconds.personalise_total);
+        gallery.push(r.seconds.gallery);
+        let (_, secs) = personaliser.direct_lora(&refs, None, i as u64, &mut |_, _, _| {})?;
+        direct.push(secs);
+    }
+    let b = PersonaliseBench {
+        difflora_seconds: median(diff),
+        direct_seconds: median(direct),
+        gallery4_seconds: median(gallery),
+        end_to_end_seconds: median(total),
+        peak_rss_mib: crate::memory::peak_rss_bytes().map_or(0.0, crate::memory::mib),
+        people: SAMPLE_PEOPLE.len(),
+    };
+    let recipe = personaliser.recipe();
+    let table = format!(
+        "# Personalisation speed ({})\n\n\
+         Built-in sample people ({}), 4 references each, {} CPU threads; medians.\n\n\
+         | path | seconds |\n| --- | ---: |\n\
+         | DiffLoRA: references → merged LoRA | {:.3} |\n\
+         | direct LoRA fine-tuning ({} steps, batch {}, rank {}) | {:.2} |\n\
+         | 4-image gallery ({}×{}, {} DDIM steps, guidance {}) | {:.2} |\n\
+         | DiffLoRA end to end (references → 4-image gallery) | {:.2} |\n\n\
+         DiffLoRA personalises {:.0}× faster than direct fine-tuning. Peak RSS {:.0} MiB.\n",
+        model.display(),
+        b.people,
+        rayon::current_num_threads(),
+        b.difflora_seconds,
+        recipe.steps,
+        recipe.batch,
+        recipe.rank,
+        b.direct_seconds,
+        size,
+        size,
+        personaliser.preset().sampling.steps,
+        personaliser.preset().sampling.guidance,
+        b.gallery4_seconds,
+        b.end_to_end_seconds,
+        b.direct_seconds / b.difflora_seconds.max(1e-9),
+        b.peak_rss_mib
+    );
+    Ok((b, table))
 }

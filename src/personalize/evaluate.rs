@@ -105,14 +105,20 @@ pub fn evaluate(
         let refs_t = images_to_tensor(&refs, &device)?;
         let truth = person.params.as_ref();
 
-        let score = |gallery: &Gallery, images: &Tensor, personalise: f64| -> anyhow::Result<(Tensor, PathScores)> {
+        let score = |gallery: &Gallery,
+                     images: &Tensor,
+                     personalise: f64|
+         -> anyhow::Result<(Tensor, PathScores)> {
             let fused = fused_of(personaliser, images)?;
             let sim = personaliser.eval_encoder().similarity(images, &refs_t)?;
             let param_error = match (personaliser.regressor(), truth) {
                 (Some(reg), Some(t)) => {
                     let e = personaliser.eval_encoder().embed(images)?;
                     let pred = reg.predict(&e)?.mean(0)?.to_vec1::<f32>()?;
-                    Some(pred.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f32>() / t.len() as f32)
+                    Some(
+                        pred.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f32>()
+                            / t.len() as f32,
+                    )
                 }
                 _ => None,
             };
@@ -130,12 +136,22 @@ pub fn evaluate(
         };
         let gallery_tensor = |g: &Gallery| images_to_tensor(&g.images, &device);
 
-        let base = personaliser.gallery(personaliser.generator(), &refs, &prompt, settings.images, seed)?;
+        let base = personaliser.gallery(
+            personaliser.generator(),
+            &refs,
+            &prompt,
+            settings.images,
+            seed,
+        )?;
         let (f_base, s_base) = score(&base, &gallery_tensor(&base)?, 0.0)?;
         progress(i, people.len(), "base");
 
         let diff = personaliser.personalise(&refs, &prompt, settings.images, seed)?;
-        let (f_diff, s_diff) = score(&diff.gallery, &gallery_tensor(&diff.gallery)?, diff.seconds.personalise_total)?;
+        let (f_diff, s_diff) = score(
+            &diff.gallery,
+            &gallery_tensor(&diff.gallery)?,
+            diff.seconds.personalise_total,
+        )?;
         progress(i, people.len(), "difflora");
 
         let prompts = if preset.people.eval.is_synthetic() {
@@ -144,7 +160,8 @@ pub fn evaluate(
             None
         };
         let (direct_g, secs) = personaliser.direct_lora(&refs, prompts, seed, &mut |_, _, _| {})?;
-        let direct = personaliser.gallery(&merged(&direct_g)?, &refs, &prompt, settings.images, seed)?;
+        let direct =
+            personaliser.gallery(&merged(&direct_g)?, &refs, &prompt, settings.images, seed)?;
         let (f_direct, s_direct) = score(&direct, &gallery_tensor(&direct)?, secs)?;
         progress(i, people.len(), "direct");
 
@@ -163,7 +180,13 @@ pub fn evaluate(
         progress(i + 1, people.len(), &person.name);
     }
     // Identification: is each gallery nearest to its own person's references?
-    let refs_m = Tensor::stack(&results.iter().map(|r| r.fused_refs.clone()).collect::<Vec<_>>(), 0)?;
+    let refs_m = Tensor::stack(
+        &results
+            .iter()
+            .map(|r| r.fused_refs.clone())
+            .collect::<Vec<_>>(),
+        0,
+    )?;
     let mut mean = [
         PathScores::default(),
         PathScores::default(),
@@ -172,15 +195,17 @@ pub fn evaluate(
     ];
     let n = results.len() as f32;
     for (i, r) in results.iter().enumerate() {
-        for k in 0..4 {
-            let sims = refs_m.matmul(&r.fused[k].unsqueeze(1)?)?.squeeze(1)?.to_vec1::<f32>()?;
+        for (k, m) in mean.iter_mut().enumerate() {
+            let sims = refs_m
+                .matmul(&r.fused[k].unsqueeze(1)?)?
+                .squeeze(1)?
+                .to_vec1::<f32>()?;
             let best = sims
                 .iter()
                 .enumerate()
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(j, _)| j);
             let s = &r.scores[k];
-            let m = &mut mean[k];
             m.identity_similarity += s.identity_similarity / n;
             m.image_similarity += s.image_similarity / n;
             m.identification += if best == Some(i) { 1.0 / n } else { 0.0 };

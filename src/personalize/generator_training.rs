@@ -99,7 +99,10 @@ pub fn train_generator(
     let mut start = 0;
     if let Some(path) = checkpoint.filter(|p| p.exists()) {
         start = load_checkpoint(path, cfg, &mut opt, &device)?;
-        log::info!("resuming the generator from step {start} ({})", path.display());
+        log::info!(
+            "resuming the generator from step {start} ({})",
+            path.display()
+        );
     }
     for step in start..training.steps {
         let mut rng = StdRng::seed_from_u64(training.seed.wrapping_mul(0x9E37_79B9) ^ step as u64);
@@ -111,7 +114,11 @@ pub fn train_generator(
         let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i as usize].clone()).collect();
         let loss = generator.loss(&batch, &batch_prompts, &mut rng)?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        anyhow::ensure!(value.is_finite(), "the loss is {value} at step {}", step + 1);
+        anyhow::ensure!(
+            value.is_finite(),
+            "the loss is {value} at step {}",
+            step + 1
+        );
         opt.params.lr = training.lr_at(step);
         opt.step(&loss.backward()?)?;
         progress(step + 1, training.steps, value);

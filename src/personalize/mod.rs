@@ -12,8 +12,8 @@ pub mod build;
 pub mod commands;
 pub mod evaluate;
 pub mod generator_training;
-pub mod identity_encoder;
 pub mod hyper;
+pub mod identity_encoder;
 pub mod identity_folder;
 pub mod people;
 pub mod pipeline;
@@ -24,8 +24,8 @@ pub use identity_folder::{
     IMAGE_EXTENSIONS, IdentityError, MIN_IMAGE_SIDE, Person, load_identity_folder, load_references,
     natural_cmp,
 };
-pub use tensors::{images_to_tensor, tensor_to_images};
 pub use portrait::{
     Accessory, Attributes, Background, Expression, FacialHair, Glasses, HairStyle, HeadTurn,
     IDENTITY_DIMS, Identity, Lighting, render, render_set,
 };
+pub use tensors::{images_to_tensor, tensor_to_images};

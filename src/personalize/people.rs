@@ -109,7 +109,12 @@ impl PeopleSource {
 
 /// `count` portraits of the synthetic person `identity_seed` with their prompts.
 pub fn synthetic_person(identity_seed: u64, count: usize, size: u32, seed: u64) -> PersonImages {
-    let set = render_set(identity_seed, count, size, seed ^ identity_seed.rotate_left(17));
+    let set = render_set(
+        identity_seed,
+        count,
+        size,
+        seed ^ identity_seed.rotate_left(17),
+    );
     PersonImages {
         name: format!("synthetic-{identity_seed}"),
         prompts: set.iter().map(|(a, _)| a.prompt()).collect(),

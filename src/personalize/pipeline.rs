@@ -113,10 +113,11 @@ impl Personaliser {
         let device = Device::Cpu;
         let file = |name: &str| dir.join(name);
         let preset_path = file(files::PRESET);
-        let text = std::fs::read_to_string(&preset_path)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (not a built personaliser)", preset_path.display()))?;
-        let preset: DiffLoraPreset = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", preset_path.display()))?;
+        let text = std::fs::read_to_string(&preset_path).map_err(|e| {
+            anyhow::anyhow!("{}: {e} (not a built personaliser)", preset_path.display())
+        })?;
+        let preset: DiffLoraPreset =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", preset_path.display()))?;
         let generator = Generator::load(&file(files::GENERATOR), &device)?;
         let encoder = IdentityEncoder::load(&file(files::ENCODER), &device)?;
         let eval_encoder = IdentityEncoder::load(&file(files::EVAL_ENCODER), &device)?;
@@ -246,10 +247,8 @@ impl Personaliser {
         let t = Instant::now();
         let merged = merged(&adapted)?;
         seconds.merge += t.elapsed().as_secs_f64();
-        seconds.personalise_total = seconds.encode_references
-            + seconds.sample_latent
-            + seconds.decode_lora
-            + seconds.merge;
+        seconds.personalise_total =
+            seconds.encode_references + seconds.sample_latent + seconds.decode_lora + seconds.merge;
         let gallery = self.gallery(&merged, refs, prompt, n, seed)?;
         seconds.gallery = gallery.seconds;
         Ok(Personalised {
@@ -277,7 +276,14 @@ impl Personaliser {
             Some(p) => p.to_vec(),
             None => vec![String::new(); refs.len()],
         };
-        let g = train_lora(&self.generator, &x, &prompts, &self.preset.lora, seed, progress)?;
+        let g = train_lora(
+            &self.generator,
+            &x,
+            &prompts,
+            &self.preset.lora,
+            seed,
+            progress,
+        )?;
         let g = merged(&g)?;
         Ok((g, t.elapsed().as_secs_f64()))
     }
