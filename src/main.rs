@@ -101,6 +101,9 @@ enum Command {
         /// Build only up to and including this stage.
         #[arg(long, value_enum, default_value = "all")]
         stage: peft_studio::personalize::build::Stage,
+        /// Run only `--stage` (its inputs must already be built).
+        #[arg(long)]
+        only: bool,
     },
     /// Personalise from reference photos (DiffLoRA, no fine-tuning): writes a gallery, the
     /// LoRA as an adapter folder and report.json.
@@ -383,12 +386,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::DiffloraBuild { preset, stage } => {
+        Command::DiffloraBuild {
+            preset,
+            stage,
+            only,
+        } => {
             let preset = peft_studio::personalize::build::DiffLoraPreset::load(&preset)?;
             let mut reporter = StageReporter::default();
-            peft_studio::personalize::build::build(
+            peft_studio::personalize::build::build_stages(
                 &preset,
                 stage,
+                only,
                 &mut |name, step, total, loss| reporter.report(name, step, total, loss),
             )?;
             println!("built {}", preset.out.display());

@@ -57,7 +57,10 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     ] {
         assert!(preset.out.join(f).exists(), "{f} missing");
     }
-    assert!(!preset.out.join(files::GENERATOR_CHECKPOINT).exists());
+    assert!(
+        preset.out.join(files::GENERATOR_CHECKPOINT).exists(),
+        "kept to train longer"
+    );
     // A second build finds everything done and trains nothing.
     let mut calls = 0;
     build(&preset, Stage::All, &mut |_, _, _, _| calls += 1).unwrap();
@@ -170,7 +173,11 @@ fn flatten_unflatten_is_exact_and_checked() {
     assert!(layout.entries[0].key.ends_with("lora_A.weight"));
     let flat: Vec<f32> = (0..layout.len()).map(|i| (i as f32 * 0.37).sin()).collect();
     layout.unflatten_into(a.unet(), &flat).unwrap();
-    assert_eq!(layout.flatten(a.unet()).unwrap(), flat, "round trip must be exact");
+    assert_eq!(
+        layout.flatten(a.unet()).unwrap(),
+        flat,
+        "round trip must be exact"
+    );
     // A fresh model with the same recipe has the same layout and takes the vector too.
     let b = with_fresh_lora(&g, &recipe).unwrap();
     layout.unflatten_into(b.unet(), &flat).unwrap();
@@ -219,7 +226,10 @@ fn bank_build_resumes_after_an_interruption() {
     let mut trained = Vec::new();
     let resumed = build_bank(&g, &people, &recipe, &path, &mut |i, _, _| trained.push(i)).unwrap();
     assert_eq!(trained, [4], "only the missing LoRA is trained");
-    assert_eq!(resumed.vectors, full.vectors, "the resumed bank equals the uninterrupted one");
+    assert_eq!(
+        resumed.vectors, full.vectors,
+        "the resumed bank equals the uninterrupted one"
+    );
     // Another recipe does not silently mix into an existing bank.
     let other = LoraRecipe {
         rank: 2,
@@ -254,26 +264,50 @@ fn generator_training_resumes_exactly() {
     // Interrupted after step 3 (the checkpoint holds step 2), then resumed.
     let ckpt = dir.path("gen.ckpt");
     let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train_generator(&cfg, &x, &prompts, &training, Some(&ckpt), &mut |s, _, _| {
-            assert!(s < 3, "session ended")
-        })
+        train_generator(
+            &cfg,
+            &x,
+            &prompts,
+            &training,
+            Some(&ckpt),
+            &mut |s, _, _| assert!(s < 3, "session ended"),
+        )
     }));
     assert!(interrupted.is_err());
     let mut resumed = Vec::new();
-    let b = train_generator(&cfg, &x, &prompts, &training, Some(&ckpt), &mut |s, _, l| {
-        resumed.push((s, l))
-    })
+    let b = train_generator(
+        &cfg,
+        &x,
+        &prompts,
+        &training,
+        Some(&ckpt),
+        &mut |s, _, l| resumed.push((s, l)),
+    )
     .unwrap();
     assert_eq!(resumed.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4]);
     assert_eq!(resumed[0].1, straight[2]);
     assert_eq!(resumed[1].1, straight[3]);
-    let xa = a.predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"]).unwrap();
-    let xb = b.predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"]).unwrap();
+    let xa = a
+        .predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"])
+        .unwrap();
+    let xb = b
+        .predict(&x.narrow(0, 0, 2).unwrap(), &[5, 600], &["smile", "hat"])
+        .unwrap();
     assert_eq!(max_abs(&(&xa - &xb).unwrap()), 0.0);
     // A checkpoint of another architecture is refused.
     let mut other = cfg.clone();
     other.base_channels = 8;
-    let err = train_generator(&other, &x, &prompts, &training, Some(&ckpt), &mut |_, _, _| {})
-        .unwrap_err();
-    assert!(err.to_string().contains("another generator architecture"), "{err}");
+    let err = train_generator(
+        &other,
+        &x,
+        &prompts,
+        &training,
+        Some(&ckpt),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("another generator architecture"),
+        "{err}"
+    );
 }

@@ -98,6 +98,9 @@ pub struct UnetConfig {
     pub time_embed_dim: usize,
     /// The DDPM noise schedule.
     pub schedule: ScheduleConfig,
+    /// What the UNet predicts: `epsilon` (the noise) or `v` (the velocity; its target at high
+    /// noise is the image itself, so identity shapes the loss where the prompt cannot).
+    pub prediction: Prediction,
     /// Probability of training on the empty prompt (classifier-free guidance).
     pub p_uncond: f64,
     /// Seed of the weight initialisation.
@@ -127,6 +130,7 @@ impl Default for UnetConfig {
                 kind: ScheduleKind::Cosine,
                 steps: 1000,
             },
+            prediction: Prediction::Epsilon,
             p_uncond: 0.1,
             seed: 0,
         }
@@ -1527,7 +1531,7 @@ impl Generator {
         self.unet.forward(&self.schedule, x_t, t, &text, &mask)
     }
 
-    /// The DDPM ε-prediction loss (a scalar) on clean `images` (B, C, H, W) in [-1, 1] with one
+    /// The DDPM loss (a scalar, of the configured prediction) on clean `images` (B, C, H, W) in [-1, 1] with one
     /// prompt each. Timesteps, noise and prompt dropping (probability `p_uncond`, replaced by
     /// the empty prompt) are drawn from `rng`.
     pub fn loss<R: Rng + ?Sized>(
@@ -1535,6 +1539,18 @@ impl Generator {
         images: &Tensor,
         prompts: &[String],
         rng: &mut R,
+    ) -> Result<Tensor> {
+        self.loss_from(images, prompts, rng, 0)
+    }
+
+    /// [`loss`](Self::loss) with timesteps drawn from `min_t..T` only (identity LoRAs train on
+    /// the noisier part of the schedule, where the prompt leaves the face undetermined).
+    pub fn loss_from<R: Rng + ?Sized>(
+        &self,
+        images: &Tensor,
+        prompts: &[String],
+        rng: &mut R,
+        min_t: usize,
     ) -> Result<Tensor> {
         let b = match images.dims() {
             [b, ..] if *b > 0 => *b,
@@ -1547,7 +1563,13 @@ impl Generator {
             )));
         }
         let images = images.to_dtype(DType::F32)?;
-        let t = self.schedule.sample_timesteps(b, rng);
+        let steps = self.schedule.steps();
+        if min_t >= steps {
+            return Err(UnetError::Config(format!(
+                "min_t {min_t} is not below the schedule's {steps} steps"
+            )));
+        }
+        let t: Vec<usize> = (0..b).map(|_| rng.random_range(min_t..steps)).collect();
         let noise = seeded_normal(images.shape(), DType::F32, &self.device, rng)?;
         let x_t = self.schedule.q_sample(&images, &noise, &t)?;
         let prompts: Vec<&str> = prompts
@@ -1566,10 +1588,10 @@ impl Generator {
             .forward_t(&self.schedule, &x_t, &t, &text, &mask, true)?;
         Ok(self
             .schedule
-            .ddpm_loss(&out, &images, &noise, &t, Prediction::Epsilon)?)
+            .ddpm_loss(&out, &images, &noise, &t, self.cfg.prediction)?)
     }
 
-    /// `n` images (n, C, S, S) for `prompt` by DDIM (`ddim.prediction` must be ε), with
+    /// `n` images (n, C, S, S) for `prompt` by DDIM (`ddim.prediction` must be the config's), with
     /// classifier-free guidance `guidance` (1 = conditional only, no extra pass). The result is
     /// clamped to [-1, 1] and deterministic in `ddim.seed`.
     pub fn sample(
@@ -1579,10 +1601,11 @@ impl Generator {
         ddim: &DdimConfig,
         guidance: f64,
     ) -> Result<Tensor> {
-        if ddim.prediction != Prediction::Epsilon {
-            return Err(UnetError::Config(
-                "the generator predicts ε; set ddim.prediction = epsilon".into(),
-            ));
+        if ddim.prediction != self.cfg.prediction {
+            return Err(UnetError::Config(format!(
+                "the generator predicts {:?}; set ddim.prediction to match",
+                self.cfg.prediction
+            )));
         }
         if n == 0 {
             return Err(UnetError::Shape("asked for 0 samples".into()));

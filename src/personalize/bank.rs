@@ -46,6 +46,9 @@ pub struct LoraRecipe {
     pub per_person: usize,
     /// Bank: images of the person each LoRA sees (all when larger than the person's set).
     pub images_per_lora: usize,
+    /// Train on timesteps `min_timestep..T` only (the noisy range, where identity decides
+    /// the target).
+    pub min_timestep: usize,
 }
 
 impl Default for LoraRecipe {
@@ -62,6 +65,7 @@ impl Default for LoraRecipe {
             init_seed: 0,
             per_person: 2,
             images_per_lora: 8,
+            min_timestep: 0,
         }
     }
 }
@@ -273,7 +277,7 @@ pub fn train_lora(
         let batch =
             images.index_select(&Tensor::from_vec(idx.clone(), recipe.batch, device)?, 0)?;
         let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i as usize].clone()).collect();
-        let loss = g.loss(&batch, &batch_prompts, &mut rng)?;
+        let loss = g.loss_from(&batch, &batch_prompts, &mut rng, recipe.min_timestep)?;
         let value = loss.to_scalar::<f32>()?;
         anyhow::ensure!(
             value.is_finite(),

@@ -27,7 +27,7 @@ use crate::peft::checkpoint::write_atomic;
 pub mod files {
     /// The base generator's weights.
     pub const GENERATOR: &str = "generator.safetensors";
-    /// The generator's training checkpoint (removed when training ends).
+    /// The generator's training checkpoint (the last one stays, to train longer later).
     pub const GENERATOR_CHECKPOINT: &str = "generator.checkpoint.safetensors";
     /// The preset the folder was built from.
     pub const PRESET: &str = "preset.toml";
@@ -55,6 +55,9 @@ pub struct PeopleRoles {
     pub generator: PeopleSource,
     /// People of the LoRA bank (the hypernetwork's training identities).
     pub bank: PeopleSource,
+    /// People the conditioning identity encoder is trained on (the generator's when absent).
+    #[serde(default)]
+    pub encoder: Option<PeopleSource>,
     /// People the evaluation identity encoder is trained on (it plays no part in conditioning).
     pub eval_encoder: PeopleSource,
     /// Held-out people for `eval-personalize`: never in the bank or the hypernetwork's data.
@@ -153,6 +156,7 @@ impl DiffLoraPreset {
             people: PeopleRoles {
                 generator: synthetic(0, 8, 2),
                 bank: synthetic(1_000_000, 3, 4),
+                encoder: Some(synthetic(4_000_000, 4, 3)),
                 eval_encoder: synthetic(3_000_000, 4, 3),
                 eval: synthetic(2_000_000, 2, 3),
             },
@@ -235,10 +239,21 @@ pub fn stack_people(
     Ok((images_to_tensor(&images, device)?, prompts))
 }
 
-/// Runs `stage` (and, for [`Stage::All`], every stage) of `preset`, skipping finished ones.
+/// Runs the stages of `preset` up to and including `stage` ([`Stage::All`]: every stage),
+/// skipping finished ones.
 pub fn build(
     preset: &DiffLoraPreset,
     stage: Stage,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<()> {
+    build_stages(preset, stage, false, progress)
+}
+
+/// [`build`]; with `only`, just `stage` runs (its inputs must exist).
+pub fn build_stages(
+    preset: &DiffLoraPreset,
+    stage: Stage,
+    only: bool,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<()> {
     let out = &preset.out;
@@ -257,8 +272,9 @@ pub fn build(
         .iter()
         .position(|s| *s == stage)
         .unwrap_or(order.len() - 1);
+    let first = if only && stage != Stage::All { last } else { 0 };
     let mut report = BuildReport::load(&out.join(files::BUILD_REPORT));
-    for s in &order[..=last] {
+    for s in &order[first..=last] {
         let t = Instant::now();
         let ran = match s {
             Stage::Generator => build_generator(preset, progress)?,
@@ -327,7 +343,8 @@ fn build_generator(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyh
         &mut |step, total, loss| progress("generator", step, total, loss),
     )?;
     generator.save(&path)?;
-    let _ = std::fs::remove_file(&checkpoint);
+    // The final checkpoint stays: raise `generator_training.steps`, delete the generator file
+    // and build again to train longer from where this run ended.
     Ok(true)
 }
 
@@ -412,7 +429,12 @@ fn build_encoders(
     let mut ran = false;
     let path = preset.out.join(files::ENCODER);
     if !path.exists() {
-        let people = preset.people.generator.load(preset.image_size)?;
+        let source = preset
+            .people
+            .encoder
+            .as_ref()
+            .unwrap_or(&preset.people.generator);
+        let people = source.load(preset.image_size)?;
         let (encoder, acc) = train_encoder("identity-encoder", &people, &preset.encoder, progress)?;
         encoder.save(&path)?;
         report

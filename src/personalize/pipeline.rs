@@ -15,7 +15,7 @@ use super::build::{DiffLoraPreset, files};
 use super::hyper::{LatentDenoiser, LoraAutoencoder};
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
 use super::tensors::{images_to_tensor, tensor_to_images};
-use crate::diffusion::{DdimConfig, Prediction};
+use crate::diffusion::DdimConfig;
 use crate::models::unet::Generator;
 use crate::peft::checkpoint::save_adapter;
 use crate::peft::linear::LinearLayers;
@@ -303,7 +303,7 @@ impl Personaliser {
         let ddim = DdimConfig {
             steps: self.preset.sampling.steps,
             eta: 0.0,
-            prediction: Prediction::Epsilon,
+            prediction: generator.config().prediction,
             clip_x0: Some(1.0),
             seed,
         };
