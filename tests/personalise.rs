@@ -230,6 +230,14 @@ fn bank_build_resumes_after_an_interruption() {
         resumed.vectors, full.vectors,
         "the resumed bank equals the uninterrupted one"
     );
+    // More people appended later: only their LoRAs are trained.
+    let mut more = people.clone();
+    more.push(synthetic_person(52, 3, 32, 0));
+    let mut trained = Vec::new();
+    let grown = build_bank(&g, &more, &recipe, &path, &mut |i, _, _| trained.push(i)).unwrap();
+    assert_eq!(trained, [5, 6]);
+    assert_eq!(grown.vectors[..4], full.vectors[..]);
+    assert_eq!(grown.person, [0, 0, 1, 1, 2, 2]);
     // Another recipe does not silently mix into an existing bank.
     let other = LoraRecipe {
         rank: 2,
@@ -310,4 +318,21 @@ fn generator_training_resumes_exactly() {
         err.to_string().contains("another generator architecture"),
         "{err}"
     );
+}
+
+/// The shipped personaliser on a built-in sample person: a gallery, scores and the timings
+/// the report holds, offline.
+#[test]
+fn builtin_personaliser_on_a_sample_person() {
+    use peft_studio::personalize::pipeline::builtin_dir;
+    let p = Personaliser::load(&builtin_dir()).expect("the built-in personaliser ships in assets/");
+    let refs = sample_person(2, p.image_size());
+    let r = p.personalise(&refs, "smile, blue background", 4, 0).unwrap();
+    assert_eq!(r.gallery.images.len(), 4);
+    assert!(r.gallery.images.iter().all(|i| i.dimensions() == (32, 32)));
+    assert!(r.gallery.scores.iter().all(|s| (-1.0..=1.0).contains(s)));
+    assert!(r.seconds.personalise_total > 0.0 && r.seconds.gallery > 0.0);
+    // The predicted LoRA really changes the generator.
+    let base = p.gallery(p.generator(), &refs, "smile, blue background", 4, 0).unwrap();
+    assert_ne!(base.images, r.gallery.images);
 }

@@ -39,11 +39,19 @@ fn tiny_model() -> &'static Path {
 }
 
 fn harness(dir: &Path, answers: Vec<Option<PathBuf>>) -> Harness<'static, StudioApp> {
+    harness_on(dir, answers, tiny_model())
+}
+
+fn harness_on(
+    dir: &Path,
+    answers: Vec<Option<PathBuf>>,
+    personaliser: &Path,
+) -> Harness<'static, StudioApp> {
     let options = AppOptions {
         runs_dir: dir.join("runs"),
         picker: scripted_picker(answers),
         persist: false,
-        personaliser_dir: tiny_model().to_path_buf(),
+        personaliser_dir: personaliser.to_path_buf(),
     };
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))
@@ -259,8 +267,10 @@ fn a_missing_personaliser_is_explained() {
 
 #[test]
 fn snapshot_of_the_personalise_tab() {
+    // The shipped personaliser: the picture shows what a user gets with one click.
     let dir = temp("snapshot");
-    let mut h = harness(&dir, vec![]);
+    let builtin = peft_studio::personalize::pipeline::builtin_dir();
+    let mut h = harness_on(&dir, vec![], &builtin);
     open_tab(&mut h);
     choose_sample(&mut h, "Dee");
     h.get_by_label("compare with base generator").click();

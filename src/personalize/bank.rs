@@ -408,12 +408,14 @@ pub fn build_bank(
     let names: Vec<String> = people.iter().map(|p| p.name.clone()).collect();
     let layout = LoraLayout::of_model(with_fresh_lora(base, recipe)?.unet())?;
     let mut bank = if path.exists() {
-        let b = LoraBank::load(path)?;
+        let mut b = LoraBank::load(path)?;
+        // More people may be added at the end: the existing LoRAs keep their meaning.
         anyhow::ensure!(
-            b.layout == layout && b.recipe == *recipe && b.people == names,
+            b.layout == layout && b.recipe == *recipe && names.starts_with(&b.people),
             "{} was built with another layout, recipe or people; delete it to rebuild",
             path.display()
         );
+        b.people = names;
         log::info!("resuming the LoRA bank at {} LoRAs", b.vectors.len());
         b
     } else {
