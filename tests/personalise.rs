@@ -327,12 +327,39 @@ fn builtin_personaliser_on_a_sample_person() {
     use peft_studio::personalize::pipeline::builtin_dir;
     let p = Personaliser::load(&builtin_dir()).expect("the built-in personaliser ships in assets/");
     let refs = sample_person(2, p.image_size());
-    let r = p.personalise(&refs, "smile, blue background", 4, 0).unwrap();
+    let r = p
+        .personalise(&refs, "smile, blue background", 4, 0)
+        .unwrap();
     assert_eq!(r.gallery.images.len(), 4);
     assert!(r.gallery.images.iter().all(|i| i.dimensions() == (32, 32)));
     assert!(r.gallery.scores.iter().all(|s| (-1.0..=1.0).contains(s)));
     assert!(r.seconds.personalise_total > 0.0 && r.seconds.gallery > 0.0);
     // The predicted LoRA really changes the generator.
-    let base = p.gallery(p.generator(), &refs, "smile, blue background", 4, 0).unwrap();
+    let base = p
+        .gallery(p.generator(), &refs, "smile, blue background", 4, 0)
+        .unwrap();
     assert_ne!(base.images, r.gallery.images);
+}
+
+/// The ORL split of `presets/difflora-orl.toml`: people s1–s24 train, s25–s32 are held out.
+/// Skips when `../shared/data/orl_faces` is absent.
+#[test]
+fn orl_people_split_when_present() {
+    use peft_studio::personalize::build::DiffLoraPreset;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !root.join("../shared/data/orl_faces").is_dir() {
+        eprintln!("skipped: ../shared/data/orl_faces is absent");
+        return;
+    }
+    let preset = DiffLoraPreset::load(&root.join("presets/difflora-orl.toml")).unwrap();
+    // Presets name their data relative to the repository root, the tests' working directory.
+    let train = preset.people.bank.load(32).unwrap();
+    let eval = preset.people.eval.load(32).unwrap();
+    assert_eq!(train.len(), 24);
+    assert_eq!(eval.len(), 8);
+    assert_eq!(train[0].name, "s1");
+    assert_eq!(eval[0].name, "s25");
+    assert_eq!(eval[7].name, "s32");
+    assert!(eval.iter().all(|p| p.images.len() == 10 && p.prompts.iter().all(String::is_empty)));
+    assert!(train.iter().all(|t| eval.iter().all(|e| e.name != t.name)));
 }
