@@ -360,6 +360,9 @@ fn orl_people_split_when_present() {
     assert_eq!(train[0].name, "s1");
     assert_eq!(eval[0].name, "s25");
     assert_eq!(eval[7].name, "s32");
-    assert!(eval.iter().all(|p| p.images.len() == 10 && p.prompts.iter().all(String::is_empty)));
+    assert!(
+        eval.iter()
+            .all(|p| p.images.len() == 10 && p.prompts.iter().all(String::is_empty))
+    );
     assert!(train.iter().all(|t| eval.iter().all(|e| e.name != t.name)));
 }
