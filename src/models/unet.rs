@@ -26,6 +26,7 @@ use crate::diffusion::{
     DdimConfig, DiffusionError, NoiseSchedule, Prediction, ScheduleConfig, ScheduleKind,
     ddim_sample, guided, seeded_normal,
 };
+use crate::peft::checkpoint::{read_safetensors, write_safetensors};
 use crate::peft::linear::LinearLayers;
 use crate::peft::{AdaptedLinear, PeftError};
 use crate::personalize::portrait::{
@@ -1732,19 +1733,9 @@ impl Generator {
             path: path.display().to_string(),
             reason,
         };
-        let tensors = self.named_tensors()?;
-        let tensors: Vec<(String, Tensor)> = tensors
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.contiguous()?)))
-            .collect::<Result<_>>()?;
         let json = serde_json::to_string(&self.cfg).map_err(|e| file_err(e.to_string()))?;
         let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        safetensors::serialize_to_file(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            Some(meta),
-            path,
-        )
-        .map_err(|e| file_err(format!("cannot write the weights: {e}")))
+        write_safetensors(path, &self.named_tensors()?, meta).map_err(file_err)
     }
 
     /// Reads a generator written by [`save`](Self::save) onto `device`; every tensor must be
@@ -1754,20 +1745,10 @@ impl Generator {
             path: path.display().to_string(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| file_err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
-        let json = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(CONFIG_KEY))
-            .ok_or_else(|| {
-                file_err(format!("no `{CONFIG_KEY}` metadata: not a saved generator"))
-            })?;
+        let (mut tensors, json) =
+            read_safetensors(path, CONFIG_KEY, "generator", device).map_err(file_err)?;
         let cfg: UnetConfig =
-            serde_json::from_str(json).map_err(|e| file_err(format!("bad config: {e}")))?;
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| file_err(format!("cannot read the weights: {e}")))?;
+            serde_json::from_str(&json).map_err(|e| file_err(format!("bad config: {e}")))?;
         let mut g = Self::new(cfg, device)?;
         let mut take = |name: &str, dims: &[usize]| -> Result<Tensor> {
             let t = tensors

@@ -39,6 +39,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Writes `tensors` (moved to the CPU, made contiguous) and string `metadata` to the
+/// safetensors file `path` atomically. The error is a reason, for the caller to name its file.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> std::result::Result<(), String> {
+    let cpu: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (*n, t)), Some(metadata))
+        .map_err(|e| format!("cannot serialise the tensors: {e}"))?;
+    write_atomic(path, &bytes).map_err(|e| e.to_string())
+}
+
+/// Reads the safetensors file `path`: its tensors on `device` and the metadata value under
+/// `key` (`what` names the expected kind of file in the error). The error is a reason, for the
+/// caller to name its file.
+pub fn read_safetensors(
+    path: &Path,
+    key: &str,
+    what: &str,
+    device: &Device,
+) -> std::result::Result<(HashMap<String, Tensor>, String), String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("not a safetensors file: {e}"))?;
+    let value = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .cloned()
+        .ok_or_else(|| format!("no `{key}` metadata: not a saved {what}"))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| format!("cannot read the tensors: {e}"))?;
+    Ok((tensors, value))
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::people::PersonImages;
 use super::tensors::images_to_tensor;
 use crate::models::unet::Generator;
-use crate::peft::checkpoint::write_atomic;
+use crate::peft::checkpoint::{read_safetensors, write_safetensors};
 use crate::peft::linear::{Adapter, LinearLayers, attach_adapters};
 use crate::peft::{AdapterConfig, Method, Targets};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -341,12 +341,12 @@ impl LoraBank {
         } else {
             self.matrix(&Device::Cpu)?
         };
-        let bytes = safetensors::serialize(
-            [("vectors", &m)],
-            Some(HashMap::from([(META_KEY.to_string(), json)])),
+        write_safetensors(
+            path,
+            &[("vectors".to_string(), m)],
+            HashMap::from([(META_KEY.to_string(), json)]),
         )
-        .map_err(|e| err(e.to_string()))?;
-        write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+        .map_err(err)
     }
 
     /// Reads a bank written by [`save`](Self::save).
@@ -355,17 +355,9 @@ impl LoraBank {
             path: path.display().to_string(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let json = st_meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| err(format!("no `{META_KEY}` metadata: not a LoRA bank")))?;
-        let meta: BankMeta = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| err(e.to_string()))?;
+        let (tensors, json) =
+            read_safetensors(path, META_KEY, "LoRA bank", &Device::Cpu).map_err(err)?;
+        let meta: BankMeta = serde_json::from_str(&json).map_err(|e| err(e.to_string()))?;
         let m = tensors
             .get("vectors")
             .ok_or_else(|| err("tensor `vectors` is missing".into()))?;

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::models::unet::{Generator, UnetConfig};
-use crate::peft::checkpoint::write_atomic;
+use crate::peft::checkpoint::write_safetensors;
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// How the generator is trained.
@@ -135,18 +135,14 @@ pub fn train_generator(
 
 fn save_checkpoint(path: &Path, cfg: &UnetConfig, opt: &AdamW) -> anyhow::Result<()> {
     let (tensors, step) = opt.state("opt");
-    let tensors: Vec<(String, Tensor)> = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
     let meta: HashMap<String, String> = [
         (STEP_KEY.to_string(), step.to_string()),
         (CONFIG_KEY.to_string(), serde_json::to_string(cfg)?),
     ]
     .into();
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))?;
-    write_atomic(path, &bytes)?;
-    Ok(())
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    write_safetensors(path, &tensors, meta)
+        .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", path.display()))
 }
 
 fn load_checkpoint(
@@ -155,14 +151,14 @@ fn load_checkpoint(
     opt: &mut AdamW,
     device: &Device,
 ) -> anyhow::Result<usize> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a checkpoint: {e}", path.display()))?;
+    let at = |e: String| anyhow::anyhow!("checkpoint {}: {e}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| at(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| at(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let saved: UnetConfig = serde_json::from_str(
         meta.get(CONFIG_KEY)
-            .ok_or_else(|| anyhow::anyhow!("{} has no generator config", path.display()))?,
+            .ok_or_else(|| at("no generator config".into()))?,
     )?;
     anyhow::ensure!(
         &saved == cfg,
@@ -172,9 +168,9 @@ fn load_checkpoint(
     let step: usize = meta
         .get(STEP_KEY)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{} has no step count", path.display()))?;
+        .ok_or_else(|| at("no step count".into()))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
     opt.load_state("opt", &tensors, step)
-        .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", path.display()))?;
+        .map_err(|e| at(e.to_string()))?;
     Ok(step)
 }

@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::models::ops::{gelu_erf, layer_norm};
-use crate::peft::checkpoint::write_atomic;
+use crate::peft::checkpoint::{read_safetensors, write_atomic, write_safetensors};
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// Metadata key under which [`IdentityEncoder::save`] stores the config as JSON.
@@ -641,18 +641,16 @@ impl IdentityEncoder {
             path: path.display().to_string(),
             reason,
         };
-        let specs = self.cfg.param_specs();
-        let tensors: Vec<(String, Tensor)> = specs
-            .iter()
+        let tensors: Vec<(String, Tensor)> = self
+            .cfg
+            .param_specs()
+            .into_iter()
             .zip(&self.net.params)
-            .map(|((name, _), t)| Ok((name.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-            .collect::<Result<_>>()?;
+            .map(|((name, _), t)| (name, t.clone()))
+            .collect();
         let json = serde_json::to_string(&self.cfg).map_err(|e| file_err(e.to_string()))?;
         let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-                .map_err(|e| file_err(format!("cannot serialise the weights: {e}")))?;
-        write_atomic(path, &bytes).map_err(|e| file_err(e.to_string()))
+        write_safetensors(path, &tensors, meta).map_err(file_err)
     }
 
     /// Reads an encoder written by [`save`](Self::save) onto `device`; every weight must be
@@ -662,23 +660,11 @@ impl IdentityEncoder {
             path: path.display().to_string(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| file_err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
-        let json = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(CONFIG_KEY))
-            .ok_or_else(|| {
-                file_err(format!(
-                    "no `{CONFIG_KEY}` metadata: not a saved identity encoder"
-                ))
-            })?;
+        let (mut tensors, json) =
+            read_safetensors(path, CONFIG_KEY, "identity encoder", device).map_err(file_err)?;
         let cfg: EncoderConfig =
-            serde_json::from_str(json).map_err(|e| file_err(format!("bad config: {e}")))?;
+            serde_json::from_str(&json).map_err(|e| file_err(format!("bad config: {e}")))?;
         cfg.validate().map_err(|e| file_err(e.to_string()))?;
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| file_err(format!("cannot read the weights: {e}")))?;
         let mut params = Vec::new();
         for (name, dims) in cfg.param_specs() {
             let t = tensors
