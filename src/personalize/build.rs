@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::bank::{LoraBank, LoraRecipe, build_bank};
+use super::ensemble::{PredictionConfig, member_config, member_file};
 use super::generator_training::{GeneratorTraining, train_generator};
 use super::hyper::{AutoencoderConfig, DenoiserConfig, LatentDenoiser, LoraAutoencoder};
 use super::identity_encoder::{
@@ -96,6 +97,9 @@ pub struct DiffLoraPreset {
     /// encoder).
     #[serde(default)]
     pub denoiser: DenoiserConfig,
+    /// How the LoRA is predicted: denoiser ensemble, samples, strength.
+    #[serde(default)]
+    pub prediction: PredictionConfig,
     /// How personalisation samples.
     #[serde(default)]
     pub sampling: SamplingConfig,
@@ -200,6 +204,11 @@ impl DiffLoraPreset {
                 batch: 4,
                 sample_steps: 3,
                 ..DenoiserConfig::default()
+            },
+            prediction: PredictionConfig {
+                members: 2,
+                samples: 2,
+                lora_strength: 1.5,
             },
             sampling: SamplingConfig {
                 steps: 3,
@@ -493,8 +502,12 @@ fn build_autoencoder(
 }
 
 fn build_denoiser(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
-    let path = preset.out.join(files::DENOISER);
-    if path.exists() {
+    preset.prediction.validate()?;
+    let members = preset.prediction.members;
+    let missing: Vec<usize> = (0..members)
+        .filter(|&m| !member_file(&preset.out, m).exists())
+        .collect();
+    if missing.is_empty() {
         return Ok(false);
     }
     let device = Device::Cpu;
@@ -515,9 +528,21 @@ fn build_denoiser(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyho
     cfg.latent_dim = ae.latent_dim();
     cfg.cond_dim = encoder.embed_dim();
     let total = cfg.steps;
-    let den = LatentDenoiser::train(&latents, &bank.person, &embeddings, &cfg, &mut |s, l| {
-        progress("latent-denoiser", s, total, l)
-    })?;
-    den.save(&path)?;
+    // Each member is saved as soon as it is trained, so an interrupted build keeps them.
+    for m in missing {
+        let label = if members == 1 {
+            "latent-denoiser".to_string()
+        } else {
+            format!("latent-denoiser {}/{members}", m + 1)
+        };
+        let den = LatentDenoiser::train(
+            &latents,
+            &bank.person,
+            &embeddings,
+            &member_config(&cfg, m),
+            &mut |s, l| progress(&label, s, total, l),
+        )?;
+        den.save(&member_file(&preset.out, m))?;
+    }
     Ok(true)
 }

@@ -10,6 +10,7 @@
 pub mod bank;
 pub mod build;
 pub mod commands;
+pub mod ensemble;
 pub mod evaluate;
 pub mod generator_training;
 pub mod hyper;

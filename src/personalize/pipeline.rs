@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::bank::{LoraBank, LoraLayout, LoraRecipe, train_lora, with_fresh_lora};
 use super::build::{DiffLoraPreset, files};
-use super::hyper::{LatentDenoiser, LoraAutoencoder};
+use super::ensemble::{DenoiserEnsemble, scale_lora_update};
+use super::hyper::LoraAutoencoder;
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
 use super::tensors::{images_to_tensor, tensor_to_images};
 use crate::diffusion::DdimConfig;
@@ -102,7 +103,7 @@ pub struct Personaliser {
     eval_encoder: IdentityEncoder,
     regressor: Option<ParamRegressor>,
     autoencoder: LoraAutoencoder,
-    denoiser: LatentDenoiser,
+    denoisers: DenoiserEnsemble,
     layout: LoraLayout,
 }
 
@@ -127,7 +128,11 @@ impl Personaliser {
             None
         };
         let autoencoder = LoraAutoencoder::load(&file(files::AUTOENCODER), &device)?;
-        let denoiser = LatentDenoiser::load(&file(files::DENOISER), &device)?;
+        preset
+            .prediction
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", preset_path.display()))?;
+        let denoisers = DenoiserEnsemble::load(dir, preset.prediction.members, &device)?;
         let layout = LoraLayout::of_model(with_fresh_lora(&generator, &preset.lora)?.unet())?;
         anyhow::ensure!(
             layout.len() == autoencoder.input_dim(),
@@ -144,7 +149,7 @@ impl Personaliser {
             eval_encoder,
             regressor,
             autoencoder,
-            denoiser,
+            denoisers,
             layout,
         })
     }
@@ -177,6 +182,21 @@ impl Personaliser {
     /// The flat LoRA layout.
     pub fn layout(&self) -> &LoraLayout {
         &self.layout
+    }
+
+    /// The identity encoder that conditions the hypernetwork.
+    pub fn identity_encoder(&self) -> &IdentityEncoder {
+        &self.encoder
+    }
+
+    /// The LoRA autoencoder (flat LoRA vector ↔ latent).
+    pub fn autoencoder(&self) -> &LoraAutoencoder {
+        &self.autoencoder
+    }
+
+    /// The conditional latent denoisers (identity embedding → LoRA latent).
+    pub fn denoisers(&self) -> &DenoiserEnsemble {
+        &self.denoisers
     }
 
     /// The evaluation encoder.
@@ -223,10 +243,17 @@ impl Personaliser {
         let cond = self.encoder.fuse(&x)?.unsqueeze(0)?;
         secs.encode_references = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let z = self.denoiser.sample(&cond, seed)?;
+        let z = self
+            .denoisers
+            .predict(&cond, seed, self.preset.prediction.samples)?;
         secs.sample_latent = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let v = self.autoencoder.decode(&z)?.squeeze(0)?.to_vec1::<f32>()?;
+        let mut v = self.autoencoder.decode(&z)?.squeeze(0)?.to_vec1::<f32>()?;
+        scale_lora_update(
+            &self.layout,
+            &mut v,
+            self.preset.prediction.lora_strength as f32,
+        )?;
         secs.decode_lora = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let g = with_fresh_lora(&self.generator, &self.preset.lora)?;
