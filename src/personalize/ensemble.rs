@@ -164,6 +164,12 @@ mod tests {
     use super::*;
     use crate::personalize::bank::LayoutEntry;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
     fn tiny_member(seed: u64) -> LatentDenoiser {
         let dev = Device::Cpu;
         let latents = Tensor::arange(0f32, 18.0, &dev)
@@ -214,28 +220,11 @@ mod tests {
         let ensemble = DenoiserEnsemble::new(members).unwrap();
         let got = ensemble.predict(&cond, 7, 3).unwrap();
         assert_eq!(got.dims(), &[1, 3]);
-        let diff = (&got - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&got, &expected);
         assert!(diff < 1e-6, "{diff}");
         // Members trained from other seeds really differ, so averaging changes something.
         let single = ensemble.members()[0].sample(&cond, 7).unwrap();
-        assert!(
-            (&single - &got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 1e-6
-        );
+        assert!(max_abs_diff(&single, &got) > 1e-6);
         assert!(DenoiserEnsemble::new(Vec::new()).is_err());
     }
 
