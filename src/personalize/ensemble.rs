@@ -116,11 +116,6 @@ impl DenoiserEnsemble {
         &self.members
     }
 
-    /// Size of the condition embeddings.
-    pub fn cond_dim(&self) -> usize {
-        self.members[0].config().cond_dim
-    }
-
     /// The mean of `samples` latents from every member for one condition `cond` (1, E):
     /// a (1, L) latent. Deterministic in `seed`.
     pub fn predict(&self, cond: &Tensor, seed: u64, samples: usize) -> Result<Tensor> {

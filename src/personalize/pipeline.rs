@@ -184,21 +184,6 @@ impl Personaliser {
         &self.layout
     }
 
-    /// The identity encoder that conditions the hypernetwork.
-    pub fn identity_encoder(&self) -> &IdentityEncoder {
-        &self.encoder
-    }
-
-    /// The LoRA autoencoder (flat LoRA vector ↔ latent).
-    pub fn autoencoder(&self) -> &LoraAutoencoder {
-        &self.autoencoder
-    }
-
-    /// The conditional latent denoisers (identity embedding → LoRA latent).
-    pub fn denoisers(&self) -> &DenoiserEnsemble {
-        &self.denoisers
-    }
-
     /// The evaluation encoder.
     pub fn eval_encoder(&self) -> &IdentityEncoder {
         &self.eval_encoder
