@@ -146,6 +146,13 @@ enum Command {
         /// .md and .json.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Worker processes, each evaluating every `jobs`-th person single-threaded (the
+        /// results equal one process's up to float summation order).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Internal: evaluate shard `k/N` only and print its people's results as JSON.
+        #[arg(long, hide = true)]
+        shard: Option<String>,
     },
     /// Time DiffLoRA against direct LoRA fine-tuning and a 4-image gallery on the built-in
     /// sample people; writes a markdown table.
@@ -355,8 +362,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             n,
             seed,
             out,
+            jobs,
+            shard,
         } => {
-            use peft_studio::personalize::commands::{default_eval_out, eval_command};
+            use peft_studio::personalize::commands::{EvalWorkers, default_eval_out, eval_command};
             let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
             let out = out.unwrap_or_else(|| default_eval_out(&model));
             let settings = peft_studio::personalize::evaluate::EvalSettings {
@@ -364,7 +373,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 images: n,
                 seed,
             };
-            let report = eval_command(&model, settings, &out, &mut |i, total, what| {
+            if let Some(shard) = shard {
+                let (k, total) = shard
+                    .split_once('/')
+                    .and_then(|(k, t)| Some((k.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
+                    .with_context(|| format!("--shard {shard}: expected k/N"))?;
+                let personaliser = peft_studio::personalize::pipeline::Personaliser::load(&model)?;
+                let part = peft_studio::personalize::evaluate::evaluate_shard(
+                    &personaliser,
+                    settings,
+                    k,
+                    total,
+                    &mut |i, all, what| eprintln!("[eval {k}/{total}] {i}/{all} {what}"),
+                )?;
+                println!("{}", serde_json::to_string(&part)?);
+                return Ok(());
+            }
+            anyhow::ensure!(jobs >= 1, "--jobs must be at least 1");
+            let exe = std::env::current_exe().context("finding this program to run the workers")?;
+            let workers = if jobs > 1 {
+                EvalWorkers::Processes { exe: &exe, jobs }
+            } else {
+                EvalWorkers::InProcess
+            };
+            let report = eval_command(&model, settings, workers, &out, &mut |i, total, what| {
                 eprintln!("[eval] {i}/{total} {what}")
             })?;
             println!(

@@ -7,7 +7,7 @@ use std::time::Instant;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
-use super::evaluate::{EvalReport, EvalSettings, evaluate};
+use super::evaluate::{EvalReport, EvalSettings, PersonEval, evaluate, summarise};
 use super::identity_folder::load_references;
 use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
 use super::portrait::render_set;
@@ -164,17 +164,43 @@ pub fn personalize_command(
     Ok(report)
 }
 
+/// Where `eval-personalize` evaluates its people.
+#[derive(Debug, Clone, Copy)]
+pub enum EvalWorkers<'a> {
+    /// In this process.
+    InProcess,
+    /// Split over `jobs` worker processes of the program `exe` (`eval-personalize --shard
+    /// k/jobs`), each single-threaded unless `RAYON_NUM_THREADS` is set: the models are small,
+    /// so one person per core is faster than every core on one person.
+    Processes {
+        /// The peft-studio program.
+        exe: &'a Path,
+        /// Worker processes.
+        jobs: usize,
+    },
+}
+
 /// `eval-personalize`: evaluates and writes the markdown table and JSON next to each other
 /// (`<out>.md`, `<out>.json`). Returns the report.
 pub fn eval_command(
     model: &Path,
     settings: EvalSettings,
+    workers: EvalWorkers<'_>,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<EvalReport> {
-    let personaliser = Personaliser::load(model)
-        .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
-    let report = evaluate(&personaliser, settings, progress)?;
+    let report = match workers {
+        EvalWorkers::Processes { exe, jobs } if jobs > 1 => summarise(
+            settings,
+            &evaluate_in_processes(exe, model, settings, jobs)?,
+        )?,
+        _ => {
+            let personaliser = Personaliser::load(model).map_err(|e| {
+                anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display())
+            })?;
+            evaluate(&personaliser, settings, progress)?
+        }
+    };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -188,6 +214,55 @@ pub fn eval_command(
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// Runs shards `0..jobs` of the evaluation as worker processes of `exe` and collects every
+/// person's result; the error names the shard that failed.
+fn evaluate_in_processes(
+    exe: &Path,
+    model: &Path,
+    settings: EvalSettings,
+    jobs: usize,
+) -> anyhow::Result<Vec<PersonEval>> {
+    let single_thread = std::env::var_os("RAYON_NUM_THREADS").is_none();
+    let mut children = Vec::with_capacity(jobs);
+    for k in 0..jobs {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("eval-personalize")
+            .arg("--model")
+            .arg(model)
+            .args(["--refs", &settings.references.to_string()])
+            .args(["--n", &settings.images.to_string()])
+            .args(["--seed", &settings.seed.to_string()])
+            .args(["--shard", &format!("{k}/{jobs}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        if single_thread {
+            cmd.env("RAYON_NUM_THREADS", "1");
+        }
+        let child = cmd.spawn().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start evaluation worker {k} ({}): {e}",
+                exe.display()
+            )
+        })?;
+        children.push(child);
+    }
+    let mut all = Vec::new();
+    for (k, child) in children.into_iter().enumerate() {
+        let output = child
+            .wait_with_output()
+            .map_err(|e| anyhow::anyhow!("evaluation worker {k}: {e}"))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "evaluation worker {k} of {jobs} failed ({})",
+            output.status
+        );
+        let part: Vec<PersonEval> = serde_json::from_slice(&output.stdout)
+            .map_err(|e| anyhow::anyhow!("evaluation worker {k}'s result: {e}"))?;
+        all.extend(part);
+    }
+    Ok(all)
 }
 
 /// The default evaluation output for a personaliser folder: `bench-results/eval-<name>`.

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::pipeline::{Gallery, Personaliser, merged};
@@ -65,16 +67,56 @@ pub struct EvalReport {
     pub direct: PathScores,
     /// The held-out real images of each person against their references (a ceiling).
     pub held_out_real: PathScores,
+    /// DiffLoRA's identity similarity as a fraction of direct fine-tuning's (the issue's
+    /// target), with its standard error over people (bootstrap).
+    #[serde(default)]
+    pub ratio: RatioEstimate,
+    /// Every person's identity similarity per path.
+    #[serde(default)]
+    pub per_person: Vec<PersonSimilarity>,
 }
 
-struct PersonResult {
-    fused_refs: Tensor,
-    fused: [Tensor; 4],
-    scores: [PathScores; 4],
+/// A ratio of two means over people, with its bootstrap standard error.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct RatioEstimate {
+    /// mean(DiffLoRA) / mean(direct).
+    pub value: f32,
+    /// Standard deviation of the ratio over bootstrap resamples of the people.
+    pub standard_error: f32,
 }
 
-fn fused_of(p: &Personaliser, images: &Tensor) -> anyhow::Result<Tensor> {
-    Ok(p.eval_encoder().fuse(images)?)
+/// One person's identity similarity (fused, evaluation encoder) for each path.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PersonSimilarity {
+    /// The person's name.
+    pub name: String,
+    /// Base generator.
+    pub base: f32,
+    /// DiffLoRA.
+    pub difflora: f32,
+    /// Direct LoRA fine-tuning.
+    pub direct: f32,
+    /// Held-out real images.
+    pub held_out_real: f32,
+}
+
+/// The evaluation of one person: what [`summarise`] needs (scores and fused embeddings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PersonEval {
+    /// Position of the person in the evaluation set (it also sets the sampling seed).
+    pub index: usize,
+    /// The person's name.
+    pub name: String,
+    /// Fused evaluation embedding of the references.
+    pub fused_refs: Vec<f32>,
+    /// Fused evaluation embedding of each path's images: base, DiffLoRA, direct, held-out.
+    pub fused: [Vec<f32>; 4],
+    /// Scores of each path, same order.
+    pub scores: [PathScores; 4],
+}
+
+fn fused_of(p: &Personaliser, images: &Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(p.eval_encoder().fuse(images)?.to_vec1::<f32>()?)
 }
 
 /// Evaluates `personaliser` on its preset's held-out people (`people.eval`).
@@ -84,12 +126,33 @@ pub fn evaluate(
     settings: EvalSettings,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<EvalReport> {
+    let results = evaluate_shard(personaliser, settings, 0, 1, progress)?;
+    summarise(settings, &results)
+}
+
+/// Evaluates the people of shard `shard` of `shards` (every `shards`-th person, from the
+/// `shard`-th): shards run in separate processes give, together, what [`evaluate`] gives
+/// (each person's seed depends on their position in the whole set only).
+pub fn evaluate_shard(
+    personaliser: &Personaliser,
+    settings: EvalSettings,
+    shard: usize,
+    shards: usize,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> anyhow::Result<Vec<PersonEval>> {
+    anyhow::ensure!(
+        shards >= 1 && shard < shards,
+        "shard {shard} of {shards} does not exist (shards are numbered from 0)"
+    );
     let preset = personaliser.preset();
     let people = preset.people.eval.load(preset.image_size)?;
     anyhow::ensure!(!people.is_empty(), "no evaluation people");
     let device = Device::Cpu;
     let mut results = Vec::new();
     for (i, person) in people.iter().enumerate() {
+        if i % shards != shard {
+            continue;
+        }
         anyhow::ensure!(
             person.images.len() > settings.references,
             "{} has {} images; {} references and at least one held-out image are needed",
@@ -108,7 +171,7 @@ pub fn evaluate(
         let score = |gallery: &Gallery,
                      images: &Tensor,
                      personalise: f64|
-         -> anyhow::Result<(Tensor, PathScores)> {
+         -> anyhow::Result<(Vec<f32>, PathScores)> {
             let fused = fused_of(personaliser, images)?;
             let sim = personaliser.eval_encoder().similarity(images, &refs_t)?;
             let param_error = match (personaliser.regressor(), truth) {
@@ -172,21 +235,62 @@ pub fn evaluate(
             seconds: 0.0,
         };
         let (f_held, s_held) = score(&held_gallery, &held_t, 0.0)?;
-        results.push(PersonResult {
+        results.push(PersonEval {
+            index: i,
+            name: person.name.clone(),
             fused_refs: fused_of(personaliser, &refs_t)?,
             fused: [f_base, f_diff, f_direct, f_held],
             scores: [s_base, s_diff, s_direct, s_held],
         });
         progress(i + 1, people.len(), &person.name);
     }
+    Ok(results)
+}
+
+/// Resamples of the people in [`ratio_estimate`]'s bootstrap.
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// mean(`num`) / mean(`den`) and its bootstrap standard error over the pairs (seeded, so
+/// reports are reproducible).
+pub fn ratio_estimate(num: &[f32], den: &[f32]) -> RatioEstimate {
+    let ratio = |idx: &mut dyn Iterator<Item = usize>| {
+        let (a, b) = idx.fold((0f64, 0f64), |(a, b), i| {
+            (a + f64::from(num[i]), b + f64::from(den[i]))
+        });
+        if b == 0.0 { 0.0 } else { a / b }
+    };
+    let n = num.len().min(den.len());
+    if n == 0 {
+        return RatioEstimate::default();
+    }
+    let value = ratio(&mut (0..n));
+    let mut rng = StdRng::seed_from_u64(0);
+    let samples: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            let pick: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+            ratio(&mut pick.into_iter())
+        })
+        .collect();
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let var = samples.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / samples.len() as f64;
+    RatioEstimate {
+        value: value as f32,
+        standard_error: var.sqrt() as f32,
+    }
+}
+
+/// The report of evaluated people (from [`evaluate_shard`], in any order): means per path,
+/// identification among these people, the DiffLoRA/direct ratio with its standard error.
+pub fn summarise(settings: EvalSettings, results: &[PersonEval]) -> anyhow::Result<EvalReport> {
+    anyhow::ensure!(!results.is_empty(), "no evaluated people");
+    let mut results: Vec<&PersonEval> = results.iter().collect();
+    results.sort_by_key(|r| r.index);
+    anyhow::ensure!(
+        results.windows(2).all(|w| w[0].index != w[1].index),
+        "a person was evaluated twice"
+    );
     // Identification: is each gallery nearest to its own person's references?
-    let refs_m = Tensor::stack(
-        &results
-            .iter()
-            .map(|r| r.fused_refs.clone())
-            .collect::<Vec<_>>(),
-        0,
-    )?;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let mut mean = [
         PathScores::default(),
         PathScores::default(),
@@ -196,14 +300,11 @@ pub fn evaluate(
     let n = results.len() as f32;
     for (i, r) in results.iter().enumerate() {
         for (k, m) in mean.iter_mut().enumerate() {
-            let sims = refs_m
-                .matmul(&r.fused[k].unsqueeze(1)?)?
-                .squeeze(1)?
-                .to_vec1::<f32>()?;
-            let best = sims
+            let best = results
                 .iter()
+                .map(|other| dot(&other.fused_refs, &r.fused[k]))
                 .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(j, _)| j);
             let s = &r.scores[k];
             m.identity_similarity += s.identity_similarity / n;
@@ -219,6 +320,18 @@ pub fn evaluate(
         }
     }
     let [base, difflora, direct, held_out_real] = mean;
+    let per_person: Vec<PersonSimilarity> = results
+        .iter()
+        .map(|r| PersonSimilarity {
+            name: r.name.clone(),
+            base: r.scores[0].identity_similarity,
+            difflora: r.scores[1].identity_similarity,
+            direct: r.scores[2].identity_similarity,
+            held_out_real: r.scores[3].identity_similarity,
+        })
+        .collect();
+    let column = |f: fn(&PersonSimilarity) -> f32| per_person.iter().map(f).collect::<Vec<_>>();
+    let ratio = ratio_estimate(&column(|p| p.difflora), &column(|p| p.direct));
     Ok(EvalReport {
         people: results.len(),
         settings: Some(settings),
@@ -226,6 +339,8 @@ pub fn evaluate(
         difflora,
         direct,
         held_out_real,
+        ratio,
+        per_person,
     })
 }
 
@@ -262,8 +377,9 @@ impl EvalReport {
         if self.direct.identity_similarity > 0.0 {
             let _ = writeln!(
                 s,
-                "\nDiffLoRA reaches {:.0}% of direct fine-tuning's identity similarity and personalises {:.0}× faster.",
+                "\nDiffLoRA reaches {:.0}% (standard error {:.0} points, bootstrap over people) of direct fine-tuning's identity similarity and personalises {:.0}× faster.",
                 100.0 * self.difflora.identity_similarity / self.direct.identity_similarity,
+                100.0 * self.ratio.standard_error,
                 self.direct.personalise_seconds / self.difflora.personalise_seconds.max(1e-9)
             );
         }
