@@ -290,6 +290,7 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let json = std::fs::read_to_string(out.with_extension("json")).unwrap();
     let workers: EvalReport = serde_json::from_str(&json).unwrap();
     assert_eq!(workers.people, 2);
+    assert_eq!(workers.per_person.len(), whole.per_person.len());
     for (a, b) in workers.per_person.iter().zip(&whole.per_person) {
         assert_eq!(a.name, b.name);
         for (x, y) in [

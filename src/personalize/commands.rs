@@ -171,7 +171,8 @@ pub enum EvalWorkers<'a> {
     InProcess,
     /// Split over `jobs` worker processes of the program `exe` (`eval-personalize --shard
     /// k/jobs`), each single-threaded unless `RAYON_NUM_THREADS` is set: the models are small,
-    /// so one person per core is faster than every core on one person.
+    /// so one person per core is faster than every core on one person. The workers report
+    /// their progress on this program's standard error, not through `progress`.
     Processes {
         /// The peft-studio program.
         exe: &'a Path,

@@ -119,6 +119,11 @@ fn fused_of(p: &Personaliser, images: &Tensor) -> anyhow::Result<Vec<f32>> {
     Ok(p.eval_encoder().fuse(images)?.to_vec1::<f32>()?)
 }
 
+/// Cosine similarity of two fused (unit) embeddings.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// Evaluates `personaliser` on its preset's held-out people (`people.eval`).
 /// `progress(done, total, what)` after each person.
 pub fn evaluate(
@@ -166,6 +171,7 @@ pub fn evaluate_shard(
         let prompt = person.prompts[settings.references].clone();
         let seed = settings.seed + i as u64;
         let refs_t = images_to_tensor(&refs, &device)?;
+        let fused_refs = fused_of(personaliser, &refs_t)?;
         let truth = person.params.as_ref();
 
         let score = |gallery: &Gallery,
@@ -173,7 +179,7 @@ pub fn evaluate_shard(
                      personalise: f64|
          -> anyhow::Result<(Vec<f32>, PathScores)> {
             let fused = fused_of(personaliser, images)?;
-            let sim = personaliser.eval_encoder().similarity(images, &refs_t)?;
+            let sim = dot(&fused, &fused_refs);
             let param_error = match (personaliser.regressor(), truth) {
                 (Some(reg), Some(t)) => {
                     let e = personaliser.eval_encoder().embed(images)?;
@@ -238,7 +244,7 @@ pub fn evaluate_shard(
         results.push(PersonEval {
             index: i,
             name: person.name.clone(),
-            fused_refs: fused_of(personaliser, &refs_t)?,
+            fused_refs,
             fused: [f_base, f_diff, f_direct, f_held],
             scores: [s_base, s_diff, s_direct, s_held],
         });
@@ -290,7 +296,6 @@ pub fn summarise(settings: EvalSettings, results: &[PersonEval]) -> anyhow::Resu
         "a person was evaluated twice"
     );
     // Identification: is each gallery nearest to its own person's references?
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let mut mean = [
         PathScores::default(),
         PathScores::default(),
@@ -378,7 +383,7 @@ impl EvalReport {
             let _ = writeln!(
                 s,
                 "\nDiffLoRA reaches {:.0}% (standard error {:.0} points, bootstrap over people) of direct fine-tuning's identity similarity and personalises {:.0}× faster.",
-                100.0 * self.difflora.identity_similarity / self.direct.identity_similarity,
+                100.0 * self.ratio.value,
                 100.0 * self.ratio.standard_error,
                 self.direct.personalise_seconds / self.difflora.personalise_seconds.max(1e-9)
             );
