@@ -265,6 +265,111 @@ fn a_missing_personaliser_is_explained() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Generated content differs between CPUs in the last bits of its floats (AVX-512 or not), so
+/// the pictures and scores are compared with a tolerance against committed references, and the
+/// layout snapshot shows masked tiles instead of them.
+mod generated {
+    use std::path::Path;
+
+    use image::{RgbImage, RgbaImage};
+    use peft_studio::personalize::pipeline::Gallery;
+
+    /// Mean absolute difference allowed, in 8-bit levels per channel.
+    const MEAN_LEVELS: f64 = 2.0;
+    /// A channel value differing by more than this counts as a changed value…
+    const CHANGED_LEVELS: u8 = 24;
+    /// …and at most this share of the values may change.
+    const CHANGED_SHARE: f64 = 0.02;
+    /// Identity scores allowed to move by this much.
+    const SCORE_TOLERANCE: f32 = 0.03;
+
+    /// The rows side by side, one gallery a row.
+    fn strip(rows: &[&Gallery]) -> RgbaImage {
+        let (w, h) = rows[0].images[0].dimensions();
+        let cols = rows.iter().map(|g| g.images.len()).max().unwrap_or(0) as u32;
+        let mut out = RgbaImage::new(w * cols, h * rows.len() as u32);
+        for (r, g) in rows.iter().enumerate() {
+            for (c, img) in g.images.iter().enumerate() {
+                for (x, y, p) in img.enumerate_pixels() {
+                    let [red, green, blue] = p.0;
+                    out.put_pixel(
+                        c as u32 * w + x,
+                        r as u32 * h + y,
+                        image::Rgba([red, green, blue, 255]),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Compares the galleries with `tests/snapshots/NAME.png` and `NAME.json` (their scores)
+    /// within the tolerances above; `UPDATE_SNAPSHOTS=1` rewrites the references.
+    pub fn check(name: &str, rows: &[&Gallery]) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+        let png = dir.join(format!("{name}.png"));
+        let json = dir.join(format!("{name}.json"));
+        let current = strip(rows);
+        let scores: Vec<Vec<f32>> = rows.iter().map(|g| g.scores.clone()).collect();
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            current.save(&png).expect("write the reference picture");
+            std::fs::write(&json, serde_json::to_string_pretty(&scores).unwrap())
+                .expect("write the reference scores");
+            return;
+        }
+        let reference = image::open(&png)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_SNAPSHOTS=1 writes it)", png.display()))
+            .to_rgba8();
+        assert_eq!(reference.dimensions(), current.dimensions(), "gallery size");
+        let (mut sum, mut changed, mut n) = (0u64, 0usize, 0usize);
+        for (a, b) in reference.pixels().zip(current.pixels()) {
+            for ch in 0..3 {
+                let d = a.0[ch].abs_diff(b.0[ch]);
+                sum += u64::from(d);
+                changed += usize::from(d > CHANGED_LEVELS);
+                n += 1;
+            }
+        }
+        let mean = sum as f64 / n as f64;
+        let share = changed as f64 / n as f64;
+        assert!(
+            mean <= MEAN_LEVELS && share <= CHANGED_SHARE,
+            "the generated gallery moved from {}: mean difference {mean:.2} levels (at most \
+             {MEAN_LEVELS}), {:.2}% of values by more than {CHANGED_LEVELS} (at most {:.0}%)",
+            png.display(),
+            100.0 * share,
+            100.0 * CHANGED_SHARE
+        );
+        let text = std::fs::read_to_string(&json)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_SNAPSHOTS=1 writes it)", json.display()));
+        let expected: Vec<Vec<f32>> = serde_json::from_str(&text).expect("reference scores");
+        assert_eq!(expected.len(), scores.len(), "rows of scores");
+        for (e_row, s_row) in expected.iter().zip(&scores) {
+            assert_eq!(e_row.len(), s_row.len(), "scores in a row");
+            for (e, s) in e_row.iter().zip(s_row) {
+                assert!(
+                    (e - s).abs() <= SCORE_TOLERANCE,
+                    "identity score {s} moved from {e} (tolerance {SCORE_TOLERANCE})"
+                );
+            }
+        }
+    }
+
+    /// The gallery with each image replaced by a flat grey tile and fixed scores, so the layout
+    /// snapshot does not depend on the CPU's floating point.
+    pub fn masked(g: &Gallery) -> Gallery {
+        Gallery {
+            images: g
+                .images
+                .iter()
+                .map(|img| RgbImage::from_pixel(img.width(), img.height(), image::Rgb([128; 3])))
+                .collect(),
+            scores: vec![0.5; g.scores.len()],
+            seconds: g.seconds,
+        }
+    }
+}
+
 #[test]
 fn snapshot_of_the_personalise_tab() {
     // The shipped personaliser: the picture shows what a user gets with one click.
@@ -276,21 +381,26 @@ fn snapshot_of_the_personalise_tab() {
     h.get_by_label("compare with base generator").click();
     h.run_steps(1);
     personalise(&mut h);
-    // Fixed times, so the picture does not change from run to run.
     {
         let p = &mut h.state_mut().personalise;
+        let (diff, base) = (p.diff.as_mut().unwrap(), p.base.as_mut().unwrap());
+        // The generated pictures and scores, within a tolerance of the committed ones.
+        generated::check("personalise_gallery", &[&diff.gallery, &base.gallery]);
+        // Masked tiles and fixed times, so the layout snapshot is the same on every CPU and
+        // from run to run.
         for (row, title) in [
             (
-                &mut p.diff,
-                "DiffLoRA (no fine-tuning): mean identity {}; LoRA in 0.05 s, gallery in 0.31 s",
+                diff,
+                "DiffLoRA (no fine-tuning): mean identity 0.50; LoRA in 0.05 s, gallery in 0.31 s",
             ),
             (
-                &mut p.base,
-                "Base generator (no LoRA): mean identity {}; gallery in 0.30 s",
+                base,
+                "Base generator (no LoRA): mean identity 0.50; gallery in 0.30 s",
             ),
         ] {
-            let row = row.as_mut().unwrap();
-            row.title = title.replace("{}", &format!("{:.2}", row.gallery.mean_score()));
+            let masked = generated::masked(&row.gallery);
+            row.replace_gallery(masked);
+            row.title = title.to_string();
         }
     }
     h.run_steps(4);

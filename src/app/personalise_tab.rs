@@ -111,6 +111,12 @@ impl GalleryRow {
             textures: Vec::new(),
         }
     }
+
+    /// Replaces the images and scores; the textures are rebuilt on the next frame.
+    pub fn replace_gallery(&mut self, gallery: Gallery) {
+        self.gallery = gallery;
+        self.textures.clear();
+    }
 }
 
 /// The DiffLoRA result of a run.
