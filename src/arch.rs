@@ -29,7 +29,9 @@ pub struct LinearSpec {
 impl LinearSpec {
     /// Weight plus bias values.
     pub fn params(&self) -> usize {
-        self.out_features * self.in_features + if self.bias { self.out_features } else { 0 }
+        self.out_features
+            .saturating_mul(self.in_features)
+            .saturating_add(if self.bias { self.out_features } else { 0 })
     }
 }
 
@@ -62,12 +64,12 @@ pub struct ArchSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not valid JSON.
     #[error("{path}: not valid JSON: {reason}")]
@@ -97,6 +99,25 @@ pub enum ArchError {
         /// The value found.
         model_type: String,
     },
+    /// A model whose weights alone would not fit this machine's memory.
+    #[error(
+        "{path}: {fields}: {params} parameters, {gib:.1} GiB as f32, more than this machine's {mem_gib:.1} GiB of memory"
+    )]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// The size fields and their values, listed.
+        fields: String,
+        /// Parameters the config describes.
+        params: String,
+        /// Their size in GiB.
+        gib: f64,
+        /// The machine's memory in GiB.
+        mem_gib: f64,
+    },
+    /// `--num-labels` out of range.
+    #[error("--num-labels {0}: must be between 1 and {max}", max = MAX_LABELS)]
+    NumLabels(usize),
     /// Neither a file, a folder with `config.json`, nor a built-in name.
     #[error("model `{0}`: no such file or folder, and not a built-in model ({builtins})", builtins = BUILTIN_CONFIGS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))]
     NotFound(String),
@@ -123,6 +144,24 @@ pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
     ),
 ];
 
+/// Most classes a head may have (`--num-labels`, a dataset's classes).
+pub const MAX_LABELS: usize = 1 << 20;
+
+/// Allowed ranges of the size fields of a `config.json`: far beyond any model of these
+/// families, small enough that every count fits in 64 bits.
+const FIELD_RANGES: [(&str, usize, usize); 10] = [
+    ("hidden_size", 1, 1 << 16),
+    ("num_hidden_layers", 1, 1000),
+    ("num_attention_heads", 1, 1 << 12),
+    ("intermediate_size", 1, 1 << 18),
+    ("vocab_size", 1, 1 << 24),
+    ("max_position_embeddings", 1, 1 << 20),
+    ("type_vocab_size", 1, 1 << 10),
+    ("image_size", 1, 1 << 13),
+    ("patch_size", 1, 1 << 13),
+    ("num_channels", 1, 64),
+];
+
 struct Fields<'a> {
     v: &'a Value,
     path: &'a str,
@@ -130,15 +169,26 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn usize(&self, field: &str) -> Result<usize, ArchError> {
+        let (lo, hi) = FIELD_RANGES
+            .iter()
+            .find(|(f, _, _)| *f == field)
+            .map_or((0, usize::MAX), |&(_, lo, hi)| (lo, hi));
+        let bad = |problem: String| ArchError::Field {
+            path: self.path.into(),
+            field: field.into(),
+            problem,
+        };
         match self.v.get(field) {
-            Some(x) => x
-                .as_u64()
-                .map(|u| u as usize)
-                .ok_or_else(|| ArchError::Field {
-                    path: self.path.into(),
-                    field: field.into(),
-                    problem: format!("must be a non-negative integer, found {x}"),
-                }),
+            Some(x) => {
+                let n = x
+                    .as_u64()
+                    .and_then(|u| usize::try_from(u).ok())
+                    .ok_or_else(|| bad(format!("must be a non-negative integer, found {x}")))?;
+                if !(lo..=hi).contains(&n) {
+                    return Err(bad(format!("must be between {lo} and {hi}, found {n}")));
+                }
+                Ok(n)
+            }
             None => Err(ArchError::Field {
                 path: self.path.into(),
                 field: field.into(),
@@ -178,9 +228,9 @@ impl ArchSpec {
     /// Reads a `config.json` file.
     pub fn from_file(path: &Path, num_labels: Option<usize>) -> Result<Self, ArchError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ArchError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| ArchError::Io {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         let v: Value = serde_json::from_str(&text).map_err(|e| ArchError::Json {
             path: shown.clone(),
@@ -195,6 +245,11 @@ impl ArchSpec {
         path: &str,
         num_labels: Option<usize>,
     ) -> Result<Self, ArchError> {
+        if let Some(k) = num_labels
+            && !(1..=MAX_LABELS).contains(&k)
+        {
+            return Err(ArchError::NumLabels(k));
+        }
         let f = Fields { v, path };
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
         let family = match model_type {
@@ -294,17 +349,45 @@ impl ArchSpec {
                 head("classifier", k, h);
             }
         }
-        Ok(ArchSpec {
+        let spec = ArchSpec {
             family,
             summary,
             linears,
             other_params: other,
+        };
+        spec.check_fits(path, v)?;
+        Ok(spec)
+    }
+
+    /// Refuses a model whose f32 weights alone exceed the machine's memory (`MemTotal`).
+    fn check_fits(&self, path: &str, v: &Value) -> Result<(), ArchError> {
+        let bytes = (self.total_params() as u64).saturating_mul(4);
+        let Some(mem) = crate::memory::total_bytes() else {
+            return Ok(());
+        };
+        if bytes <= mem {
+            return Ok(());
+        }
+        let fields: Vec<String> = FIELD_RANGES
+            .iter()
+            .filter_map(|(f, _, _)| v.get(*f).map(|x| format!("{f} = {x}")))
+            .collect();
+        Err(ArchError::TooLarge {
+            path: path.into(),
+            fields: fields.join(", "),
+            params: crate::inspect::thousands(self.total_params()),
+            gib: crate::memory::gib(bytes),
+            mem_gib: crate::memory::gib(mem),
         })
     }
 
-    /// All parameters of the model (linear modules, head included, plus the rest).
+    /// All parameters of the model (linear modules, head included, plus the rest); saturates
+    /// rather than wrapping.
     pub fn total_params(&self) -> usize {
-        self.other_params + self.linears.iter().map(LinearSpec::params).sum::<usize>()
+        self.linears
+            .iter()
+            .map(LinearSpec::params)
+            .fold(self.other_params, usize::saturating_add)
     }
 }
 

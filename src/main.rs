@@ -262,13 +262,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
         } => {
             let store = RunStore::new(&out);
+            // Every preset is read before any trains: a typo stops the comparison at once.
+            let configs = presets
+                .iter()
+                .map(|p| TrainConfig::from_preset(p, &overrides))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut done = Vec::new();
-            for p in &presets {
-                let cfg = TrainConfig::from_preset(p, &overrides)?;
+            let mut failed = Vec::new();
+            for (p, cfg) in presets.iter().zip(&configs) {
                 eprintln!("== {} ({})", cfg.label(), p.display());
-                match train_with_progress(&cfg, &store) {
+                match train_with_progress(cfg, &store) {
                     Ok(s) => done.push(s),
-                    Err(e) => eprintln!("   failed: {e:#}"),
+                    Err(e) => {
+                        eprintln!("   failed: {e:#}");
+                        failed.push(p.display().to_string());
+                    }
                 }
             }
             anyhow::ensure!(!done.is_empty(), "no run finished");
@@ -286,6 +294,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             report::loss_png(&dir.join("loss.png"), &curves)?;
             println!("table and curves: {}", dir.display());
+            anyhow::ensure!(
+                failed.is_empty(),
+                "{} of {} presets failed: {}",
+                failed.len(),
+                presets.len(),
+                failed.join(", ")
+            );
             Ok(())
         }
         Command::Inspect {
@@ -389,7 +404,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&part)?);
                 return Ok(());
             }
-            anyhow::ensure!(jobs >= 1, "--jobs must be at least 1");
+            anyhow::ensure!(
+                (1..=peft_studio::personalize::commands::MAX_JOBS).contains(&jobs),
+                "--jobs {jobs}: must be between 1 and {}",
+                peft_studio::personalize::commands::MAX_JOBS
+            );
             let exe = std::env::current_exe().context("finding this program to run the workers")?;
             let workers = if jobs > 1 {
                 EvalWorkers::Processes { exe: &exe, jobs }
@@ -408,6 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchPersonalize { model, out } => {
             let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
+            peft_studio::personalize::commands::check_writable_file(&out, "--out")?;
             let (_, table) = peft_studio::personalize::commands::bench_personalize(&model)?;
             print!("{table}");
             if let Some(dir) = out.parent() {

@@ -26,3 +26,26 @@ fn status_field(name: &str) -> Option<u64> {
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
+
+/// Memory the system can still give this process without swapping (`MemAvailable` of
+/// `/proc/meminfo`), in bytes, where the platform reports it.
+pub fn available_bytes() -> Option<u64> {
+    meminfo_field("MemAvailable:")
+}
+
+/// Physical memory of the machine (`MemTotal` of `/proc/meminfo`), in bytes.
+pub fn total_bytes() -> Option<u64> {
+    meminfo_field("MemTotal:")
+}
+
+fn meminfo_field(name: &str) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with(name))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Bytes as GiB.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0 * 1024.0)
+}

@@ -97,12 +97,37 @@ fn decode(path: &Path) -> Result<image::DynamicImage, DataError> {
         path: path.to_path_buf(),
         message,
     };
-    ImageReader::open(path)
-        .map_err(|e| err(e.to_string()))?
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if jpeg_is_truncated(&bytes) {
+        return Err(err(TRUNCATED_JPEG.into()));
+    }
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?
-        .decode()
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| err(e.to_string()))?;
+    if reader.format().is_none()
+        && let Ok(f) = image::ImageFormat::from_path(path)
+    {
+        reader.set_format(f);
+    }
+    reader.decode().map_err(|e| err(e.to_string()))
+}
+
+/// What a truncated JPEG is reported as.
+pub(crate) const TRUNCATED_JPEG: &str =
+    "the JPEG file is truncated (it ends before its end-of-image marker); re-export or remove it";
+
+/// Whether `bytes` are a JPEG cut short: no end-of-image marker (FF D9) after its last
+/// start-of-scan (FF DA). Decoders fill the missing part with grey without complaint.
+/// (Inside the scan data a 0xFF byte is always followed by 0x00 or a restart marker, so FF D9
+/// there is the real end; an embedded thumbnail's markers come before the main scan.)
+pub(crate) fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return false;
+    }
+    let Some(sos) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else {
+        return true;
+    };
+    !bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Centre-crops `img` to the aspect ratio `th:tw`, then resizes it to `th`×`tw` (Triangle).
@@ -204,6 +229,9 @@ fn convert_all(
     Ok(out)
 }
 
+/// Largest image side the loader resizes to.
+pub const MAX_SIDE: u32 = 4096;
+
 /// Loads an image folder: class names are the sorted sub-folder names (hidden ones skipped);
 /// every image is converted to 1 (grey) or 3 (RGB) channels, centre-cropped to the target
 /// aspect ratio and resized to `size` = [height, width] or, without it, to the first image's size.
@@ -213,11 +241,11 @@ pub(crate) fn load(
     grayscale: bool,
 ) -> Result<Folder, DataError> {
     if let Some([h, w]) = size
-        && (h == 0 || w == 0)
+        && !((1..=MAX_SIDE).contains(&h) && (1..=MAX_SIDE).contains(&w))
     {
         return Err(DataError::InvalidConfig {
             field: "source.size".into(),
-            message: format!("[{h}, {w}]: height and width must be at least 1"),
+            message: format!("[{h}, {w}]: height and width must be between 1 and {MAX_SIDE}"),
         });
     }
     let classes = scan(root)?;
@@ -242,6 +270,22 @@ pub(crate) fn load(
             [h, w]
         }
     };
+    let channels: u64 = if grayscale { 1 } else { 3 };
+    let bytes = (files.len() as u64)
+        .saturating_mul(channels)
+        .saturating_mul(u64::from(th))
+        .saturating_mul(u64::from(tw));
+    if th > MAX_SIDE || tw > MAX_SIDE || crate::memory::available_bytes().is_some_and(|a| bytes > a)
+    {
+        return Err(DataError::InvalidConfig {
+            field: "source.size".into(),
+            message: format!(
+                "{} images at {th}×{tw} would take {:.1} GiB (sides up to {MAX_SIDE}, within the memory available); set a smaller size = [height, width]",
+                files.len(),
+                crate::memory::gib(bytes)
+            ),
+        });
+    }
     let images = convert_all(&files, grayscale, th, tw)?;
     let channels = if grayscale { 1 } else { 3 };
     let mut pixels = Vec::with_capacity(images.len() * channels * (th as usize) * (tw as usize));

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use idx::{IDX1_UBYTE_MAGIC, IDX3_UBYTE_MAGIC, IdxImages, read_idx_images, read_idx_labels};
 pub use image_folder::IMAGE_EXTENSIONS;
+pub(crate) use image_folder::{TRUNCATED_JPEG, jpeg_is_truncated};
 pub use text::MAX_INT_LABEL;
 
 /// Labelled images, pixels as bytes in N×C×H×W order.

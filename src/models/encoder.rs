@@ -103,20 +103,34 @@ impl EncoderConfig {
                 });
             }
         };
+        let eps = v
+            .get("layer_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(default_eps);
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return Err(ModelError::File {
+                path: path.into(),
+                reason: format!("field `layer_norm_eps` must be in (0, 1), found {eps}"),
+            });
+        }
+        let init_std = v
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.02);
+        if !(init_std.is_finite() && (0.0..=10.0).contains(&init_std)) {
+            return Err(ModelError::File {
+                path: path.into(),
+                reason: format!("field `initializer_range` must be in [0, 10], found {init_std}"),
+            });
+        }
         Ok(Self {
             hidden,
             layers: field_usize(v, path, "num_hidden_layers", None)?,
             heads,
             intermediate: field_usize(v, path, "intermediate_size", Some(4 * hidden))?,
-            eps: v
-                .get("layer_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(default_eps),
+            eps,
             act,
-            init_std: v
-                .get("initializer_range")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.02) as f32,
+            init_std: init_std as f32,
         })
     }
 }

@@ -138,6 +138,11 @@ pub fn load_model(
             });
         }
     };
+    if num_labels < 2 {
+        return Err(ModelError::TooFewClasses(num_labels));
+    }
+    // Field ranges and a size check before anything is allocated.
+    crate::arch::ArchSpec::from_config(&v, &shown, Some(num_labels))?;
     let std = v
         .get("initializer_range")
         .and_then(Value::as_f64)
@@ -152,12 +157,6 @@ pub fn load_model(
         }
         None => WeightReader::random(prefix, std, seed, &device),
     };
-    if num_labels < 2 {
-        return Err(ModelError::File {
-            path: shown,
-            reason: format!("a classifier needs at least 2 classes, the data has {num_labels}"),
-        });
-    }
     let model: Box<dyn Classifier> = if model_type == "vit" {
         Box::new(VitClassifier::load(
             &v,

@@ -95,6 +95,9 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
+    /// A classification head for fewer than two classes.
+    #[error("a classifier needs at least 2 classes, got {0}")]
+    TooFewClasses(usize),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

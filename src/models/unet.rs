@@ -1747,6 +1747,11 @@ impl Generator {
         };
         let (mut tensors, json) =
             read_safetensors(path, CONFIG_KEY, "generator", device).map_err(file_err)?;
+        if let Some(name) = super::weights::first_non_finite(&tensors)? {
+            return Err(file_err(format!(
+                "tensor `{name}` holds NaN or infinite values"
+            )));
+        }
         let cfg: UnetConfig =
             serde_json::from_str(&json).map_err(|e| file_err(format!("bad config: {e}")))?;
         let mut g = Self::new(cfg, device)?;

@@ -50,6 +50,7 @@ impl WeightReader {
                 path: file.display().to_string(),
                 reason: format!("cannot read the weights: {e}"),
             })?;
+        check_finite(&tensors, file)?;
         let probe = ["embeddings.word_embeddings.weight", "embeddings.cls_token"];
         let ckpt_prefix = if probe
             .iter()
@@ -167,5 +168,38 @@ impl WeightReader {
             });
         }
         Ok(Some(t.to_dtype(DType::F32)?.to_device(&self.device)?))
+    }
+}
+
+/// The first tensor (in name order) holding NaN or infinite values, if any. The sum of |x|
+/// in f64 is finite exactly when every value is.
+pub fn first_non_finite(tensors: &HashMap<String, Tensor>) -> candle_core::Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let sum = t
+            .to_dtype(DType::F64)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Fails on the first tensor holding NaN or infinite values, naming it and the file.
+pub fn check_finite(tensors: &HashMap<String, Tensor>, file: &Path) -> Result<(), ModelError> {
+    match first_non_finite(tensors)? {
+        Some(name) => Err(ModelError::Weights {
+            file: file.display().to_string(),
+            problem: format!("tensor `{name}` holds NaN or infinite values"),
+        }),
+        None => Ok(()),
     }
 }

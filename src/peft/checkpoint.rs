@@ -26,9 +26,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const KEY_PREFIX: &str = "base_model.model.";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
-    move |source| PeftError::Io {
+    move |cause| PeftError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 

@@ -65,12 +65,13 @@ pub enum PeftError {
         problems: Vec<String>,
     },
     /// File input/output.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (shown in the message, so not chained as a source: it would print
+        /// twice).
+        cause: std::io::Error,
     },
     /// A malformed file.
     #[error("{path}: {reason}")]

@@ -24,29 +24,7 @@ use super::tensors::images_to_tensor;
 use crate::models::unet::{Generator, UnetConfig};
 use crate::peft::checkpoint::write_atomic;
 
-/// File names inside a personaliser folder.
-pub mod files {
-    /// The base generator's weights.
-    pub const GENERATOR: &str = "generator.safetensors";
-    /// The generator's training checkpoint (the last one stays, to train longer later).
-    pub const GENERATOR_CHECKPOINT: &str = "generator.checkpoint.safetensors";
-    /// The preset the folder was built from.
-    pub const PRESET: &str = "preset.toml";
-    /// The identity-oriented LoRA bank.
-    pub const BANK: &str = "lora_bank.safetensors";
-    /// The identity encoder that conditions the hypernetwork.
-    pub const ENCODER: &str = "identity_encoder.safetensors";
-    /// The evaluation identity encoder (never used for conditioning).
-    pub const EVAL_ENCODER: &str = "eval_encoder.safetensors";
-    /// Ridge regression from evaluation embeddings to identity parameters (synthetic only).
-    pub const PARAM_REGRESSOR: &str = "param_regressor.safetensors";
-    /// The LoRA autoencoder.
-    pub const AUTOENCODER: &str = "lora_autoencoder.safetensors";
-    /// The conditional latent denoiser.
-    pub const DENOISER: &str = "latent_denoiser.safetensors";
-    /// What the build measured (losses, accuracies, seconds per stage).
-    pub const BUILD_REPORT: &str = "build_report.json";
-}
+pub use super::files;
 
 /// Which people each stage uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,13 +109,9 @@ impl DiffLoraPreset {
             .map_err(|e| anyhow::anyhow!("cannot read preset {}: {e}", path.display()))?;
         let preset: Self =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("preset {}: {e}", path.display()))?;
-        anyhow::ensure!(
-            preset.unet.image_size as u32 == preset.image_size,
-            "preset {}: unet.image_size {} differs from image_size {}",
-            path.display(),
-            preset.unet.image_size,
-            preset.image_size
-        );
+        preset
+            .validate()
+            .map_err(|e| anyhow::anyhow!("preset {}: {e:#}", path.display()))?;
         Ok(preset)
     }
 }

@@ -7,11 +7,14 @@ use std::time::Instant;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
-use super::evaluate::{EvalReport, EvalSettings, PersonEval, evaluate, summarise};
+use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate, summarise};
 use super::identity_folder::load_references;
 use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
 use super::portrait::render_set;
 use crate::peft::checkpoint::write_atomic;
+
+/// Most worker processes of `eval-personalize --jobs`.
+pub const MAX_JOBS: usize = 256;
 
 /// What `personalize` writes to `report.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -115,7 +118,11 @@ pub fn personalize_command(
     seed: u64,
     out: &Path,
 ) -> anyhow::Result<PersonaliseReport> {
-    anyhow::ensure!(n > 0, "--n must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_IMAGES).contains(&n),
+        "--n {n}: must be between 1 and {MAX_IMAGES}"
+    );
+    check_writable_dir(out, "--out")?;
     let t = Instant::now();
     let personaliser = Personaliser::load(model)
         .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
@@ -136,6 +143,7 @@ pub fn personalize_command(
         save_png(img, &p)?;
         files.push(p.display().to_string());
     }
+    remove_stale_gallery(&images_dir, n)?;
     save_png(
         &contact_sheet(&[&references, &result.gallery.images], 4),
         &out.join("sheet.png"),
@@ -164,6 +172,81 @@ pub fn personalize_command(
     Ok(report)
 }
 
+/// Removes gallery images (`NN.png`) numbered above `n` that an earlier, larger run into the
+/// same folder left, so the folder shows this run's gallery only.
+fn remove_stale_gallery(images_dir: &Path, n: usize) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(images_dir)
+        .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", images_dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name
+            .strip_suffix(".png")
+            .filter(|stem| !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|stem| stem.parse::<usize>().ok())
+            .is_some_and(|k| k > n || k == 0);
+        if stale {
+            let p = entry.path();
+            std::fs::remove_file(&p)
+                .map_err(|e| anyhow::anyhow!("cannot remove the old {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks, before any work, that files can be written into the folder `dir` (`option` names
+/// it in the error): it is a folder or can be created, and the nearest existing folder on
+/// its path accepts a new file. Creates nothing that stays.
+pub fn check_writable_dir(dir: &Path, option: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{option} {}: exists and is not a folder", dir.display());
+    }
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        anyhow::bail!(
+            "{option} {}: {} is not a folder",
+            dir.display(),
+            existing.display()
+        );
+    }
+    let probe = existing.join(format!(".peft-studio-write-test-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => anyhow::bail!(
+            "{option} {}: cannot write in {}: {e}",
+            dir.display(),
+            existing.display()
+        ),
+    }
+}
+
+/// [`check_writable_dir`] for an output file: its folder must be writable and the path must
+/// not be a folder.
+pub fn check_writable_file(file: &Path, option: &str) -> anyhow::Result<()> {
+    if file.is_dir() {
+        anyhow::bail!(
+            "{option} {}: is a folder, expected a file path",
+            file.display()
+        );
+    }
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    check_writable_dir(dir, option)
+}
+
 /// Where `eval-personalize` evaluates its people.
 #[derive(Debug, Clone, Copy)]
 pub enum EvalWorkers<'a> {
@@ -190,6 +273,14 @@ pub fn eval_command(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<EvalReport> {
+    settings.validate()?;
+    if let EvalWorkers::Processes { jobs, .. } = workers {
+        anyhow::ensure!(
+            (1..=MAX_JOBS).contains(&jobs),
+            "--jobs {jobs}: must be between 1 and {MAX_JOBS}"
+        );
+    }
+    check_writable_file(&out.with_extension("md"), "--out")?;
     let report = match workers {
         EvalWorkers::Processes { exe, jobs } if jobs > 1 => summarise(
             settings,
@@ -203,7 +294,8 @@ pub fn eval_command(
         }
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
     let title = format!("eval-personalize: {}", model.display());
     write_atomic(

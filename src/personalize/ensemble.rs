@@ -58,7 +58,7 @@ impl PredictionConfig {
 /// for the first, `latent_denoiser.<m>.safetensors` for the others).
 pub fn member_file(dir: &Path, m: usize) -> PathBuf {
     if m == 0 {
-        dir.join(super::build::files::DENOISER)
+        dir.join(super::files::DENOISER)
     } else {
         dir.join(format!("latent_denoiser.{m}.safetensors"))
     }

@@ -34,6 +34,22 @@ impl Default for EvalSettings {
     }
 }
 
+/// Most images a gallery (`--n`) or a reference set (`--refs`) may hold.
+pub const MAX_IMAGES: usize = 64;
+
+impl EvalSettings {
+    /// Checks the counts; the error names the option and its range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (opt, v) in [("--refs", self.references), ("--n", self.images)] {
+            anyhow::ensure!(
+                (1..=MAX_IMAGES).contains(&v),
+                "{opt} {v}: must be between 1 and {MAX_IMAGES}"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Scores of one path (base, DiffLoRA or direct LoRA), averaged over people.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PathScores {
@@ -145,6 +161,7 @@ pub fn evaluate_shard(
     shards: usize,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<Vec<PersonEval>> {
+    settings.validate()?;
     anyhow::ensure!(
         shards >= 1 && shard < shards,
         "shard {shard} of {shards} does not exist (shards are numbered from 0)"
@@ -169,7 +186,7 @@ pub fn evaluate_shard(
         let held: Vec<RgbImage> = person.images[settings.references..].to_vec();
         let ref_prompts: Vec<String> = person.prompts[..settings.references].to_vec();
         let prompt = person.prompts[settings.references].clone();
-        let seed = settings.seed + i as u64;
+        let seed = settings.seed.wrapping_add(i as u64);
         let refs_t = images_to_tensor(&refs, &device)?;
         let fused_refs = fused_of(personaliser, &refs_t)?;
         let truth = person.params.as_ref();

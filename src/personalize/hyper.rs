@@ -1294,10 +1294,13 @@ impl LatentDenoiser {
         if !scale.is_finite() {
             return Err(invalid("guidance", scale, "must be finite"));
         }
-        let (b, _) = check_matrix("the conditions", cond, Some(self.cfg.cond_dim))?;
+        let (b, _) = check_matrix("the identity condition", cond, Some(self.cfg.cond_dim))?;
         let device = self.device().clone();
         let cond = cond.to_dtype(DType::F32)?.to_device(&device)?;
-        check_finite("the conditions", &cond)?;
+        check_finite(
+            "the identity condition (the references' fused embedding)",
+            &cond,
+        )?;
         let cond = (cond * (self.cfg.cond_dim as f64).sqrt())?;
         let uncond = cond.zeros_like()?;
         let ddim = DdimConfig {

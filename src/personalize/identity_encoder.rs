@@ -48,7 +48,7 @@ const EMBED_CHUNK: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
     /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     /// Reading or writing a file failed.
     #[error("{path}: {reason}")]
@@ -662,6 +662,11 @@ impl IdentityEncoder {
         };
         let (mut tensors, json) =
             read_safetensors(path, CONFIG_KEY, "identity encoder", device).map_err(file_err)?;
+        if let Some(name) = crate::models::weights::first_non_finite(&tensors)? {
+            return Err(file_err(format!(
+                "tensor `{name}` holds NaN or infinite values"
+            )));
+        }
         let cfg: EncoderConfig =
             serde_json::from_str(&json).map_err(|e| file_err(format!("bad config: {e}")))?;
         cfg.validate().map_err(|e| file_err(e.to_string()))?;

@@ -47,12 +47,13 @@ pub enum IdentityError {
     #[error("not a folder: {}", .0.display())]
     NotAFolder(PathBuf),
     /// Listing a folder or opening a file failed.
-    #[error("cannot read {}: {source}", .path.display())]
+    #[error("cannot read {}: {cause}", .path.display())]
     Io {
         /// The folder or file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        /// (Shown in the message, so not chained as a source: it would print twice.)
+        cause: std::io::Error,
     },
     /// A folder (a person's sub-folder, or a folder of references) holds no images.
     #[error("no images in {}", .0.display())]
@@ -72,13 +73,17 @@ pub enum IdentityError {
         /// People in the folder.
         have: usize,
     },
+    /// A JPEG file cut short (decoders would fill the rest with grey).
+    #[error("{}: {}", .0.display(), crate::data::TRUNCATED_JPEG)]
+    Truncated(PathBuf),
     /// An image could not be decoded (corrupt, truncated, or an unsupported variant).
-    #[error("cannot decode image {}: {source}", .path.display())]
+    #[error("cannot decode image {}: {cause}", .path.display())]
     Image {
         /// The image file.
         path: PathBuf,
         /// The decoder's error.
-        source: image::ImageError,
+        /// (Shown in the message, so not chained as a source: it would print twice.)
+        cause: image::ImageError,
     },
     /// An image is smaller than [`MIN_IMAGE_SIDE`] on a side.
     #[error(
@@ -149,9 +154,9 @@ fn has_image_extension(path: &Path) -> bool {
 
 /// The visible entries of a folder, `(name, path, is_dir)`, in natural order of names.
 fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>, IdentityError> {
-    let io = |source| IdentityError::Io {
+    let io = |cause| IdentityError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
@@ -180,15 +185,25 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>, IdentityError> {
 
 /// Reads one image and makes it a centred `size`×`size` RGB square.
 fn load_square(path: &Path, size: u32) -> Result<RgbImage, IdentityError> {
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|source| IdentityError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let img = reader.decode().map_err(|source| IdentityError::Image {
+    let io = |cause| IdentityError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
+    };
+    let bytes = std::fs::read(path).map_err(io)?;
+    if crate::data::jpeg_is_truncated(&bytes) {
+        return Err(IdentityError::Truncated(path.to_path_buf()));
+    }
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(io)?;
+    if reader.format().is_none()
+        && let Ok(f) = image::ImageFormat::from_path(path)
+    {
+        reader.set_format(f);
+    }
+    let img = reader.decode().map_err(|cause| IdentityError::Image {
+        path: path.to_path_buf(),
+        cause,
     })?;
     square(&img, size, path)
 }

@@ -12,6 +12,7 @@ pub mod build;
 pub mod commands;
 pub mod ensemble;
 pub mod evaluate;
+pub mod files;
 pub mod generator_training;
 pub mod hyper;
 pub mod identity_encoder;
@@ -19,6 +20,7 @@ pub mod identity_folder;
 pub mod people;
 pub mod pipeline;
 pub mod portrait;
+pub mod preset_checks;
 pub mod tensors;
 
 pub use identity_folder::{

@@ -11,8 +11,9 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::bank::{LoraBank, LoraLayout, LoraRecipe, train_lora, with_fresh_lora};
-use super::build::{DiffLoraPreset, files};
+use super::build::DiffLoraPreset;
 use super::ensemble::{DenoiserEnsemble, scale_lora_update};
+use super::files;
 use super::hyper::LoraAutoencoder;
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
 use super::tensors::{images_to_tensor, tensor_to_images};

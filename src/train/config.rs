@@ -102,9 +102,11 @@ pub struct OptimConfig {
     pub grad_accum: usize,
     /// Examples per micro-batch.
     pub batch_size: usize,
-    /// Optimiser steps (takes precedence over `epochs`).
+    /// Optimiser steps (a preset gives this or `epochs`, not both; set in code, it takes
+    /// precedence).
     pub steps: Option<usize>,
-    /// Passes over the training split, when `steps` is not set.
+    /// Passes over the training split, when `steps` is not set: the run takes
+    /// ⌈epochs · training examples / (batch_size · grad_accum)⌉ steps.
     pub epochs: Option<f64>,
     /// Evaluate every this many steps (and at the end).
     pub eval_every: usize,
@@ -174,12 +176,12 @@ impl Default for TrainConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PresetError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The preset.
         path: String,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Bad TOML or a bad field.
     #[error("{path}: {reason}")]
@@ -222,9 +224,9 @@ impl TrainConfig {
     /// that is not valid TOML is taken as a string).
     pub fn from_preset(path: &std::path::Path, overrides: &[String]) -> Result<Self, PresetError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PresetError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| PresetError::Io {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         Self::from_toml_str(&text, &shown, overrides)
     }
@@ -240,6 +242,7 @@ impl TrainConfig {
             reason,
         };
         let mut value: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut set_keys = Vec::new();
         for o in overrides {
             let (key, raw) = o
                 .split_once('=')
@@ -250,54 +253,66 @@ impl TrainConfig {
                 .unwrap_or_else(|| toml::Value::String(raw.to_string()));
             set_dotted(&mut value, key.trim(), parsed)
                 .map_err(|e| invalid(format!("--set `{o}`: {e}")))?;
+            set_keys.push(key.trim().to_string());
         }
-        let cfg: TrainConfig = toml::Value::Table(value)
+        let epochs_only = steps_or_epochs(&mut value, &set_keys).map_err(invalid)?;
+        let mut cfg: TrainConfig = toml::Value::Table(value)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        if epochs_only {
+            cfg.optim.steps = None;
+        }
         cfg.validate().map_err(invalid)?;
         Ok(cfg)
     }
 
-    /// Checks values that do not depend on the model or data.
+    /// Checks values that do not depend on the model or data: every number in its range
+    /// (see [`limits`](super::limits)), the adapter's settings.
     pub fn validate(&self) -> Result<(), String> {
-        let o = &self.optim;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return Err(format!("optim.lr: must be positive, got {}", o.lr));
-        }
-        if o.batch_size == 0 || o.grad_accum == 0 || o.eval_batch_size == 0 {
-            return Err(
-                "optim.batch_size, grad_accum and eval_batch_size must be at least 1".into(),
-            );
-        }
-        if o.checkpoint_every == Some(0) {
-            return Err("optim.checkpoint_every: must be at least 1".into());
-        }
-        if o.eval_every == 0 {
-            return Err("optim.eval_every: must be at least 1".into());
-        }
-        match (o.steps, o.epochs) {
-            (Some(0), _) => return Err("optim.steps: must be at least 1".into()),
-            (None, None) => return Err("optim: give steps or epochs".into()),
-            (None, Some(e)) if e.is_nan() || e <= 0.0 => {
-                return Err(format!("optim.epochs: must be positive, got {e}"));
-            }
-            _ => {}
-        }
+        super::limits::check_numbers(self)?;
         if self.mode == TrainMode::Adapter {
-            self.adapter.validate().map_err(|e| e.to_string())?;
-        }
-        if !(0.0..1.0).contains(&self.data.eval_fraction) {
-            return Err(format!(
-                "data.eval_fraction: must be in [0, 1), got {}",
-                self.data.eval_fraction
-            ));
+            self.adapter
+                .validate()
+                .map_err(|e| format!("adapter: {e}"))?;
         }
         Ok(())
     }
 
     /// The config as TOML (what `config.toml` of a run holds, and what presets look like).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialise: {e}\n"))
+        let mut c = self.clone();
+        if c.optim.steps.is_some() {
+            // `steps` takes precedence; a preset holds one of the two.
+            c.optim.epochs = None;
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# could not serialise: {e}\n"))
+    }
+}
+
+/// Settles `optim.steps` against `optim.epochs`: a `--set` of one drops the preset's other;
+/// both in one place is an error. Returns whether `epochs` alone is given (the default
+/// `steps` must then not apply).
+fn steps_or_epochs(table: &mut toml::Table, set_keys: &[String]) -> Result<bool, String> {
+    let Some(optim) = table.get_mut("optim").and_then(toml::Value::as_table_mut) else {
+        return Ok(false);
+    };
+    let set = |k: &str| set_keys.iter().any(|s| s == &format!("optim.{k}"));
+    match (set("steps"), set("epochs")) {
+        (true, false) => {
+            optim.remove("epochs");
+        }
+        (false, true) => {
+            optim.remove("steps");
+        }
+        _ => {}
+    }
+    match (optim.contains_key("steps"), optim.contains_key("epochs")) {
+        (true, true) => Err(
+            "optim: give steps or epochs, not both (epochs sets steps = ⌈epochs · training examples / (batch_size · grad_accum)⌉)"
+                .into(),
+        ),
+        (false, true) => Ok(true),
+        _ => Ok(false),
     }
 }
 

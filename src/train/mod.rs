@@ -1,8 +1,9 @@
-//! Training: configuration, the loop, batches, events and the run store.
+//! Training: configuration and its limits, the loop, batches, events and the run store.
 
 pub mod batches;
 pub mod config;
 pub mod events;
+pub mod limits;
 pub mod optim;
 pub mod store;
 pub mod trainer;

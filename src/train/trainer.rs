@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::batches::{EncodedSplit, Sampler};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
+use super::limits;
 use super::optim::{AdamW, AdamWParams};
 use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
 use crate::data::{self, DataSource, Dataset};
@@ -75,6 +76,16 @@ pub struct Prepared {
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
     let mut data = load_data(cfg, None)?;
+    let dataset = cfg.data.source.describe();
+    if data.num_classes() < 2 {
+        anyhow::bail!(
+            "{dataset}: the dataset has {} class{} ({}); a classifier needs at least 2",
+            data.num_classes(),
+            if data.num_classes() == 1 { "" } else { "es" },
+            data.classes.join(", ")
+        );
+    }
+    limits::check_batch(cfg, data.train.len(), &dataset).map_err(anyhow::Error::msg)?;
     let LoadedModel {
         mut model,
         tokenizer,
@@ -131,6 +142,8 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         .flat_map(|g| g.0.iter())
         .map(|v| v.elem_count())
         .sum();
+    limits::check_memory(cfg, model.as_ref(), base_total + adapter_trainable)
+        .map_err(anyhow::Error::msg)?;
     let input = model.input();
     let train = EncodedSplit::new(&data.train, input, tokenizer.as_ref(), cfg.model.max_length)?;
     let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
@@ -171,19 +184,6 @@ pub fn evaluate(
         loss: loss_sum / n,
         accuracy: correct as f64 / n,
     })
-}
-
-fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
-    match cfg.optim.steps {
-        Some(s) => s,
-        None => {
-            let per_step = cfg.optim.batch_size * cfg.optim.grad_accum;
-            let epochs = cfg.optim.epochs.unwrap_or(1.0);
-            ((epochs * n_train as f64) / per_step as f64)
-                .ceil()
-                .max(1.0) as usize
-        }
-    }
 }
 
 /// Where a run starts: fresh, or from its checkpoint.
@@ -542,7 +542,7 @@ pub fn train(
             head.join(", ")
         )));
     }
-    let total_steps = total_steps(cfg, p.train.len());
+    let total_steps = limits::total_steps(cfg, p.train.len()).map_err(anyhow::Error::msg)?;
     let run = store.create(cfg)?;
     let summary = RunSummary {
         id: run.id.clone(),

@@ -1,0 +1,23 @@
+//! File names inside a personaliser folder (what `difflora-build` writes and
+//! [`Personaliser::load`](super::pipeline::Personaliser::load) reads).
+
+/// The base generator's weights.
+pub const GENERATOR: &str = "generator.safetensors";
+/// The generator's training checkpoint (the last one stays, to train longer later).
+pub const GENERATOR_CHECKPOINT: &str = "generator.checkpoint.safetensors";
+/// The preset the folder was built from.
+pub const PRESET: &str = "preset.toml";
+/// The identity-oriented LoRA bank.
+pub const BANK: &str = "lora_bank.safetensors";
+/// The identity encoder that conditions the hypernetwork.
+pub const ENCODER: &str = "identity_encoder.safetensors";
+/// The evaluation identity encoder (never used for conditioning).
+pub const EVAL_ENCODER: &str = "eval_encoder.safetensors";
+/// Ridge regression from evaluation embeddings to identity parameters (synthetic only).
+pub const PARAM_REGRESSOR: &str = "param_regressor.safetensors";
+/// The LoRA autoencoder.
+pub const AUTOENCODER: &str = "lora_autoencoder.safetensors";
+/// The conditional latent denoiser.
+pub const DENOISER: &str = "latent_denoiser.safetensors";
+/// What the build measured (losses, accuracies, seconds per stage).
+pub const BUILD_REPORT: &str = "build_report.json";
