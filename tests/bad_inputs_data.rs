@@ -193,7 +193,8 @@ fn data_files() {
 
     // Image folders.
     let png = |seed| image_bytes(8, 8, seed, image::ImageFormat::Png);
-    let img_cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Option<[u32; 2]>, &str)> = vec![
+    type Files = Vec<(&'static str, Vec<u8>)>;
+    let img_cases: Vec<(&str, Files, Option<[u32; 2]>, &str)> = vec![
         ("no class folders", vec![("x.png", png(1))], None, "class"),
         (
             "empty class",
