@@ -455,7 +455,7 @@ fn broken_personaliser(
 }
 
 /// Writes a NaN into the first value of the tensor stored first in a safetensors buffer.
-fn nan_first_value(b: &mut Vec<u8>) {
+fn nan_first_value(b: &mut [u8]) {
     let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&b[8..8 + n]).unwrap();
@@ -491,7 +491,7 @@ fn damaged_personaliser_folders() {
         "lora_autoencoder.safetensors",
         "latent_denoiser.safetensors",
     ] {
-        let dir = broken_personaliser(&s, "nan", file, nan_first_value);
+        let dir = broken_personaliser(&s, "nan", file, |b| nan_first_value(b));
         t.expect_err(&format!("NaN in {file}"), file, || {
             load(dir).map_err(|e| {
                 if e.contains("NaN") {
