@@ -490,6 +490,20 @@ fn training_inputs_fail_before_a_run_folder_exists() {
         ),
         ("NaN weights", nan_weights(&s), "holds NaN"),
         ("missing tensor", drop_tensor(&s), "is missing"),
+        ("integer weights", int_weights(&s), "floating point"),
+        (
+            "wrong shape",
+            edit_tensors(&s, "w-shape", |t| {
+                let name = "vit.encoder.layer.0.attention.attention.value.weight";
+                let z = candle_core::Tensor::zeros(
+                    (16, 15),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                );
+                t.insert(name.into(), z.unwrap());
+            }),
+            "[16, 15]",
+        ),
         (
             "no weights file",
             {
@@ -523,6 +537,15 @@ fn nan_weights(s: &Scratch) -> std::path::PathBuf {
             name.into(),
             candle_core::Tensor::from_vec(w, dims, &candle_core::Device::Cpu).unwrap(),
         );
+    })
+}
+
+/// A tiny-ViT copy whose query weight is stored as integers.
+fn int_weights(s: &Scratch) -> std::path::PathBuf {
+    edit_tensors(s, "w-int", |t| {
+        let name = "vit.encoder.layer.0.attention.attention.query.weight";
+        let w = t[name].to_dtype(candle_core::DType::I64).unwrap();
+        t.insert(name.into(), w);
     })
 }
 

@@ -193,7 +193,8 @@ fn data_files() {
 
     // Image folders.
     let png = |seed| image_bytes(8, 8, seed, image::ImageFormat::Png);
-    let img_cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Option<[u32; 2]>, &str)> = vec![
+    type Files = Vec<(&'static str, Vec<u8>)>;
+    let img_cases: Vec<(&str, Files, Option<[u32; 2]>, &str)> = vec![
         ("no class folders", vec![("x.png", png(1))], None, "class"),
         (
             "empty class",
@@ -427,4 +428,83 @@ fn personalisation_presets_and_options() {
         eval(4, 4, EvalWorkers::InProcess, &s.0.join("dir"))
     });
     t.finish("personalisation presets and options");
+}
+
+/// The built-in personaliser with `file` replaced by `edit` of its bytes (the others linked).
+fn broken_personaliser(
+    s: &Scratch,
+    tag: &str,
+    file: &str,
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> PathBuf {
+    let src = peft_studio::personalize::pipeline::builtin_dir()
+        .canonicalize()
+        .unwrap();
+    let dir = s.0.join(format!("{tag}-{file}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != file {
+            std::os::unix::fs::symlink(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let mut bytes = std::fs::read(src.join(file)).unwrap();
+    edit(&mut bytes);
+    std::fs::write(dir.join(file), bytes).unwrap();
+    dir
+}
+
+/// Writes a NaN into the first value of the tensor stored first in a safetensors buffer.
+fn nan_first_value(b: &mut [u8]) {
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let (_, first) = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .min_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap())
+        .unwrap();
+    let at = 8 + n + first["data_offsets"][0].as_u64().unwrap() as usize;
+    let nan: &[u8] = match first["dtype"].as_str().unwrap() {
+        "F32" => &[0, 0, 0xC0, 0x7F],
+        "F16" => &[0, 0x7E],
+        "BF16" => &[0xC0, 0x7F],
+        other => panic!("unexpected dtype {other}"),
+    };
+    b[at..at + nan.len()].copy_from_slice(nan);
+}
+
+#[test]
+fn damaged_personaliser_folders() {
+    use peft_studio::personalize::pipeline::Personaliser;
+    let s = Scratch::new("damaged");
+    let mut t = Tally::default();
+    let load = |dir: PathBuf| {
+        Personaliser::load(&dir)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    for file in [
+        "generator.safetensors",
+        "identity_encoder.safetensors",
+        "eval_encoder.safetensors",
+        "lora_autoencoder.safetensors",
+        "latent_denoiser.safetensors",
+    ] {
+        let dir = broken_personaliser(&s, "nan", file, |b| nan_first_value(b));
+        t.expect_err(&format!("NaN in {file}"), file, || {
+            load(dir).map_err(|e| {
+                if e.contains("NaN") {
+                    e
+                } else {
+                    format!("no NaN named: {e}")
+                }
+            })
+        });
+        let dir = broken_personaliser(&s, "cut", file, |b| b.truncate(b.len() / 2));
+        t.expect_err(&format!("truncated {file}"), file, || load(dir));
+    }
+    let dir = broken_personaliser(&s, "bad", "preset.toml", |b| b.extend_from_slice(b"\n[[["));
+    t.expect_err("broken preset.toml", "preset.toml", || load(dir));
+    t.finish("damaged personaliser folders");
 }

@@ -147,6 +147,7 @@ impl WeightReader {
             && let Some(t) = self.tensors.get(&self.stored_name(name))
             && t.dims() == dims
         {
+            self.check_dtype(&self.stored_name(name), t)?;
             return Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?);
         }
         self.initialised.push(name.into());
@@ -167,7 +168,21 @@ impl WeightReader {
                 ),
             });
         }
+        self.check_dtype(&stored, t)?;
         Ok(Some(t.to_dtype(DType::F32)?.to_device(&self.device)?))
+    }
+
+    fn check_dtype(&self, stored: &str, t: &Tensor) -> Result<(), ModelError> {
+        if t.dtype().is_float() {
+            return Ok(());
+        }
+        Err(ModelError::Weights {
+            file: self.file.clone(),
+            problem: format!(
+                "tensor `{stored}` is stored as {:?}; weights must be floating point (f32, f16, bf16 or f64)",
+                t.dtype()
+            ),
+        })
     }
 }
 

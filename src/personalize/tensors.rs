@@ -8,9 +8,9 @@ use image::RgbImage;
 ///
 /// Errors when `images` is empty or the sizes differ.
 pub fn images_to_tensor(images: &[RgbImage], device: &Device) -> candle_core::Result<Tensor> {
-    let first = images
-        .first()
-        .ok_or_else(|| candle_core::Error::Msg("no images to stack".into()))?;
+    let first = images.first().ok_or_else(|| {
+        candle_core::Error::Msg("no images given: the image list is empty".into())
+    })?;
     let (w, h) = first.dimensions();
     let mut data = Vec::with_capacity(images.len() * (w * h * 3) as usize);
     for (i, img) in images.iter().enumerate() {

@@ -5,7 +5,7 @@
 
 use super::config::{TrainConfig, TrainMode};
 use crate::data::DataSource;
-use crate::models::{Classifier, InputKind};
+use crate::models::InputKind;
 
 /// Most optimiser steps a run may take.
 pub const MAX_STEPS: usize = 10_000_000;
@@ -141,65 +141,156 @@ pub fn check_batch(cfg: &TrainConfig, n_train: usize, dataset: &str) -> Result<(
     Ok(())
 }
 
-/// A rough upper estimate of the bytes one training step holds: the model's values (times
-/// four in full fine-tuning: weights, gradients and AdamW's two moments) plus the
-/// activations of one micro-batch kept for the backward pass.
-pub fn step_bytes(cfg: &TrainConfig, model: &dyn Classifier, parameters: usize) -> u64 {
-    let c = model.config_json();
-    let field = |k: &str, d: u64| c.get(k).and_then(|v| v.as_u64()).unwrap_or(d);
-    let h = field("hidden_size", 768);
-    let layers = field("num_hidden_layers", 12);
-    let inter = field("intermediate_size", 4 * h);
-    let heads = field("num_attention_heads", 12);
-    let tokens = match model.input() {
-        InputKind::Image { .. } => {
-            let patch = field("patch_size", 16).max(1);
-            let image = field("image_size", 224);
-            (image / patch).pow(2) + 1
+/// The sizes the memory estimate reads from a model's `config.json`, and its sequence length.
+struct Shape {
+    hidden: u64,
+    layers: u64,
+    inter: u64,
+    heads: u64,
+    tokens: u64,
+}
+
+impl Shape {
+    fn of(cfg: &TrainConfig, model_config: &serde_json::Value, input: InputKind) -> Self {
+        let field = |k: &str, d: u64| model_config.get(k).and_then(|v| v.as_u64()).unwrap_or(d);
+        let hidden = field("hidden_size", 768);
+        let tokens = match input {
+            InputKind::Image { .. } => {
+                let patch = field("patch_size", 16).max(1);
+                (field("image_size", 224) / patch).pow(2) + 1
+            }
+            InputKind::Text { max_positions, .. } => {
+                cfg.model.max_length.min(max_positions).max(2) as u64
+            }
+        };
+        Shape {
+            hidden,
+            layers: field("num_hidden_layers", 12).max(1),
+            inter: field("intermediate_size", 4 * hidden),
+            heads: field("num_attention_heads", 12),
+            tokens,
         }
-        InputKind::Text { max_positions, .. } => {
-            cfg.model.max_length.min(max_positions).max(2) as u64
-        }
-    };
-    // Per token and layer: about a dozen hidden-size vectors, two of the feed-forward size,
-    // and three attention rows per head.
-    let per_token_layer = 12 * h + 2 * inter + 3 * heads * tokens;
-    let activations = (cfg.optim.batch_size as u64)
-        .saturating_mul(tokens)
-        .saturating_mul(layers.max(1))
+    }
+}
+
+/// A rough estimate (on the low side: it catches gross overruns without refusing real runs)
+/// of the bytes a run holds at its peak: the model's values (times
+/// four in full fine-tuning: weights, gradients and AdamW's two moments) plus the larger of
+/// one training micro-batch's activations (kept for the backward pass: about a dozen
+/// hidden-size vectors, two feed-forward ones and three attention rows per head, per token
+/// and layer) and one evaluation batch's (one layer at a time).
+pub fn peak_bytes(
+    cfg: &TrainConfig,
+    model_config: &serde_json::Value,
+    input: InputKind,
+    parameters: usize,
+    eval_examples: usize,
+) -> u64 {
+    let s = Shape::of(cfg, model_config, input);
+    let per_token_layer = 12 * s.hidden + 2 * s.inter + 3 * s.heads * s.tokens;
+    let train = (cfg.optim.batch_size as u64)
+        .saturating_mul(s.tokens)
+        .saturating_mul(s.layers)
+        .saturating_mul(per_token_layer)
+        .saturating_mul(4);
+    let eval_batch = cfg.optim.eval_batch_size.min(eval_examples.max(1)) as u64;
+    let eval = eval_batch
+        .saturating_mul(s.tokens)
         .saturating_mul(per_token_layer)
         .saturating_mul(4);
     let copies = if cfg.mode == TrainMode::Full { 4 } else { 1 };
     (parameters as u64)
         .saturating_mul(4 * copies)
-        .saturating_add(activations)
+        .saturating_add(train.max(eval))
 }
 
-/// Refuses a run whose estimated step memory exceeds what the machine has available
-/// (`MemAvailable`), naming the batch and the numbers.
+/// Refuses a run whose [`peak_bytes`] exceed `available` bytes, naming the batch sizes and
+/// the numbers.
 pub fn check_memory(
     cfg: &TrainConfig,
-    model: &dyn Classifier,
+    model_config: &serde_json::Value,
+    input: InputKind,
     parameters: usize,
+    eval_examples: usize,
+    available: u64,
 ) -> Result<(), String> {
-    let Some(available) = crate::memory::available_bytes() else {
-        return Ok(());
-    };
-    let need = step_bytes(cfg, model, parameters);
+    let need = peak_bytes(cfg, model_config, input, parameters, eval_examples);
     if need <= available {
         return Ok(());
     }
     let gib = crate::memory::gib;
     Err(format!(
-        "this run needs about {:.1} GiB per step (model {}, optim.batch_size = {}{}), more than the {:.1} GiB of memory available; lower optim.batch_size (or model.max_length)",
+        "this run needs about {:.1} GiB (model {} values{}, optim.batch_size = {}, optim.eval_batch_size = {}), more than the {:.1} GiB of memory available; lower the batch sizes (or model.max_length)",
         gib(need),
         crate::inspect::thousands(parameters),
-        cfg.optim.batch_size,
         if cfg.mode == TrainMode::Full {
-            ", full fine-tuning keeps 4 copies of the weights"
+            ", 4 copies in full fine-tuning"
         } else {
             ""
         },
+        cfg.optim.batch_size,
+        cfg.optim.eval_batch_size,
         gib(available)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bert_base() -> serde_json::Value {
+        serde_json::json!({"hidden_size": 768, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "intermediate_size": 3072})
+    }
+
+    const TEXT: InputKind = InputKind::Text {
+        max_positions: 512,
+        pad_id: 0,
+    };
+
+    #[test]
+    fn memory_estimate_refuses_batches_that_cannot_fit() {
+        let mut cfg = TrainConfig::default();
+        cfg.model.max_length = 128;
+        cfg.optim.batch_size = 16;
+        let gib8 = 8u64 << 30;
+        let small = peak_bytes(&cfg, &bert_base(), TEXT, 110_000_000, 1000);
+        // BERT-base, batch 16 × 128 tokens: between 1 and 8 GiB.
+        assert!(small > 1 << 30 && small < gib8, "{small}");
+        assert!(check_memory(&cfg, &bert_base(), TEXT, 110_000_000, 1000, gib8).is_ok());
+        cfg.optim.batch_size = 4096;
+        let e = check_memory(&cfg, &bert_base(), TEXT, 110_000_000, 1000, gib8).unwrap_err();
+        assert!(
+            e.contains("optim.batch_size = 4096") && e.contains("GiB"),
+            "{e}"
+        );
+        // A huge evaluation batch counts too, bounded by the eval split.
+        cfg.optim.batch_size = 16;
+        cfg.optim.eval_batch_size = 65536;
+        assert!(check_memory(&cfg, &bert_base(), TEXT, 110_000_000, 100_000, gib8).is_err());
+        assert!(check_memory(&cfg, &bert_base(), TEXT, 110_000_000, 100, gib8).is_ok());
+        // Full fine-tuning keeps four copies of the weights.
+        cfg.mode = TrainMode::Full;
+        let full = peak_bytes(&cfg, &bert_base(), TEXT, 110_000_000, 100);
+        cfg.mode = TrainMode::Head;
+        let head = peak_bytes(&cfg, &bert_base(), TEXT, 110_000_000, 100);
+        assert_eq!(full - head, 3 * 4 * 110_000_000);
+    }
+
+    #[test]
+    fn epochs_give_the_step_count_and_are_bounded() {
+        let mut cfg = TrainConfig::default();
+        cfg.optim.steps = None;
+        cfg.optim.epochs = Some(3.0);
+        cfg.optim.batch_size = 10;
+        assert_eq!(total_steps(&cfg, 95), Ok(29)); // ⌈285 / 10⌉
+        cfg.optim.epochs = Some(100_000.0);
+        cfg.optim.batch_size = 1;
+        assert!(
+            total_steps(&cfg, 1_000_000)
+                .unwrap_err()
+                .contains("optim.epochs")
+        );
+        assert!(check_batch(&cfg, 0, "d").is_err());
+    }
 }

@@ -142,8 +142,17 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         .flat_map(|g| g.0.iter())
         .map(|v| v.elem_count())
         .sum();
-    limits::check_memory(cfg, model.as_ref(), base_total + adapter_trainable)
+    if let Some(available) = memory::available_bytes() {
+        limits::check_memory(
+            cfg,
+            &model.config_json(),
+            model.input(),
+            base_total + adapter_trainable,
+            data.eval.len(),
+            available,
+        )
         .map_err(anyhow::Error::msg)?;
+    }
     let input = model.input();
     let train = EncodedSplit::new(&data.train, input, tokenizer.as_ref(), cfg.model.max_length)?;
     let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
