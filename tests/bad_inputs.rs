@@ -448,6 +448,20 @@ fn training_inputs_fail_before_a_run_folder_exists() {
         });
     }
 
+    let giant = tiny_vit_copy(&s, "cfg-giant", |c| {
+        for (k, v) in [
+            ("hidden_size", 4096),
+            ("num_hidden_layers", 1000),
+            ("num_attention_heads", 16),
+            ("intermediate_size", 16384),
+        ] {
+            c.insert(k.into(), v.into());
+        }
+    });
+    t.expect_err("config.json larger than memory", "GiB", || {
+        run(&train_preset(&giant, &data), &[])
+    });
+
     // Broken weights.
     let weights = |name: &str, bytes: &dyn Fn(Vec<u8>) -> Vec<u8>| {
         let m = tiny_vit_copy(&s, name, |_| {});

@@ -34,13 +34,25 @@ pub struct IdxImages {
 pub(crate) fn read_maybe_gzip(path: &Path, what: &str) -> Result<Vec<u8>, DataError> {
     let raw = read_file(path, what)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
+        // Half the memory available: a gzip bomb is an error, not an abort.
+        let limit = crate::memory::available_bytes().map_or(4 << 30, |a| a / 2);
+        let mut out = Vec::with_capacity(raw.len().saturating_mul(4));
         MultiGzDecoder::new(raw.as_slice())
+            .take(limit.saturating_add(1))
             .read_to_end(&mut out)
             .map_err(|e| DataError::Gzip {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        if out.len() as u64 > limit {
+            return Err(DataError::Gzip {
+                path: path.to_path_buf(),
+                message: format!(
+                    "inflates to more than {:.1} GiB, half the memory available",
+                    crate::memory::gib(limit)
+                ),
+            });
+        }
         Ok(out)
     } else {
         Ok(raw)

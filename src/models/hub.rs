@@ -142,7 +142,22 @@ pub fn load_model(
         return Err(ModelError::TooFewClasses(num_labels));
     }
     // Field ranges and a size check before anything is allocated.
-    crate::arch::ArchSpec::from_config(&v, &shown, Some(num_labels))?;
+    let arch = crate::arch::ArchSpec::from_config(&v, &shown, Some(num_labels))?;
+    let bytes = (arch.total_params() as u64).saturating_mul(4);
+    if let Some(available) = crate::memory::available_bytes()
+        && bytes > available
+    {
+        return Err(ModelError::File {
+            path: shown,
+            reason: format!(
+                "{}: {} parameters, {:.1} GiB as f32, more than the {:.1} GiB of memory available",
+                arch.summary,
+                crate::inspect::thousands(arch.total_params()),
+                crate::memory::gib(bytes),
+                crate::memory::gib(available)
+            ),
+        });
+    }
     let std = v
         .get("initializer_range")
         .and_then(Value::as_f64)

@@ -6,6 +6,9 @@
 //!   turn, background, lighting, accessory), so identity ground truth is exact.
 //! - [`identity_folder`]: the loader for real photos laid out one sub-folder per person (like the
 //!   ORL faces), and for a folder of one person's reference photos.
+//! - [`build`] trains a personaliser from a preset (checked up front by [`preset_checks`]) into
+//!   a folder whose file names [`files`] lists; [`pipeline`] loads and runs it, [`commands`]
+//!   holds the command-line work (options and output folders checked before any work).
 
 pub mod bank;
 pub mod build;
