@@ -11,6 +11,7 @@ pub mod arch;
 pub mod bench;
 pub mod data;
 pub mod diffusion;
+pub mod fsio;
 pub mod inspect;
 pub mod memory;
 pub mod models;

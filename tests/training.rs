@@ -369,7 +369,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         let again = reload_and_evaluate(&s.root().join(&cut.id)).unwrap();
         assert_eq!(again.accuracy, whole.final_eval.unwrap().accuracy);
     }
-    // A run without a checkpoint says so.
+    // A finished run is not trained over.
     let plain = train(
         &quick("baseline-head.toml", &["optim.steps=2"]),
         &s,
@@ -379,6 +379,23 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     .unwrap();
     let e = peft_studio::train::resume(&s.root().join(&plain.id), &mut NeverStop, &mut |_| {})
         .unwrap_err();
-    assert!(e.to_string().contains("checkpoint"), "{e}");
+    assert!(e.to_string().contains("finished"), "{e}");
+    // A run stopped without `checkpoint_every` resumes where it stopped.
+    let cfg = quick(
+        "baseline-head.toml",
+        &["optim.steps=6", "optim.eval_every=3"],
+    );
+    let whole = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
+    let cut = train(&cfg, &s, &mut StopAfter(4), &mut |_| {}).unwrap();
+    assert_eq!((cut.status, cut.steps_done), (RunStatus::Stopped, 4));
+    let resumed =
+        peft_studio::train::resume(&s.root().join(&cut.id), &mut NeverStop, &mut |_| {}).unwrap();
+    assert_eq!(resumed.steps_done, 6);
+    assert_eq!(losses(&s, &whole.id), losses(&s, &cut.id));
+    assert_eq!(
+        s.metrics(&whole.id).unwrap().len(),
+        s.metrics(&cut.id).unwrap().len(),
+        "the evaluation made where it stopped is not kept"
+    );
     std::fs::remove_dir_all(s.root()).unwrap();
 }

@@ -11,7 +11,7 @@ use super::evaluate::{EvalReport, EvalSettings, PersonEval, evaluate, summarise}
 use super::identity_folder::load_references;
 use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
 use super::portrait::render_set;
-use crate::peft::checkpoint::write_atomic;
+use crate::fsio::write_atomic;
 
 /// What `personalize` writes to `report.json`.
 #[derive(Debug, Clone, Serialize)]

@@ -1,13 +1,21 @@
-//! Training: configuration, the loop, batches, events and the run store.
+//! Training: configuration ([`config`]), the loop ([`trainer`], [`optim`], [`batches`]), what a
+//! run reports and how it is stopped ([`events`], [`interrupt`]), and the run store: the
+//! folder of runs ([`store`]), the files of one run and its lock ([`layout`]), and its
+//! resumable state ([`checkpoint`]).
 
 pub mod batches;
+pub mod checkpoint;
 pub mod config;
 pub mod events;
+pub mod interrupt;
+pub mod layout;
 pub mod optim;
 pub mod store;
 pub mod trainer;
 
 pub use config::{ModelConfig, OptimConfig, Schedule, TrainConfig, TrainMode};
 pub use events::{Control, Controller, Event, NeverStop, Phase, RunFailure};
+pub use interrupt::SignalStop;
+pub use layout::{RunLayout, RunLock};
 pub use store::{EvalPoint, MetricLine, RunStatus, RunStore, RunSummary};
-pub use trainer::{evaluate, reload_and_evaluate, resume, train};
+pub use trainer::{evaluate, reload_and_evaluate, resume, train, train_again};

@@ -1,5 +1,7 @@
 //! The training loop: AdamW with weight decay, warm-up then linear or cosine decay, gradient
-//! clipping and accumulation, periodic evaluation, seeded; results in the run store.
+//! clipping and accumulation, periodic evaluation, seeded; results in the run store, with a
+//! [checkpoint](super::checkpoint) every `optim.checkpoint_every` steps and on a stop, from
+//! which [`resume`] continues a stopped or killed run exactly.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,11 +11,14 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::batches::{EncodedSplit, Sampler};
+use super::checkpoint::{self, CheckpointMeta};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
+use super::layout::{HEAD_FILE, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout, RunLock};
 use super::optim::{AdamW, AdamWParams};
-use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
+use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary, read_summary};
 use crate::data::{self, DataSource, Dataset};
+use crate::fsio;
 use crate::memory;
 use crate::models::{self, Classifier, InputKind, LoadedModel, load_model};
 use crate::peft::linear::{attach_adapters, trainable_vars};
@@ -209,6 +214,10 @@ struct Loop<'a, 'r, 'e> {
     evals: Vec<EvalPoint>,
     train_secs: f64,
     steps_done: usize,
+    /// The step of the newest checkpoint on disk.
+    checkpointed: usize,
+    /// The run's record, rewritten (still `running`) at each checkpoint.
+    summary: RunSummary,
 }
 
 /// The optimisers of a prepared run, one per parameter group.
@@ -224,9 +233,6 @@ fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64
     }
     Ok(opts)
 }
-
-/// Name of the checkpoint folder inside a run.
-pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 impl Loop<'_, '_, '_> {
     fn eval(&mut self, step: usize) -> anyhow::Result<()> {
@@ -244,35 +250,27 @@ impl Loop<'_, '_, '_> {
         Ok(())
     }
 
-    /// Writes the trainable values, the optimiser state and the step, atomically (a new
-    /// folder, then renames).
-    fn checkpoint(&self, step: usize) -> anyhow::Result<()> {
-        let dir = self.run.path.join(CHECKPOINT_DIR);
-        let tmp = self.run.path.join(format!("{CHECKPOINT_DIR}.tmp"));
-        let old = self.run.path.join(format!("{CHECKPOINT_DIR}.old"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut tensors = HashMap::new();
-        let mut opt_steps = Vec::new();
+    /// Writes the trainable values, the optimiser state and the step as the run's checkpoint
+    /// (see [`checkpoint::save`]), and the summary's progress.
+    fn checkpoint(&mut self, step: usize) -> anyhow::Result<()> {
+        let mut tensors = Vec::new();
+        let mut optimizer_steps = Vec::new();
         for (k, (opt, _)) in self.opts.iter().enumerate() {
             let (t, n) = opt.state(&format!("group{k}"));
             tensors.extend(t);
-            opt_steps.push(n);
+            optimizer_steps.push(n);
         }
-        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-        let meta = serde_json::json!({
-            "step": step,
-            "optimizer_steps": opt_steps,
-            "train_secs": self.train_secs,
-        });
-        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&meta)?)?;
-        let _ = std::fs::remove_dir_all(&old);
-        if dir.exists() {
-            std::fs::rename(&dir, &old)?;
-        }
-        std::fs::rename(&tmp, &dir)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        let meta = CheckpointMeta {
+            step,
+            total_steps: Some(self.total_steps),
+            optimizer_steps,
+            train_secs: self.train_secs,
+            files: Default::default(),
+        };
+        checkpoint::save(&self.run.layout, meta, tensors)?;
+        self.checkpointed = step;
+        self.summary.steps_done = step;
+        self.run.write_summary(&self.summary)
     }
 
     fn run(&mut self, ctl: &mut dyn Controller, start: usize) -> anyhow::Result<RunStatus> {
@@ -386,6 +384,7 @@ impl Loop<'_, '_, '_> {
             if step % o.eval_every == 0 || step == self.total_steps {
                 self.eval(step)?;
             }
+            fsio::fault_point("step-done");
             if let Some(every) = o.checkpoint_every
                 && step % every == 0
                 && step < self.total_steps
@@ -419,28 +418,22 @@ pub fn save_trained(
     model: &dyn Classifier,
     run_path: &Path,
 ) -> anyhow::Result<()> {
+    let layout = RunLayout::new(run_path);
     match cfg.mode {
         TrainMode::Adapter => {
-            save_adapter_with(
-                model,
-                &cfg.adapter,
-                &run_path.join("adapter"),
-                &head_tensors(model),
-            )?;
+            save_adapter_with(model, &cfg.adapter, &layout.adapter(), &head_tensors(model))?;
         }
-        TrainMode::Full => save_model(model, &run_path.join("model"))?,
+        TrainMode::Full => save_model(model, &layout.model())?,
         TrainMode::Head => {
-            let dir = run_path.join("head");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut t = HashMap::new();
+            let dir = layout.head();
+            fsio::create_dir_all(&dir)?;
+            let mut t = Vec::new();
             for (module, params) in head_tensors(model) {
                 for (n, v) in params {
-                    t.insert(format!("{module}.{n}"), v);
+                    t.push((format!("{module}.{n}"), v));
                 }
             }
-            let tmp = dir.join("head.safetensors.tmp");
-            candle_core::safetensors::save(&t, &tmp)?;
-            std::fs::rename(&tmp, dir.join("head.safetensors"))?;
+            fsio::write_safetensors(&dir.join(HEAD_FILE), &t, HashMap::new())?;
         }
     }
     Ok(())
@@ -448,13 +441,11 @@ pub fn save_trained(
 
 /// Writes a whole model as a Hugging Face folder: `config.json` and `model.safetensors`.
 pub fn save_model(model: &dyn Classifier, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = models::named_tensors(model)?.into_iter().collect();
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
-    crate::peft::checkpoint::write_atomic(
-        &dir.join("config.json"),
+    fsio::create_dir_all(dir)?;
+    let tensors = models::named_tensors(model)?;
+    fsio::write_safetensors(&dir.join(MODEL_WEIGHTS_FILE), &tensors, HashMap::new())?;
+    fsio::write_atomic(
+        &dir.join(MODEL_CONFIG_FILE),
         serde_json::to_string_pretty(&model.config_json())?.as_bytes(),
     )?;
     Ok(())
@@ -463,7 +454,7 @@ pub fn save_model(model: &dyn Classifier, dir: &Path) -> anyhow::Result<()> {
 /// Rebuilds a finished run's model from its folder (config, base model, saved adapter or
 /// weights) and evaluates it on its eval split.
 pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
-    let cfg = TrainConfig::from_preset(&run_path.join("config.toml"), &[])?;
+    let cfg = TrainConfig::from_preset(&RunLayout::new(run_path).config(), &[])?;
     let mut p = prepare_frozen(&cfg, run_path)?;
     let e = evaluate(p.model.as_mut(), &p.eval, cfg.optim.eval_batch_size, 0)?;
     Ok(e)
@@ -471,11 +462,12 @@ pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
 
 /// The run's trained model (no trainable variables), with its data encoded.
 fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared> {
+    let layout = RunLayout::new(run_path);
     let data = load_data(cfg, None)?;
     let (source, fresh) = match cfg.mode {
         TrainMode::Full => (
             models::ModelSource::Folder {
-                path: run_path.join("model"),
+                path: layout.model(),
             },
             false,
         ),
@@ -488,13 +480,17 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
     } = load_model(&source, data.num_classes(), fresh, cfg.optim.seed)?;
     let head_file = match cfg.mode {
         TrainMode::Adapter => {
-            let (_, extra) = load_adapter_with(model.as_mut(), &run_path.join("adapter"))?;
+            let (_, extra) = load_adapter_with(model.as_mut(), &layout.adapter())?;
             Some(extra)
         }
-        TrainMode::Head => Some(candle_core::safetensors::load(
-            run_path.join("head").join("head.safetensors"),
-            &Device::Cpu,
-        )?),
+        TrainMode::Head => {
+            let path = layout.head().join(HEAD_FILE);
+            Some(fsio::parse_safetensors(
+                &path,
+                &fsio::read(&path)?,
+                &Device::Cpu,
+            )?)
+        }
         TrainMode::Full => None,
     };
     if let Some(extra) = head_file {
@@ -544,8 +540,27 @@ pub fn train(
     }
     let total_steps = total_steps(cfg, p.train.len());
     let run = store.create(cfg)?;
-    let summary = RunSummary {
-        id: run.id.clone(),
+    let summary = new_summary(cfg, &p, &run.id, total_steps, started_at);
+    let opts = optimisers(cfg, &p)?;
+    let start = Start {
+        step: 0,
+        losses: Vec::new(),
+        evals: Vec::new(),
+        train_secs: 0.0,
+    };
+    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+}
+
+/// The summary of a run starting now.
+fn new_summary(
+    cfg: &TrainConfig,
+    p: &Prepared,
+    id: &str,
+    total_steps: usize,
+    started_at: String,
+) -> RunSummary {
+    RunSummary {
+        id: id.to_string(),
         name: cfg.label(),
         method: cfg.method_name(),
         rank: (cfg.mode == TrainMode::Adapter).then_some(cfg.adapter.rank),
@@ -564,20 +579,15 @@ pub fn train(
         status: RunStatus::Running,
         error: None,
         started_at,
-    };
-    let opts = optimisers(cfg, &p)?;
-    let start = Start {
-        step: 0,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        train_secs: 0.0,
-    };
-    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+    }
 }
 
-/// Continues the run in `run_path` from its last checkpoint (`optim.checkpoint_every`): the
-/// same config, the trainable values and optimiser state as saved, the batch order replayed,
-/// metrics after the checkpoint discarded. The result equals an uninterrupted run.
+/// Continues the run in `run_path` from its newest good checkpoint (written every
+/// `optim.checkpoint_every` steps and when a run stops; a save cut short by a kill is finished
+/// or undone, a damaged checkpoint refused): the same config, the trainable values and
+/// optimiser state as saved, the batch order replayed, metrics after the checkpoint
+/// discarded. The result equals an uninterrupted run. A run killed before its first
+/// checkpoint starts again from step 0; a finished run is refused (see [`train_again`]).
 pub fn resume(
     run_path: &Path,
     ctl: &mut dyn Controller,
@@ -586,50 +596,106 @@ pub fn resume(
     let started = Instant::now();
     memory::reset_peak_rss();
     emit(Event::Phase(Phase::Loading));
-    let cfg = TrainConfig::from_preset(&run_path.join("config.toml"), &[])
-        .map_err(anyhow::Error::from)?;
-    let ckpt = run_path.join(CHECKPOINT_DIR);
-    let meta_path = ckpt.join("state.json");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| {
-            format!(
-                "{}: this run has no checkpoint to resume from (set optim.checkpoint_every)",
-                meta_path.display()
-            )
-        })?)
-        .with_context(|| format!("{}: not valid JSON", meta_path.display()))?;
-    let step = meta["step"]
-        .as_u64()
-        .context("state.json: `step` is missing")? as usize;
-    let opt_steps: Vec<usize> = serde_json::from_value(meta["optimizer_steps"].clone())
-        .context("state.json: `optimizer_steps` is missing")?;
-    let summary_path = run_path.join("summary.json");
-    let mut summary: RunSummary = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("reading {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a run summary", summary_path.display()))?;
-    let p = prepare(&cfg)?;
-    let mut opts = optimisers(&cfg, &p)?;
-    let tensors = candle_core::safetensors::load(ckpt.join("state.safetensors"), &Device::Cpu)
-        .with_context(|| format!("reading {}", ckpt.join("state.safetensors").display()))?;
-    if opt_steps.len() != opts.len() {
+    let layout = RunLayout::new(run_path);
+    if !layout.config().is_file() {
         return Err(anyhow::anyhow!(
-            "the checkpoint has {} parameter groups, the run {}",
-            opt_steps.len(),
-            opts.len()
+            "{}: not a run folder (it has no {})",
+            run_path.display(),
+            super::layout::CONFIG_FILE
         )
         .into());
     }
-    for (k, (opt, _)) in opts.iter_mut().enumerate() {
-        opt.load_state(&format!("group{k}"), &tensors, opt_steps[k])?;
+    let lock = RunLock::acquire(&layout).map_err(anyhow::Error::from)?;
+    let cfg = TrainConfig::from_preset(&layout.config(), &[]).map_err(anyhow::Error::from)?;
+    // A run killed before its first summary has none: it starts afresh.
+    let recorded = match layout.summary().exists() {
+        true => Some(read_summary(&layout)?),
+        false => None,
+    };
+    if let Some(s) = recorded
+        .as_ref()
+        .filter(|s| s.status == RunStatus::Finished)
+    {
+        return Err(anyhow::anyhow!(
+            "{}: the run is finished ({} of {} steps); there is nothing to resume (`train --resume {} --force` trains a new run from its config)",
+            run_path.display(),
+            s.steps_done,
+            s.total_steps,
+            run_path.display()
+        )
+        .into());
     }
-    let (run, kept) = RunDir::reopen(run_path, step)?;
+    // The checkpoint is checked before the (slower) loading of model and data.
+    let early = match &recorded {
+        Some(s) => Some(
+            checkpoint::load(&layout, s.total_steps, &mut |m| emit(Event::Log(m)))
+                .map_err(anyhow::Error::from)?,
+        ),
+        None => None,
+    };
+    let p = prepare(&cfg)?;
+    let total = total_steps(&cfg, p.train.len());
+    let (mut summary, ckpt) = match (recorded, early) {
+        (Some(s), Some(ckpt)) => {
+            if s.total_steps != total {
+                return Err(anyhow::anyhow!(
+                    "{}: `total_steps` is {}, but its config and data give {total} steps: the run's files do not belong together",
+                    layout.summary().display(),
+                    s.total_steps
+                )
+                .into());
+            }
+            (s, ckpt)
+        }
+        _ => {
+            let ckpt = checkpoint::load(&layout, total, &mut |m| emit(Event::Log(m)))
+                .map_err(anyhow::Error::from)?;
+            let id = layout.id().unwrap_or_default();
+            let now = chrono::Local::now().to_rfc3339();
+            (new_summary(&cfg, &p, &id, total, now), ckpt)
+        }
+    };
+    let mut opts = optimisers(&cfg, &p)?;
+    let (step, train_secs) = match &ckpt {
+        Some(c) => {
+            let groups = &c.meta.optimizer_steps;
+            if groups.len() != opts.len() {
+                return Err(anyhow::anyhow!(
+                    "{}: `optimizer_steps` has {} parameter groups, the run {}",
+                    c.state_path.with_file_name(checkpoint::META_FILE).display(),
+                    groups.len(),
+                    opts.len()
+                )
+                .into());
+            }
+            for (k, (opt, _)) in opts.iter_mut().enumerate() {
+                opt.load_state(&format!("group{k}"), &c.tensors, groups[k])
+                    .with_context(|| format!("{}", c.state_path.display()))?;
+            }
+            (c.meta.step, c.meta.train_secs)
+        }
+        None => {
+            emit(Event::Log(format!(
+                "{}: no checkpoint yet; the run starts again from step 0",
+                run_path.display()
+            )));
+            (0, 0.0)
+        }
+    };
+    drop(ckpt);
+    let eval_every = cfg.optim.eval_every;
+    // What an uninterrupted run would hold at `step`: evaluations made only because a run
+    // stopped there are dropped.
+    let keep = |m: &MetricLine| match m {
+        MetricLine::Step { step: s, .. } => *s <= step,
+        MetricLine::Eval(e) => e.step <= step && (e.step % eval_every == 0 || e.step == total),
+    };
+    let (run, kept) = RunDir::reopen(layout, lock, keep)?;
     let mut start = Start {
         step,
         losses: Vec::new(),
         evals: Vec::new(),
-        train_secs: meta["train_secs"].as_f64().unwrap_or(0.0),
+        train_secs,
     };
     for m in kept {
         match m {
@@ -639,11 +705,25 @@ pub fn resume(
     }
     summary.status = RunStatus::Running;
     summary.error = None;
+    summary.steps_done = step;
     emit(Event::Log(format!(
         "resuming {} from step {step}",
         summary.id
     )));
     drive(&cfg, &p, run, summary, opts, start, started, ctl, emit)
+}
+
+/// Trains a new run, in the same store, from the config of the run in `run_path` (the
+/// `--force` of a resumed finished run).
+pub fn train_again(
+    run_path: &Path,
+    ctl: &mut dyn Controller,
+    emit: &mut dyn FnMut(Event),
+) -> Result<RunSummary, RunFailure> {
+    let layout = RunLayout::new(run_path);
+    let cfg = TrainConfig::from_preset(&layout.config(), &[]).map_err(anyhow::Error::from)?;
+    let store = RunStore::new(run_path.parent().unwrap_or(Path::new(".")));
+    train(&cfg, &store, ctl, emit)
 }
 
 /// The shared body of [`train`] and [`resume`]: announce, loop, save, record.
@@ -652,7 +732,7 @@ fn drive(
     cfg: &TrainConfig,
     p: &Prepared,
     mut run: RunDir,
-    mut summary: RunSummary,
+    summary: RunSummary,
     opts: Vec<(AdamW, f64)>,
     start: Start,
     started: Instant,
@@ -681,13 +761,18 @@ fn drive(
         evals: start.evals,
         train_secs: start.train_secs,
         steps_done: start.step,
+        checkpointed: start.step,
+        summary,
     };
     let outcome = lp.run(ctl, start.step).and_then(|status| {
-        if status == RunStatus::Stopped
-            && lp.steps_done > 0
-            && lp.evals.last().map(|e| e.step) != Some(lp.steps_done)
-        {
-            lp.eval(lp.steps_done)?;
+        if status == RunStatus::Stopped {
+            // A stopped run can always be resumed where it stopped.
+            if lp.steps_done > lp.checkpointed {
+                lp.checkpoint(lp.steps_done)?;
+            }
+            if lp.steps_done > 0 && lp.evals.last().map(|e| e.step) != Some(lp.steps_done) {
+                lp.eval(lp.steps_done)?;
+            }
         }
         (lp.emit)(Event::Phase(Phase::Saving));
         save_trained(cfg, p.model.as_ref(), &run_path)?;
@@ -699,6 +784,7 @@ fn drive(
         train_secs,
         steps_done,
         emit,
+        mut summary,
         ..
     } = lp;
     let tail = &losses[losses.len().saturating_sub(10)..];
