@@ -351,24 +351,42 @@ fn random_sigkills_of_training_and_resuming_lose_nothing() {
     let (reference, took) = reference();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let span = took.as_millis() as u64 + 50;
-    let mut kills = 0;
-    for round in 0..24 {
+    let (mut kills, mut before_start, mut after_end, mut resumed) = (0, 0, 0, 0);
+    for round in 0..30 {
         let out = scratch(&format!("random-{round}"));
         let mut child = train_cmd(&out, STEPS).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..span)));
+        if round % 2 == 0 {
+            // Any moment of the process.
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..span)));
+        } else {
+            // A moment of its training: after the first metrics line.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(60)
+                && child.try_wait().unwrap().is_none()
+                && runs_in(&out).first().is_none_or(|f| {
+                    std::fs::metadata(f.join("metrics.jsonl")).map_or(true, |m| m.len() == 0)
+                })
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..200)));
+        }
         let _ = child.kill();
         child.wait().unwrap();
         kills += 1;
         let what = format!("random kill {round}");
         let Some(folder) = check_left_behind(&out, &what) else {
+            before_start += 1;
             let _ = std::fs::remove_dir_all(&out);
             continue;
         };
         if summary(&folder).is_some_and(|s| s.status == RunStatus::Finished) {
+            after_end += 1;
             assert_eq!(&outcome(&folder), reference, "{what}");
             let _ = std::fs::remove_dir_all(&out);
             continue;
         }
+        resumed += 1;
         // Resuming is killed at random moments too, three times at most.
         let mut cuts = 0;
         resume_to_end(&folder, &what, || {
@@ -383,7 +401,10 @@ fn random_sigkills_of_training_and_resuming_lose_nothing() {
         assert_eq!(&outcome(&folder), reference, "{what}");
         let _ = std::fs::remove_dir_all(&out);
     }
-    eprintln!("{kills} random SIGKILLs; 0 runs lost");
+    eprintln!(
+        "{kills} random SIGKILLs: {before_start} before the run had a config, {after_end} after it finished, {resumed} runs resumed to the same result; 0 runs lost"
+    );
+    assert!(resumed >= 10, "too few kills landed inside a run");
 }
 
 fn wait_for_steps(folder_parent: &Path, n: usize, child: &mut std::process::Child) -> PathBuf {
@@ -504,7 +525,14 @@ fn one_process_per_run_folder_and_finished_runs_are_not_resumed_over() {
     let e = peft_studio::train::resume(&folder, &mut peft_studio::train::NeverStop, &mut |_| {})
         .unwrap_err();
     assert!(e.to_string().contains("another peft-studio process"), "{e}");
+    let store = RunStore::new(&cut);
+    let id = folder.file_name().unwrap().to_str().unwrap();
+    assert!(store.is_training(id));
     drop(lock);
+    assert!(
+        !store.is_training(id),
+        "the summary says running, but nobody trains it"
+    );
     // Released (also when its process is killed): the run resumes.
     resume_to_end(&folder, "after the lock", || None);
     let _ = std::fs::remove_dir_all(&out);

@@ -167,8 +167,12 @@ impl RunLock {
         Ok(Self { _file: file })
     }
 
-    /// Whether another process holds the folder's lock (without taking it).
+    /// Whether a process (this one included) trains the run now: its lock is held. A run
+    /// whose summary says `running` but whose lock is free was interrupted.
     pub fn is_held(layout: &RunLayout) -> bool {
-        matches!(Self::acquire(layout), Err(LockError::Busy { .. }))
+        let Ok(file) = File::open(layout.lock()) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(TryLockError::WouldBlock))
     }
 }

@@ -244,6 +244,12 @@ impl RunStore {
         Ok(TrainConfig::from_preset(&self.layout(id).config(), &[])?)
     }
 
+    /// Whether run `id` is being trained now (by any process); a `running` summary without
+    /// it means the run was interrupted and can be resumed.
+    pub fn is_training(&self, id: &str) -> bool {
+        RunLock::is_held(&self.layout(id))
+    }
+
     /// Deletes a run's folder (refused while a process trains it).
     pub fn delete(&self, id: &str) -> anyhow::Result<()> {
         if id.is_empty() || id.contains('/') || id.contains("..") {
