@@ -317,6 +317,45 @@ fn a_panic_in_a_run_becomes_a_failed_event() {
     std::fs::remove_dir_all(s.root()).unwrap();
 }
 
+#[test]
+fn a_failure_that_cannot_be_recorded_is_reported_once() {
+    let s = store("unrecorded");
+    // A run that announces a folder which has no summary, then panics.
+    let runner: peft_studio::worker::Runner = Arc::new(|_, _, _, emit| {
+        emit(Event::RunStarted {
+            run_id: "ghost".into(),
+            name: "ghost".into(),
+            method: "lora".into(),
+            trainable: 1,
+            total: 1,
+            total_steps: 1,
+            model: String::new(),
+        });
+        panic!("injected failure");
+    });
+    let w = Worker::spawn_with(s.clone(), runner, || {}).unwrap();
+    w.send(Command::Start(Box::new(quick("baseline-head.toml", &[]))));
+    let events = wait_for(&w, |e| matches!(e, Event::RunFailed { .. }));
+    let notes: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Log(t) if t.contains("could not record") => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes.len(), 1, "{events:?}");
+    assert!(
+        notes[0].contains("ghost") && notes[0].contains("summary.json"),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        matches!(events.last(), Some(Event::RunFailed { error, summary: None }) if error.contains("injected failure"))
+    );
+    drop(w);
+    let _ = std::fs::remove_dir_all(s.root());
+}
+
 /// Continues for `n` steps, then says stop.
 struct StopAfter(usize);
 

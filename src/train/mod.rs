@@ -1,7 +1,8 @@
 //! Training: configuration ([`config`]), the loop ([`trainer`], [`optim`], [`batches`]), what a
 //! run reports and how it is stopped ([`events`], [`interrupt`]), and the run store: the
-//! folder of runs ([`store`]), the files of one run and its lock ([`layout`]), and its
-//! resumable state ([`checkpoint`]).
+//! folder of runs ([`store`]), the files of one run and its lock ([`layout`]), its resumable
+//! state ([`checkpoint`]) and how a run continues from it ([`resume`](mod@resume)), and what
+//! a run saves for use ([`saved`]).
 
 pub mod batches;
 pub mod checkpoint;
@@ -10,6 +11,8 @@ pub mod events;
 pub mod interrupt;
 pub mod layout;
 pub mod optim;
+pub mod resume;
+pub mod saved;
 pub mod store;
 pub mod trainer;
 
@@ -17,5 +20,7 @@ pub use config::{ModelConfig, OptimConfig, Schedule, TrainConfig, TrainMode};
 pub use events::{Control, Controller, Event, NeverStop, Phase, RunFailure};
 pub use interrupt::SignalStop;
 pub use layout::{RunLayout, RunLock};
+pub use resume::{resume, train_again};
+pub use saved::reload_and_evaluate;
 pub use store::{EvalPoint, MetricLine, RunStatus, RunStore, RunSummary};
-pub use trainer::{evaluate, reload_and_evaluate, resume, train, train_again};
+pub use trainer::{evaluate, train};

@@ -1,28 +1,25 @@
 //! The training loop: AdamW with weight decay, warm-up then linear or cosine decay, gradient
 //! clipping and accumulation, periodic evaluation, seeded; results in the run store, with a
-//! [checkpoint](super::checkpoint) every `optim.checkpoint_every` steps and on a stop, from
-//! which [`resume`] continues a stopped or killed run exactly.
+//! [`checkpoint`] every `optim.checkpoint_every` steps and on a stop, from which
+//! [`resume`](super::resume::resume) continues a stopped or killed run exactly.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 
 use super::batches::{EncodedSplit, Sampler};
 use super::checkpoint::{self, CheckpointMeta};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
-use super::layout::{HEAD_FILE, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout, RunLock};
 use super::optim::{AdamW, AdamWParams};
-use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary, read_summary};
+use super::saved::save_trained;
+use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
 use crate::data::{self, DataSource, Dataset};
 use crate::fsio;
 use crate::memory;
 use crate::models::{self, Classifier, InputKind, LoadedModel, load_model};
+use crate::peft::Method;
 use crate::peft::linear::{attach_adapters, trainable_vars};
-use crate::peft::{Method, load_adapter_with, save_adapter_with};
 
 /// A short name of the data source.
 pub fn dataset_name(source: &DataSource) -> String {
@@ -36,7 +33,7 @@ pub fn dataset_name(source: &DataSource) -> String {
 }
 
 /// Loads the data, resizing a folder of images to the model's input when no size is given.
-fn load_data(cfg: &TrainConfig, input: Option<InputKind>) -> anyhow::Result<Dataset> {
+pub(super) fn load_data(cfg: &TrainConfig, input: Option<InputKind>) -> anyhow::Result<Dataset> {
     let mut dc = cfg.data.clone();
     if let (
         DataSource::ImageFolder {
@@ -178,7 +175,7 @@ pub fn evaluate(
     })
 }
 
-fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
+pub(super) fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
     match cfg.optim.steps {
         Some(s) => s,
         None => {
@@ -192,15 +189,15 @@ fn total_steps(cfg: &TrainConfig, n_train: usize) -> usize {
 }
 
 /// Where a run starts: fresh, or from its checkpoint.
-struct Start {
+pub(super) struct Start {
     /// Steps already done.
-    step: usize,
+    pub(super) step: usize,
     /// Training losses so far.
-    losses: Vec<f64>,
+    pub(super) losses: Vec<f64>,
     /// Evaluations so far.
-    evals: Vec<EvalPoint>,
+    pub(super) evals: Vec<EvalPoint>,
     /// Seconds spent in training steps so far.
-    train_secs: f64,
+    pub(super) train_secs: f64,
 }
 
 struct Loop<'a, 'r, 'e> {
@@ -221,7 +218,7 @@ struct Loop<'a, 'r, 'e> {
 }
 
 /// The optimisers of a prepared run, one per parameter group.
-fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64)>> {
+pub(super) fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64)>> {
     let mut opts = Vec::new();
     for (vars, wd, scale) in &p.groups {
         let params = AdamWParams {
@@ -396,127 +393,6 @@ impl Loop<'_, '_, '_> {
     }
 }
 
-/// The `modules_to_save` of a model: its head's parameters.
-fn head_tensors(model: &dyn Classifier) -> Vec<(String, Vec<(String, Tensor)>)> {
-    model
-        .head()
-        .into_iter()
-        .map(|l| {
-            let mut params = vec![("weight".to_string(), l.base_weight().detach())];
-            if let Some(b) = l.bias() {
-                params.push(("bias".to_string(), b.detach()));
-            }
-            (l.path().to_string(), params)
-        })
-        .collect()
-}
-
-/// Saves what a run trained: `adapter/` (adapter + head), `model/` (full fine-tuning, a
-/// complete Hugging Face folder) or `head/` (head only).
-pub fn save_trained(
-    cfg: &TrainConfig,
-    model: &dyn Classifier,
-    run_path: &Path,
-) -> anyhow::Result<()> {
-    let layout = RunLayout::new(run_path);
-    match cfg.mode {
-        TrainMode::Adapter => {
-            save_adapter_with(model, &cfg.adapter, &layout.adapter(), &head_tensors(model))?;
-        }
-        TrainMode::Full => save_model(model, &layout.model())?,
-        TrainMode::Head => {
-            let dir = layout.head();
-            fsio::create_dir_all(&dir)?;
-            let mut t = Vec::new();
-            for (module, params) in head_tensors(model) {
-                for (n, v) in params {
-                    t.push((format!("{module}.{n}"), v));
-                }
-            }
-            fsio::write_safetensors(&dir.join(HEAD_FILE), &t, HashMap::new())?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes a whole model as a Hugging Face folder: `config.json` and `model.safetensors`.
-pub fn save_model(model: &dyn Classifier, dir: &Path) -> anyhow::Result<()> {
-    fsio::create_dir_all(dir)?;
-    let tensors = models::named_tensors(model)?;
-    fsio::write_safetensors(&dir.join(MODEL_WEIGHTS_FILE), &tensors, HashMap::new())?;
-    fsio::write_atomic(
-        &dir.join(MODEL_CONFIG_FILE),
-        serde_json::to_string_pretty(&model.config_json())?.as_bytes(),
-    )?;
-    Ok(())
-}
-
-/// Rebuilds a finished run's model from its folder (config, base model, saved adapter or
-/// weights) and evaluates it on its eval split.
-pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
-    let cfg = TrainConfig::from_preset(&RunLayout::new(run_path).config(), &[])?;
-    let mut p = prepare_frozen(&cfg, run_path)?;
-    let e = evaluate(p.model.as_mut(), &p.eval, cfg.optim.eval_batch_size, 0)?;
-    Ok(e)
-}
-
-/// The run's trained model (no trainable variables), with its data encoded.
-fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared> {
-    let layout = RunLayout::new(run_path);
-    let data = load_data(cfg, None)?;
-    let (source, fresh) = match cfg.mode {
-        TrainMode::Full => (
-            models::ModelSource::Folder {
-                path: layout.model(),
-            },
-            false,
-        ),
-        _ => (cfg.model.source.clone(), true),
-    };
-    let LoadedModel {
-        mut model,
-        tokenizer,
-        ..
-    } = load_model(&source, data.num_classes(), fresh, cfg.optim.seed)?;
-    let head_file = match cfg.mode {
-        TrainMode::Adapter => {
-            let (_, extra) = load_adapter_with(model.as_mut(), &layout.adapter())?;
-            Some(extra)
-        }
-        TrainMode::Head => {
-            let path = layout.head().join(HEAD_FILE);
-            Some(fsio::parse_safetensors(
-                &path,
-                &fsio::read(&path)?,
-                &Device::Cpu,
-            )?)
-        }
-        TrainMode::Full => None,
-    };
-    if let Some(extra) = head_file {
-        for l in model.head_mut() {
-            let w = extra
-                .get(&format!("{}.weight", l.path()))
-                .ok_or_else(|| anyhow::anyhow!("the saved run lacks `{}.weight`", l.path()))?;
-            let b = extra.get(&format!("{}.bias", l.path())).cloned();
-            *l = crate::peft::AdaptedLinear::new(l.path().to_string(), w.clone(), b);
-        }
-    }
-    let input = model.input();
-    let train = EncodedSplit::new(&data.train, input, tokenizer.as_ref(), cfg.model.max_length)?;
-    let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
-    Ok(Prepared {
-        total: models::parameter_count(model.as_ref()),
-        model,
-        data,
-        train,
-        eval,
-        groups: Vec::new(),
-        trainable: 0,
-        initialised: Vec::new(),
-    })
-}
-
 /// Runs one training run to the end (or until `ctl` says stop), reporting through `emit`
 /// and recording it in `store`. A failure after the run folder exists is recorded there
 /// (status failed, with the reason) and returned with that record.
@@ -552,7 +428,7 @@ pub fn train(
 }
 
 /// The summary of a run starting now.
-fn new_summary(
+pub(super) fn new_summary(
     cfg: &TrainConfig,
     p: &Prepared,
     id: &str,
@@ -582,153 +458,9 @@ fn new_summary(
     }
 }
 
-/// Continues the run in `run_path` from its newest good checkpoint (written every
-/// `optim.checkpoint_every` steps and when a run stops; a save cut short by a kill is finished
-/// or undone, a damaged checkpoint refused): the same config, the trainable values and
-/// optimiser state as saved, the batch order replayed, metrics after the checkpoint
-/// discarded. The result equals an uninterrupted run. A run killed before its first
-/// checkpoint starts again from step 0; a finished run is refused (see [`train_again`]).
-pub fn resume(
-    run_path: &Path,
-    ctl: &mut dyn Controller,
-    emit: &mut dyn FnMut(Event),
-) -> Result<RunSummary, RunFailure> {
-    let started = Instant::now();
-    memory::reset_peak_rss();
-    emit(Event::Phase(Phase::Loading));
-    let layout = RunLayout::new(run_path);
-    if !layout.config().is_file() {
-        return Err(anyhow::anyhow!(
-            "{}: not a run folder (it has no {})",
-            run_path.display(),
-            super::layout::CONFIG_FILE
-        )
-        .into());
-    }
-    let lock = RunLock::acquire(&layout).map_err(anyhow::Error::from)?;
-    let cfg = TrainConfig::from_preset(&layout.config(), &[]).map_err(anyhow::Error::from)?;
-    // A run killed before its first summary has none: it starts afresh.
-    let recorded = match layout.summary().exists() {
-        true => Some(read_summary(&layout)?),
-        false => None,
-    };
-    if let Some(s) = recorded
-        .as_ref()
-        .filter(|s| s.status == RunStatus::Finished)
-    {
-        return Err(anyhow::anyhow!(
-            "{}: the run is finished ({} of {} steps); there is nothing to resume (`train --resume {} --force` trains a new run from its config)",
-            run_path.display(),
-            s.steps_done,
-            s.total_steps,
-            run_path.display()
-        )
-        .into());
-    }
-    // The checkpoint is checked before the (slower) loading of model and data.
-    let early = match &recorded {
-        Some(s) => Some(
-            checkpoint::load(&layout, s.total_steps, &mut |m| emit(Event::Log(m)))
-                .map_err(anyhow::Error::from)?,
-        ),
-        None => None,
-    };
-    let p = prepare(&cfg)?;
-    let total = total_steps(&cfg, p.train.len());
-    let (mut summary, ckpt) = match (recorded, early) {
-        (Some(s), Some(ckpt)) => {
-            if s.total_steps != total {
-                return Err(anyhow::anyhow!(
-                    "{}: `total_steps` is {}, but its config and data give {total} steps: the run's files do not belong together",
-                    layout.summary().display(),
-                    s.total_steps
-                )
-                .into());
-            }
-            (s, ckpt)
-        }
-        _ => {
-            let ckpt = checkpoint::load(&layout, total, &mut |m| emit(Event::Log(m)))
-                .map_err(anyhow::Error::from)?;
-            let id = layout.id().unwrap_or_default();
-            let now = chrono::Local::now().to_rfc3339();
-            (new_summary(&cfg, &p, &id, total, now), ckpt)
-        }
-    };
-    let mut opts = optimisers(&cfg, &p)?;
-    let (step, train_secs) = match &ckpt {
-        Some(c) => {
-            let groups = &c.meta.optimizer_steps;
-            if groups.len() != opts.len() {
-                return Err(anyhow::anyhow!(
-                    "{}: `optimizer_steps` has {} parameter groups, the run {}",
-                    c.state_path.with_file_name(checkpoint::META_FILE).display(),
-                    groups.len(),
-                    opts.len()
-                )
-                .into());
-            }
-            for (k, (opt, _)) in opts.iter_mut().enumerate() {
-                opt.load_state(&format!("group{k}"), &c.tensors, groups[k])
-                    .with_context(|| format!("{}", c.state_path.display()))?;
-            }
-            (c.meta.step, c.meta.train_secs)
-        }
-        None => {
-            emit(Event::Log(format!(
-                "{}: no checkpoint yet; the run starts again from step 0",
-                run_path.display()
-            )));
-            (0, 0.0)
-        }
-    };
-    drop(ckpt);
-    let eval_every = cfg.optim.eval_every;
-    // What an uninterrupted run would hold at `step`: evaluations made only because a run
-    // stopped there are dropped.
-    let keep = |m: &MetricLine| match m {
-        MetricLine::Step { step: s, .. } => *s <= step,
-        MetricLine::Eval(e) => e.step <= step && (e.step % eval_every == 0 || e.step == total),
-    };
-    let (run, kept) = RunDir::reopen(layout, lock, keep)?;
-    let mut start = Start {
-        step,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        train_secs,
-    };
-    for m in kept {
-        match m {
-            MetricLine::Step { loss, .. } => start.losses.push(loss),
-            MetricLine::Eval(e) => start.evals.push(e),
-        }
-    }
-    summary.status = RunStatus::Running;
-    summary.error = None;
-    summary.steps_done = step;
-    emit(Event::Log(format!(
-        "resuming {} from step {step}",
-        summary.id
-    )));
-    drive(&cfg, &p, run, summary, opts, start, started, ctl, emit)
-}
-
-/// Trains a new run, in the same store, from the config of the run in `run_path` (the
-/// `--force` of a resumed finished run).
-pub fn train_again(
-    run_path: &Path,
-    ctl: &mut dyn Controller,
-    emit: &mut dyn FnMut(Event),
-) -> Result<RunSummary, RunFailure> {
-    let layout = RunLayout::new(run_path);
-    let cfg = TrainConfig::from_preset(&layout.config(), &[]).map_err(anyhow::Error::from)?;
-    let store = RunStore::new(run_path.parent().unwrap_or(Path::new(".")));
-    train(&cfg, &store, ctl, emit)
-}
-
-/// The shared body of [`train`] and [`resume`]: announce, loop, save, record.
+/// The shared body of [`train`] and [`resume`](super::resume::resume): announce, loop, save, record.
 #[allow(clippy::too_many_arguments)]
-fn drive(
+pub(super) fn drive(
     cfg: &TrainConfig,
     p: &Prepared,
     mut run: RunDir,
