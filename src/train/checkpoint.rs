@@ -268,11 +268,7 @@ pub fn load(
                 }
             }
             Err(e) if suffix.is_none() => main_error = Some(e),
-            Err(e) => log(format!(
-                "{}: passed over ({}): a save cut short",
-                dir.display(),
-                e.reason()
-            )),
+            Err(e) => log(format!("{}: passed over ({})", dir.display(), e.reason())),
         }
     }
     let Some((k, chosen)) = best else {
