@@ -5,12 +5,15 @@
 //!   `config.json`, enough to size an experiment without weights.
 //! - [`inspect`]: parameter counts of a model with an adapter.
 //! - [`bench`]: measured training-step time and peak memory.
+//! - [`train`]: the training loop and the run store; [`worker`]: the background thread.
+//! - [`fsio`]: atomic file writes, safetensors files and their checksums.
 
 pub mod app;
 pub mod arch;
 pub mod bench;
 pub mod data;
 pub mod diffusion;
+pub mod fsio;
 pub mod inspect;
 pub mod memory;
 pub mod models;

@@ -7,11 +7,13 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_studio::arch::ArchSpec;
 use peft_studio::bench::{self, StepStats};
+use peft_studio::fsio::write_atomic;
 use peft_studio::inspect::inspect;
-use peft_studio::peft::checkpoint::write_atomic;
 use peft_studio::peft::{AdapterConfig, FrozenGrad, Method, Targets};
 use peft_studio::report;
-use peft_studio::train::{Event, NeverStop, RunStatus, RunStore, RunSummary, TrainConfig};
+use peft_studio::train::{
+    Event, NeverStop, RunStatus, RunStore, RunSummary, SignalStop, TrainConfig,
+};
 
 /// Keeps freed memory for reuse instead of returning it to the OS every step (glibc's
 /// allocator did, costing ~30% of a training step in page faults).
@@ -78,6 +80,10 @@ enum Command {
         /// give its folder, e.g. `runs/20261129-004726-pretrain-…`.
         #[arg(long, conflicts_with_all = ["preset", "overrides"])]
         resume: Option<PathBuf>,
+        /// With `--resume` of a finished run: train a new run from its config instead of
+        /// refusing.
+        #[arg(long, requires = "resume")]
+        force: bool,
     },
     /// Run several presets and print one comparison table; writes it as markdown and CSV beside
     /// a PNG of the loss curves.
@@ -191,12 +197,25 @@ enum Suite {
     Minilm,
 }
 
+/// A run stopped by SIGINT/SIGTERM: the process exits with the shell's code for the signal.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {} after {steps} of {total} steps; resume with `peft-studio train --resume {}`", SignalStop::name(*signal), folder.display())]
+struct Interrupted {
+    signal: i32,
+    steps: usize,
+    total: usize,
+    folder: PathBuf,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Interrupted>() {
+                Some(i) => ExitCode::from((128 + i.signal).clamp(1, 255) as u8),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -213,10 +232,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             export_model,
             resume,
+            force,
         } => {
+            let stop = SignalStop::install().context("installing the SIGINT/SIGTERM handler")?;
             let (summary, run_folder) = match &resume {
+                Some(folder) if force && finished(folder) => {
+                    let s = with_progress(|emit| {
+                        peft_studio::train::train_again(folder, &mut stop.clone(), emit)
+                    })?;
+                    let new = folder.parent().unwrap_or(folder).join(&s.id);
+                    (s, new)
+                }
                 Some(folder) => (
-                    with_progress(|emit| peft_studio::train::resume(folder, &mut NeverStop, emit))?,
+                    with_progress(|emit| {
+                        peft_studio::train::resume(folder, &mut stop.clone(), emit)
+                    })?,
                     folder.clone(),
                 ),
                 None => {
@@ -227,7 +257,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     };
                     let store = RunStore::new(&out);
-                    let s = train_with_progress(&cfg, &store)?;
+                    let s = with_progress(|emit| {
+                        peft_studio::train::train(&cfg, &store, &mut stop.clone(), emit)
+                    })?;
                     let folder = out.join(&s.id);
                     (s, folder)
                 }
@@ -254,6 +286,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "the run failed: {}",
                 summary.error.unwrap_or_default()
             );
+            if let (RunStatus::Stopped, Some(signal)) = (summary.status, stop.received()) {
+                return Err(Interrupted {
+                    signal,
+                    steps: summary.steps_done,
+                    total: summary.total_steps,
+                    folder: run_folder,
+                }
+                .into());
+            }
             Ok(())
         }
         Command::Compare {
@@ -545,6 +586,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether the run in `folder` finished (its summary says so).
+fn finished(folder: &std::path::Path) -> bool {
+    peft_studio::train::store::read_summary(&peft_studio::train::RunLayout::new(folder))
+        .is_ok_and(|s| s.status == RunStatus::Finished)
 }
 
 fn train_with_progress(cfg: &TrainConfig, store: &RunStore) -> anyhow::Result<RunSummary> {

@@ -2,7 +2,8 @@
 //! crossbeam channels. All heavy work (loading, training, saving) happens here, never on the
 //! UI thread. A panic inside a run becomes [`Event::RunFailed`], never a dead thread; stop and
 //! pause are honoured between steps; the worker ends when told to or when the other side of
-//! the channel is gone.
+//! the channel is gone. A panicking run is recorded as failed in its folder; if even that
+//! fails, the reason is sent once as [`Event::Log`].
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::train::store::{read_summary, write_summary};
 use crate::train::{
     Control, Controller, Phase, RunFailure, RunStatus, RunStore, RunSummary, TrainConfig,
 };
@@ -155,10 +157,18 @@ impl Worker {
                         }),
                         Err(p) => {
                             let error = format!("internal error: {}", panic_text(&*p));
-                            let summary = started
-                                .as_deref()
-                                .and_then(|id| mark_failed(&store, id, &error))
-                                .map(Box::new);
+                            let summary = match started.as_deref() {
+                                Some(id) => match mark_failed(&store, id, &error) {
+                                    Ok(s) => Some(Box::new(s)),
+                                    Err(e) => {
+                                        send(Event::Log(format!(
+                                            "could not record the failure of run {id}: {e:#}"
+                                        )));
+                                        None
+                                    }
+                                },
+                                None => None,
+                            };
                             send(Event::RunFailed { error, summary });
                         }
                     }
@@ -195,16 +205,15 @@ impl Worker {
     }
 }
 
-/// Records a run that panicked after it started as failed; returns the updated summary.
-fn mark_failed(store: &RunStore, id: &str, error: &str) -> Option<RunSummary> {
-    let path = store.root().join(id).join("summary.json");
-    let text = std::fs::read_to_string(&path).ok()?;
-    let mut s: RunSummary = serde_json::from_str(&text).ok()?;
+/// Records a run that panicked after it started as failed; returns the updated summary, or
+/// why it could not be recorded (for the caller to report).
+fn mark_failed(store: &RunStore, id: &str, error: &str) -> anyhow::Result<RunSummary> {
+    let layout = store.layout(id);
+    let mut s = read_summary(&layout)?;
     s.status = RunStatus::Failed;
     s.error = Some(error.to_string());
-    let json = serde_json::to_string_pretty(&s).ok()?;
-    crate::peft::checkpoint::write_atomic(&path, json.as_bytes()).ok()?;
-    Some(s)
+    write_summary(&layout, &s)?;
+    Ok(s)
 }
 
 impl Drop for Worker {

@@ -317,6 +317,45 @@ fn a_panic_in_a_run_becomes_a_failed_event() {
     std::fs::remove_dir_all(s.root()).unwrap();
 }
 
+#[test]
+fn a_failure_that_cannot_be_recorded_is_reported_once() {
+    let s = store("unrecorded");
+    // A run that announces a folder which has no summary, then panics.
+    let runner: peft_studio::worker::Runner = Arc::new(|_, _, _, emit| {
+        emit(Event::RunStarted {
+            run_id: "ghost".into(),
+            name: "ghost".into(),
+            method: "lora".into(),
+            trainable: 1,
+            total: 1,
+            total_steps: 1,
+            model: String::new(),
+        });
+        panic!("injected failure");
+    });
+    let w = Worker::spawn_with(s.clone(), runner, || {}).unwrap();
+    w.send(Command::Start(Box::new(quick("baseline-head.toml", &[]))));
+    let events = wait_for(&w, |e| matches!(e, Event::RunFailed { .. }));
+    let notes: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Log(t) if t.contains("could not record") => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes.len(), 1, "{events:?}");
+    assert!(
+        notes[0].contains("ghost") && notes[0].contains("summary.json"),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        matches!(events.last(), Some(Event::RunFailed { error, summary: None }) if error.contains("injected failure"))
+    );
+    drop(w);
+    let _ = std::fs::remove_dir_all(s.root());
+}
+
 /// Continues for `n` steps, then says stop.
 struct StopAfter(usize);
 
@@ -369,7 +408,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         let again = reload_and_evaluate(&s.root().join(&cut.id)).unwrap();
         assert_eq!(again.accuracy, whole.final_eval.unwrap().accuracy);
     }
-    // A run without a checkpoint says so.
+    // A finished run is not trained over.
     let plain = train(
         &quick("baseline-head.toml", &["optim.steps=2"]),
         &s,
@@ -379,6 +418,23 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     .unwrap();
     let e = peft_studio::train::resume(&s.root().join(&plain.id), &mut NeverStop, &mut |_| {})
         .unwrap_err();
-    assert!(e.to_string().contains("checkpoint"), "{e}");
+    assert!(e.to_string().contains("finished"), "{e}");
+    // A run stopped without `checkpoint_every` resumes where it stopped.
+    let cfg = quick(
+        "baseline-head.toml",
+        &["optim.steps=6", "optim.eval_every=3"],
+    );
+    let whole = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
+    let cut = train(&cfg, &s, &mut StopAfter(4), &mut |_| {}).unwrap();
+    assert_eq!((cut.status, cut.steps_done), (RunStatus::Stopped, 4));
+    let resumed =
+        peft_studio::train::resume(&s.root().join(&cut.id), &mut NeverStop, &mut |_| {}).unwrap();
+    assert_eq!(resumed.steps_done, 6);
+    assert_eq!(losses(&s, &whole.id), losses(&s, &cut.id));
+    assert_eq!(
+        s.metrics(&whole.id).unwrap().len(),
+        s.metrics(&cut.id).unwrap().len(),
+        "the evaluation made where it stopped is not kept"
+    );
     std::fs::remove_dir_all(s.root()).unwrap();
 }

@@ -492,7 +492,7 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: Option<PathB
         },
         PickPurpose::SavePreset => {
             let text = cfg.to_toml();
-            match crate::peft::checkpoint::write_atomic(&path, text.as_bytes()) {
+            match crate::fsio::write_atomic(&path, text.as_bytes()) {
                 Ok(()) => app.settings.last_preset = Some(path),
                 Err(e) => app.report("The preset cannot be saved", e.to_string()),
             }

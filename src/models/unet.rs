@@ -26,7 +26,7 @@ use crate::diffusion::{
     DdimConfig, DiffusionError, NoiseSchedule, Prediction, ScheduleConfig, ScheduleKind,
     ddim_sample, guided, seeded_normal,
 };
-use crate::peft::checkpoint::{read_safetensors, write_safetensors};
+use crate::fsio::{read_safetensors, write_safetensors};
 use crate::peft::linear::LinearLayers;
 use crate::peft::{AdaptedLinear, PeftError};
 use crate::personalize::portrait::{
@@ -1735,7 +1735,7 @@ impl Generator {
         };
         let json = serde_json::to_string(&self.cfg).map_err(|e| file_err(e.to_string()))?;
         let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        write_safetensors(path, &self.named_tensors()?, meta).map_err(file_err)
+        write_safetensors(path, &self.named_tensors()?, meta).map_err(|e| file_err(e.reason()))
     }
 
     /// Reads a generator written by [`save`](Self::save) onto `device`; every tensor must be
@@ -1745,8 +1745,8 @@ impl Generator {
             path: path.display().to_string(),
             reason,
         };
-        let (mut tensors, json) =
-            read_safetensors(path, CONFIG_KEY, "generator", device).map_err(file_err)?;
+        let (mut tensors, json) = read_safetensors(path, CONFIG_KEY, "generator", device)
+            .map_err(|e| file_err(e.reason()))?;
         if let Some(name) = super::weights::first_non_finite(&tensors)? {
             return Err(file_err(format!(
                 "tensor `{name}` holds NaN or infinite values"

@@ -9,7 +9,7 @@
 //!   pivot order), and the rebuilt z₀ is checked against the stored one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::config::{AdapterConfig, Init, Method, Targets};
 use super::linear::{AdaptedLinear, Adapter, LinearLayers};
 use super::{PeftError, Result};
+use crate::fsio::{self, FileDigest};
 
 /// File name of the adapter's configuration.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -25,76 +26,41 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's key prefix.
 pub const KEY_PREFIX: &str = "base_model.model.";
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
-    move |cause| PeftError::Io {
-        path: path.display().to_string(),
-        cause,
-    }
-}
+/// Key of `adapter_config.json` recording the size and SHA-256 of the weights file as written
+/// (checked on load; folders written by PEFT, without it, load unchecked).
+pub const DIGEST_KEY: &str = "peft_studio_files";
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-/// Writes `tensors` (moved to the CPU, made contiguous) and string `metadata` to the
-/// safetensors file `path` atomically. The error is a reason, for the caller to name its file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: HashMap<String, String>,
-) -> std::result::Result<(), String> {
-    let cpu: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()
-        .map_err(|e| e.to_string())?;
-    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (*n, t)), Some(metadata))
-        .map_err(|e| format!("cannot serialise the tensors: {e}"))?;
-    write_atomic(path, &bytes).map_err(|e| e.to_string())
-}
-
-/// Reads the safetensors file `path`: its tensors on `device` and the metadata value under
-/// `key` (`what` names the expected kind of file in the error). The error is a reason, for the
-/// caller to name its file.
-pub fn read_safetensors(
-    path: &Path,
-    key: &str,
-    what: &str,
-    device: &Device,
-) -> std::result::Result<(HashMap<String, Tensor>, String), String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format!("not a safetensors file: {e}"))?;
-    let value = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(key))
-        .cloned()
-        .ok_or_else(|| format!("no `{key}` metadata: not a saved {what}"))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| format!("cannot read the tensors: {e}"))?;
-    Ok((tensors, value))
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = temp_path(path);
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| PeftError::Format {
-        path: tmp.display().to_string(),
+/// Writes the weights, then the config recording their digest: a folder cut short between the
+/// two (a killed process) fails the check on load instead of loading mismatched halves.
+fn write_folder(dir: &Path, tensors: HashMap<String, Tensor>, mut config: Value) -> Result<()> {
+    let wpath = dir.join(WEIGHTS_FILE);
+    let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let digest = fsio::write_safetensors_digest(&wpath, &named, HashMap::new())?;
+    fsio::fault_point("adapter-weights-written");
+    config[DIGEST_KEY] = json!({ WEIGHTS_FILE: digest });
+    let cpath = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&config).map_err(|e| PeftError::Format {
+        path: cpath.display().to_string(),
         reason: e.to_string(),
     })?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    Ok(fsio::write_atomic(&cpath, text.as_bytes())?)
+}
+
+/// Reads the weights file of the adapter folder `dir`, checked against the digest its config
+/// records (if any).
+fn read_weights(dir: &Path, config: &Value) -> Result<HashMap<String, Tensor>> {
+    let wpath = dir.join(WEIGHTS_FILE);
+    let bytes = fsio::read(&wpath)?;
+    if let Some(d) = config.get(DIGEST_KEY).and_then(|f| f.get(WEIGHTS_FILE)) {
+        let digest: FileDigest =
+            serde_json::from_value(d.clone()).map_err(|e| PeftError::Format {
+                path: dir.join(CONFIG_FILE).display().to_string(),
+                reason: format!("{DIGEST_KEY}.{WEIGHTS_FILE}: {e}"),
+            })?;
+        digest.verify(&wpath, &bytes)?;
+    }
+    Ok(fsio::parse_safetensors(&wpath, &bytes, &Device::Cpu)?)
 }
 
 fn targets_json(t: &Targets) -> Value {
@@ -138,7 +104,7 @@ pub fn save_adapter_with(
     dir: &Path,
     modules_to_save: &[(String, Vec<(String, Tensor)>)],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fsio::create_dir_all(dir)?;
     let mut tensors = HashMap::new();
     for (module, params) in modules_to_save {
         for (name, t) in params {
@@ -182,12 +148,7 @@ pub fn save_adapter_with(
         config["modules_to_save"] =
             json!(modules_to_save.iter().map(|(m, _)| m).collect::<Vec<_>>());
     }
-    save_tensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let text = serde_json::to_string_pretty(&config).map_err(|e| PeftError::Format {
-        path: dir.join(CONFIG_FILE).display().to_string(),
-        reason: e.to_string(),
-    })?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    write_folder(dir, tensors, config)
 }
 
 fn adapter_config_json(cfg: &AdapterConfig, ranks: &BTreeMap<String, usize>) -> Value {
@@ -219,7 +180,7 @@ fn adapter_config_json(cfg: &AdapterConfig, ranks: &BTreeMap<String, usize>) -> 
 /// Writes the learned change of every adapted layer as a plain PEFT LoRA (scale 1:
 /// `lora_alpha = r`) that any PEFT user can load onto the pre-trained model.
 pub fn export_lora(model: &(impl LinearLayers + ?Sized), dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fsio::create_dir_all(dir)?;
     let mut tensors = HashMap::new();
     let mut ranks = BTreeMap::new();
     for layer in model.linears() {
@@ -267,41 +228,54 @@ pub fn export_lora(model: &(impl LinearLayers + ?Sized), dir: &Path) -> Result<(
         "rank_pattern": pattern(&|rr| json!(rr)),
         "alpha_pattern": pattern(&|rr| json!(rr)),
     });
-    save_tensors(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let text = serde_json::to_string_pretty(&config).map_err(|e| PeftError::Format {
-        path: dir.join(CONFIG_FILE).display().to_string(),
-        reason: e.to_string(),
-    })?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    write_folder(dir, tensors, config)
 }
 
 /// Reads `adapter_config.json`: this project's full config when present, else PEFT's fields
 /// (so adapters saved by PEFT load too).
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    adapter_config_of(dir, &read_config_json(dir)?)
+}
+
+/// The JSON of the folder's `adapter_config.json`.
+fn read_config_json(dir: &Path) -> Result<Value> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let text = fsio::read_to_string(&path)?;
+    serde_json::from_str(&text).map_err(|e| PeftError::Format {
+        path: path.display().to_string(),
+        reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// The adapter config held by `v`, the JSON of `dir`'s `adapter_config.json`.
+fn adapter_config_of(dir: &Path, v: &Value) -> Result<AdapterConfig> {
+    let path = dir.join(CONFIG_FILE);
     let bad = |reason: String| PeftError::Format {
         path: path.display().to_string(),
         reason,
     };
-    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if let Some(own) = v.get("peft_studio") {
         return serde_json::from_value(own.clone()).map_err(|e| bad(format!("peft_studio: {e}")));
     }
-    let method = match v.get("peft_type").and_then(Value::as_str) {
-        Some("LORA") => Method::Lora,
-        Some("SVFIT") => Method::Svfit,
-        Some("LOLDU") => Method::Loldu,
-        other => {
+    let method = match v.get("peft_type") {
+        Some(Value::String(t)) if t == "LORA" => Method::Lora,
+        Some(Value::String(t)) if t == "SVFIT" => Method::Svfit,
+        Some(Value::String(t)) if t == "LOLDU" => Method::Loldu,
+        None => return Err(bad("peft_type: missing (LORA, SVFIT or LOLDU)".into())),
+        Some(other) => {
             return Err(bad(format!(
-                "peft_type: {other:?} is not LORA, SVFIT or LOLDU"
+                "peft_type: {other} is not LORA, SVFIT or LOLDU"
             )));
         }
     };
-    let rank = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("r: missing or not an integer".into()))? as usize;
+    let rank = match v.get("r") {
+        None => return Err(bad("r: missing (the rank, an integer ≥ 1)".into())),
+        Some(r) => r
+            .as_u64()
+            .filter(|&r| r >= 1)
+            .ok_or_else(|| bad(format!("r: {r} is not a rank (an integer ≥ 1)")))?
+            as usize,
+    };
     let targets = match v.get("target_modules") {
         Some(Value::String(s)) => Targets::Pattern(s.clone()),
         Some(Value::Array(a)) => Targets::List(
@@ -310,7 +284,12 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| bad("target_modules: not a list of names".into()))?,
         ),
-        _ => return Err(bad("target_modules: missing".into())),
+        None => return Err(bad("target_modules: missing".into())),
+        Some(other) => {
+            return Err(bad(format!(
+                "target_modules: {other} is neither a list of module names nor a pattern"
+            )));
+        }
     };
     let init = match v.get("init_lora_weights") {
         None | Some(Value::Bool(true)) => None,
@@ -359,21 +338,18 @@ pub fn load_adapter_with(
     model: &mut (impl LinearLayers + ?Sized),
     dir: &Path,
 ) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
-    let cfg = read_adapter_config(dir)?;
-    let saved_modules: Vec<String> = std::fs::read_to_string(dir.join(CONFIG_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("modules_to_save").cloned())
-        .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
-        .unwrap_or_default();
+    let json = read_config_json(dir)?;
+    let cfg = adapter_config_of(dir, &json)?;
+    let saved_modules: Vec<String> = match json.get("modules_to_save") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| PeftError::Format {
+            path: dir.join(CONFIG_FILE).display().to_string(),
+            reason: format!("modules_to_save: not a list of module names ({e})"),
+        })?,
+    };
     let mut extra = HashMap::new();
     cfg.validate()?;
-    let wpath = dir.join(WEIGHTS_FILE);
-    let tensors =
-        candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| PeftError::Format {
-            path: wpath.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let tensors = read_weights(dir, &json)?;
     let mismatch = |problems: Vec<String>| PeftError::Mismatch {
         path: dir.display().to_string(),
         problems,

@@ -81,6 +81,9 @@ pub enum PeftError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file could not be written, read or trusted.
+    #[error(transparent)]
+    File(#[from] crate::fsio::FsError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

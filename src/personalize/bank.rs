@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::people::PersonImages;
 use super::tensors::images_to_tensor;
+use crate::fsio::{read_safetensors, write_safetensors};
 use crate::models::unet::Generator;
-use crate::peft::checkpoint::{read_safetensors, write_safetensors};
 use crate::peft::linear::{Adapter, LinearLayers, attach_adapters};
 use crate::peft::{AdapterConfig, Method, Targets};
 use crate::train::optim::{AdamW, AdamWParams};
@@ -346,7 +346,7 @@ impl LoraBank {
             &[("vectors".to_string(), m)],
             HashMap::from([(META_KEY.to_string(), json)]),
         )
-        .map_err(err)
+        .map_err(|e| err(e.reason()))
     }
 
     /// Reads a bank written by [`save`](Self::save).
@@ -355,8 +355,8 @@ impl LoraBank {
             path: path.display().to_string(),
             reason,
         };
-        let (tensors, json) =
-            read_safetensors(path, META_KEY, "LoRA bank", &Device::Cpu).map_err(err)?;
+        let (tensors, json) = read_safetensors(path, META_KEY, "LoRA bank", &Device::Cpu)
+            .map_err(|e| err(e.reason()))?;
         let meta: BankMeta = serde_json::from_str(&json).map_err(|e| err(e.to_string()))?;
         let m = tensors
             .get("vectors")

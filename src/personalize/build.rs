@@ -21,8 +21,8 @@ use super::identity_encoder::{
 use super::people::{PeopleSource, PersonImages};
 use super::portrait::IDENTITY_DIMS;
 use super::tensors::images_to_tensor;
+use crate::fsio::write_atomic;
 use crate::models::unet::{Generator, UnetConfig};
-use crate::peft::checkpoint::write_atomic;
 
 pub use super::files;
 

@@ -11,7 +11,7 @@ use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate
 use super::identity_folder::load_references;
 use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
 use super::portrait::render_set;
-use crate::peft::checkpoint::write_atomic;
+use crate::fsio::write_atomic;
 
 /// Most worker processes of `eval-personalize --jobs`.
 pub const MAX_JOBS: usize = 256;

@@ -9,8 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::fsio::write_safetensors;
 use crate::models::unet::{Generator, UnetConfig};
-use crate::peft::checkpoint::write_safetensors;
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// How the generator is trained.
@@ -142,7 +142,7 @@ fn save_checkpoint(path: &Path, cfg: &UnetConfig, opt: &AdamW) -> anyhow::Result
     .into();
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     write_safetensors(path, &tensors, meta)
-        .map_err(|e| anyhow::anyhow!("checkpoint {}: {e}", path.display()))
+        .map_err(|e| anyhow::anyhow!("checkpoint {}: {}", path.display(), e.reason()))
 }
 
 fn load_checkpoint(

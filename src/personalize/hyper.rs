@@ -29,7 +29,7 @@ use crate::diffusion::{
     DdimConfig, DiffusionError, NoiseSchedule, Prediction, ScheduleConfig, ScheduleKind,
     ddim_sample, guided, seeded_normal,
 };
-use crate::peft::checkpoint::write_atomic;
+use crate::fsio::write_atomic;
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// Errors of the hypernetwork: bad settings, bad inputs, diverged training, bad files.
@@ -380,7 +380,7 @@ fn save_file(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(|e| file_err(path, format!("cannot serialise the weights: {e}")))?;
-    write_atomic(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {e}")))
+    write_atomic(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {}", e.reason())))
 }
 
 /// A safetensors file being loaded: its metadata and the tensors not yet taken.

@@ -31,8 +31,8 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::fsio::{read_safetensors, write_atomic, write_safetensors};
 use crate::models::ops::{gelu_erf, layer_norm};
-use crate::peft::checkpoint::{read_safetensors, write_atomic, write_safetensors};
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// Metadata key under which [`IdentityEncoder::save`] stores the config as JSON.
@@ -650,7 +650,7 @@ impl IdentityEncoder {
             .collect();
         let json = serde_json::to_string(&self.cfg).map_err(|e| file_err(e.to_string()))?;
         let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        write_safetensors(path, &tensors, meta).map_err(file_err)
+        write_safetensors(path, &tensors, meta).map_err(|e| file_err(e.reason()))
     }
 
     /// Reads an encoder written by [`save`](Self::save) onto `device`; every weight must be
@@ -660,8 +660,8 @@ impl IdentityEncoder {
             path: path.display().to_string(),
             reason,
         };
-        let (mut tensors, json) =
-            read_safetensors(path, CONFIG_KEY, "identity encoder", device).map_err(file_err)?;
+        let (mut tensors, json) = read_safetensors(path, CONFIG_KEY, "identity encoder", device)
+            .map_err(|e| file_err(e.reason()))?;
         if let Some(name) = crate::models::weights::first_non_finite(&tensors)? {
             return Err(file_err(format!(
                 "tensor `{name}` holds NaN or infinite values"
@@ -999,7 +999,7 @@ impl ParamRegressor {
             reason,
         };
         let text = serde_json::to_string(self).map_err(|e| file_err(e.to_string()))?;
-        write_atomic(path, text.as_bytes()).map_err(|e| file_err(e.to_string()))
+        write_atomic(path, text.as_bytes()).map_err(|e| file_err(e.reason()))
     }
 
     /// Reads a regressor written by [`save`](Self::save).

@@ -1,7 +1,9 @@
 //! The run store: `runs/<id>/` holding `config.toml` (exactly what ran), `metrics.jsonl` (one
-//! line per step and evaluation), `adapter/` (or `model/` for full fine-tuning) and
-//! `summary.json`. Summaries are written atomically; a run's folder is never touched by
-//! another run.
+//! line per step and evaluation), `adapter/` (or `model/` for full fine-tuning, `head/` for
+//! the head alone), `checkpoint/` (when resumable) and `summary.json`; the names are
+//! [`RunLayout`]'s. Summaries are written atomically; a run's folder is never touched by
+//! another run, and while a run trains its [`RunDir`] holds the folder's [`RunLock`], so no
+//! second process can train it at the same time.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
-use crate::peft::checkpoint::write_atomic;
+use super::layout::{RunLayout, RunLock, SUMMARY_FILE};
+use crate::fsio::write_atomic;
 
 /// How a run ended (or that it is still going).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,14 +129,17 @@ pub struct RunStore {
     root: PathBuf,
 }
 
-/// A run's folder while it trains.
+/// A run's folder while it trains; holds the folder's lock until dropped.
 #[derive(Debug)]
 pub struct RunDir {
     /// The run's id.
     pub id: String,
     /// Its folder.
     pub path: PathBuf,
+    /// Its files.
+    pub layout: RunLayout,
     metrics: std::fs::File,
+    _lock: RunLock,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> anyhow::Error + '_ {
@@ -181,14 +187,27 @@ impl RunStore {
                 Err(e) => return Err(io(&p)(e)),
             }
         };
-        write_atomic(&path.join("config.toml"), cfg.to_toml().as_bytes())?;
-        let mpath = path.join("metrics.jsonl");
+        let layout = RunLayout::new(&path);
+        let lock = RunLock::acquire(&layout)?;
+        write_atomic(&layout.config(), cfg.to_toml().as_bytes())?;
+        let mpath = layout.metrics();
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&mpath)
             .map_err(io(&mpath))?;
-        Ok(RunDir { id, path, metrics })
+        Ok(RunDir {
+            id,
+            path,
+            layout,
+            metrics,
+            _lock: lock,
+        })
+    }
+
+    /// The files of run `id`.
+    pub fn layout(&self, id: &str) -> RunLayout {
+        RunLayout::new(self.root.join(id))
     }
 
     /// Every run's summary, newest first; unreadable folders are skipped with their reason.
@@ -199,7 +218,7 @@ impl RunStore {
             return (runs, problems);
         };
         for e in entries.flatten() {
-            let p = e.path().join("summary.json");
+            let p = e.path().join(SUMMARY_FILE);
             if !p.is_file() {
                 continue;
             }
@@ -217,63 +236,86 @@ impl RunStore {
 
     /// A run's metrics.
     pub fn metrics(&self, id: &str) -> anyhow::Result<Vec<MetricLine>> {
-        let p = self.root.join(id).join("metrics.jsonl");
-        let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-        let mut out = Vec::new();
-        let count = text.lines().count();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str(line) {
-                Ok(m) => out.push(m),
-                // A last line cut short by a crash is dropped; earlier lines stay usable.
-                Err(_) if i + 1 == count => break,
-                Err(e) => anyhow::bail!("{}: line {}: {e}", p.display(), i + 1),
-            }
-        }
-        Ok(out)
+        read_metrics(&self.layout(id))
     }
 
     /// A run's config.
     pub fn config(&self, id: &str) -> anyhow::Result<TrainConfig> {
-        let p = self.root.join(id).join("config.toml");
-        Ok(TrainConfig::from_preset(&p, &[])?)
+        Ok(TrainConfig::from_preset(&self.layout(id).config(), &[])?)
     }
 
-    /// Deletes a run's folder.
+    /// Whether run `id` is being trained now (by any process); a `running` summary without
+    /// it means the run was interrupted and can be resumed.
+    pub fn is_training(&self, id: &str) -> bool {
+        RunLock::is_held(&self.layout(id))
+    }
+
+    /// Deletes a run's folder (refused while a process trains it).
     pub fn delete(&self, id: &str) -> anyhow::Result<()> {
         if id.is_empty() || id.contains('/') || id.contains("..") {
             anyhow::bail!("`{id}` is not a run id");
         }
-        let p = self.root.join(id);
-        std::fs::remove_dir_all(&p).map_err(io(&p))
+        let layout = self.layout(id);
+        let _lock = RunLock::acquire(&layout)?;
+        let p = layout.root();
+        std::fs::remove_dir_all(p).map_err(io(p))
     }
 }
 
+/// The summary of the run in `layout`; errors name the file.
+pub fn read_summary(layout: &RunLayout) -> anyhow::Result<RunSummary> {
+    let p = layout.summary();
+    let text = crate::fsio::read_to_string(&p)?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not a run summary: {e}", p.display()))
+}
+
+/// The metrics of the run in `layout`; a last line cut short by a kill is dropped.
+fn read_metrics(layout: &RunLayout) -> anyhow::Result<Vec<MetricLine>> {
+    let p = layout.metrics();
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    let mut out = Vec::new();
+    let count = text.lines().count();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(m) => out.push(m),
+            // A last line cut short by a crash is dropped; earlier lines stay usable.
+            Err(_) if i + 1 == count => break,
+            Err(e) => anyhow::bail!("{}: line {}: {e}", p.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
 impl RunDir {
-    /// Re-opens an existing run folder to continue it from `step`: metrics after that step are
-    /// dropped (atomically); returns the folder and the metrics kept.
-    pub fn reopen(path: &Path, step: usize) -> anyhow::Result<(RunDir, Vec<MetricLine>)> {
-        let id = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| anyhow::anyhow!("{}: not a run folder", path.display()))?;
-        let store = RunStore::new(path.parent().unwrap_or(Path::new(".")));
-        let kept: Vec<MetricLine> = store
-            .metrics(&id)?
-            .into_iter()
-            .filter(|m| match m {
-                MetricLine::Step { step: s, .. } => *s <= step,
-                MetricLine::Eval(e) => e.step <= step,
-            })
-            .collect();
+    /// Re-opens the existing run folder of `layout`, whose `lock` the caller holds, to continue
+    /// it: only the metrics lines `keep` accepts stay (rewritten atomically); returns the folder
+    /// and the metrics kept.
+    pub fn reopen(
+        layout: RunLayout,
+        lock: RunLock,
+        keep: impl Fn(&MetricLine) -> bool,
+    ) -> anyhow::Result<(RunDir, Vec<MetricLine>)> {
+        let id = layout
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("{}: not a run folder", layout.root().display()))?;
+        let mpath = layout.metrics();
+        let kept: Vec<MetricLine> = if mpath.exists() {
+            read_metrics(&layout)?
+                .into_iter()
+                .filter(|m| keep(m))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut text = String::new();
         for m in &kept {
             text += &serde_json::to_string(m)?;
             text.push('\n');
         }
-        let mpath = path.join("metrics.jsonl");
         write_atomic(&mpath, text.as_bytes())?;
         let metrics = std::fs::OpenOptions::new()
             .append(true)
@@ -282,8 +324,10 @@ impl RunDir {
         Ok((
             RunDir {
                 id,
-                path: path.to_path_buf(),
+                path: layout.root().to_path_buf(),
+                layout,
                 metrics,
+                _lock: lock,
             },
             kept,
         ))
@@ -293,18 +337,32 @@ impl RunDir {
     pub fn append(&mut self, line: &MetricLine) -> anyhow::Result<()> {
         let mut s = serde_json::to_string(line)?;
         s.push('\n');
+        if std::env::var_os(crate::fsio::FAULT_ENV).is_some() {
+            // Test hook: a line cut in half by a kill.
+            let half = s.len() / 2;
+            self.metrics
+                .write_all(&s.as_bytes()[..half])
+                .map_err(io(&self.layout.metrics()))?;
+            crate::fsio::fault_point("metrics-half-line");
+            s.drain(..half);
+        }
         self.metrics
             .write_all(s.as_bytes())
             .and_then(|_| self.metrics.flush())
-            .map_err(io(&self.path.join("metrics.jsonl")))
+            .map_err(io(&self.layout.metrics()))
     }
 
     /// Writes `summary.json` atomically.
     pub fn write_summary(&self, s: &RunSummary) -> anyhow::Result<()> {
-        write_atomic(
-            &self.path.join("summary.json"),
-            serde_json::to_string_pretty(s)?.as_bytes(),
-        )?;
-        Ok(())
+        write_summary(&self.layout, s)
     }
+}
+
+/// Writes the `summary.json` of the run in `layout` atomically.
+pub fn write_summary(layout: &RunLayout, s: &RunSummary) -> anyhow::Result<()> {
+    write_atomic(
+        &layout.summary(),
+        serde_json::to_string_pretty(s)?.as_bytes(),
+    )?;
+    Ok(())
 }

@@ -1,24 +1,26 @@
 //! The training loop: AdamW with weight decay, warm-up then linear or cosine decay, gradient
-//! clipping and accumulation, periodic evaluation, seeded; results in the run store.
+//! clipping and accumulation, periodic evaluation, seeded; results in the run store, with a
+//! [`checkpoint`] every `optim.checkpoint_every` steps and on a stop, from which
+//! [`resume`](super::resume::resume) continues a stopped or killed run exactly.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 
 use super::batches::{EncodedSplit, Sampler};
+use super::checkpoint::{self, CheckpointMeta};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
 use super::limits;
 use super::optim::{AdamW, AdamWParams};
+use super::saved::save_trained;
 use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
 use crate::data::{self, DataSource, Dataset};
+use crate::fsio;
 use crate::memory;
 use crate::models::{self, Classifier, InputKind, LoadedModel, load_model};
+use crate::peft::Method;
 use crate::peft::linear::{attach_adapters, trainable_vars};
-use crate::peft::{Method, load_adapter_with, save_adapter_with};
 
 /// A short name of the data source.
 pub fn dataset_name(source: &DataSource) -> String {
@@ -32,7 +34,7 @@ pub fn dataset_name(source: &DataSource) -> String {
 }
 
 /// Loads the data, resizing a folder of images to the model's input when no size is given.
-fn load_data(cfg: &TrainConfig, input: Option<InputKind>) -> anyhow::Result<Dataset> {
+pub(super) fn load_data(cfg: &TrainConfig, input: Option<InputKind>) -> anyhow::Result<Dataset> {
     let mut dc = cfg.data.clone();
     if let (
         DataSource::ImageFolder {
@@ -195,16 +197,18 @@ pub fn evaluate(
     })
 }
 
+use super::layout::{HEAD_FILE, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout, RunLock};
+use super::limits;
 /// Where a run starts: fresh, or from its checkpoint.
-struct Start {
+pub(super) struct Start {
     /// Steps already done.
-    step: usize,
+    pub(super) step: usize,
     /// Training losses so far.
-    losses: Vec<f64>,
+    pub(super) losses: Vec<f64>,
     /// Evaluations so far.
-    evals: Vec<EvalPoint>,
+    pub(super) evals: Vec<EvalPoint>,
     /// Seconds spent in training steps so far.
-    train_secs: f64,
+    pub(super) train_secs: f64,
 }
 
 struct Loop<'a, 'r, 'e> {
@@ -218,10 +222,14 @@ struct Loop<'a, 'r, 'e> {
     evals: Vec<EvalPoint>,
     train_secs: f64,
     steps_done: usize,
+    /// The step of the newest checkpoint on disk.
+    checkpointed: usize,
+    /// The run's record, rewritten (still `running`) at each checkpoint.
+    summary: RunSummary,
 }
 
 /// The optimisers of a prepared run, one per parameter group.
-fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64)>> {
+pub(super) fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64)>> {
     let mut opts = Vec::new();
     for (vars, wd, scale) in &p.groups {
         let params = AdamWParams {
@@ -233,9 +241,6 @@ fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<(AdamW, f64
     }
     Ok(opts)
 }
-
-/// Name of the checkpoint folder inside a run.
-pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 impl Loop<'_, '_, '_> {
     fn eval(&mut self, step: usize) -> anyhow::Result<()> {
@@ -253,35 +258,27 @@ impl Loop<'_, '_, '_> {
         Ok(())
     }
 
-    /// Writes the trainable values, the optimiser state and the step, atomically (a new
-    /// folder, then renames).
-    fn checkpoint(&self, step: usize) -> anyhow::Result<()> {
-        let dir = self.run.path.join(CHECKPOINT_DIR);
-        let tmp = self.run.path.join(format!("{CHECKPOINT_DIR}.tmp"));
-        let old = self.run.path.join(format!("{CHECKPOINT_DIR}.old"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut tensors = HashMap::new();
-        let mut opt_steps = Vec::new();
+    /// Writes the trainable values, the optimiser state and the step as the run's checkpoint
+    /// (see [`checkpoint::save`]), and the summary's progress.
+    fn checkpoint(&mut self, step: usize) -> anyhow::Result<()> {
+        let mut tensors = Vec::new();
+        let mut optimizer_steps = Vec::new();
         for (k, (opt, _)) in self.opts.iter().enumerate() {
             let (t, n) = opt.state(&format!("group{k}"));
             tensors.extend(t);
-            opt_steps.push(n);
+            optimizer_steps.push(n);
         }
-        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-        let meta = serde_json::json!({
-            "step": step,
-            "optimizer_steps": opt_steps,
-            "train_secs": self.train_secs,
-        });
-        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&meta)?)?;
-        let _ = std::fs::remove_dir_all(&old);
-        if dir.exists() {
-            std::fs::rename(&dir, &old)?;
-        }
-        std::fs::rename(&tmp, &dir)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        let meta = CheckpointMeta {
+            step,
+            total_steps: Some(self.total_steps),
+            optimizer_steps,
+            train_secs: self.train_secs,
+            files: Default::default(),
+        };
+        checkpoint::save(&self.run.layout, meta, tensors)?;
+        self.checkpointed = step;
+        self.summary.steps_done = step;
+        self.run.write_summary(&self.summary)
     }
 
     fn run(&mut self, ctl: &mut dyn Controller, start: usize) -> anyhow::Result<RunStatus> {
@@ -395,6 +392,7 @@ impl Loop<'_, '_, '_> {
             if step % o.eval_every == 0 || step == self.total_steps {
                 self.eval(step)?;
             }
+            fsio::fault_point("step-done");
             if let Some(every) = o.checkpoint_every
                 && step % every == 0
                 && step < self.total_steps
@@ -404,130 +402,6 @@ impl Loop<'_, '_, '_> {
         }
         Ok(RunStatus::Finished)
     }
-}
-
-/// The `modules_to_save` of a model: its head's parameters.
-fn head_tensors(model: &dyn Classifier) -> Vec<(String, Vec<(String, Tensor)>)> {
-    model
-        .head()
-        .into_iter()
-        .map(|l| {
-            let mut params = vec![("weight".to_string(), l.base_weight().detach())];
-            if let Some(b) = l.bias() {
-                params.push(("bias".to_string(), b.detach()));
-            }
-            (l.path().to_string(), params)
-        })
-        .collect()
-}
-
-/// Saves what a run trained: `adapter/` (adapter + head), `model/` (full fine-tuning, a
-/// complete Hugging Face folder) or `head/` (head only).
-pub fn save_trained(
-    cfg: &TrainConfig,
-    model: &dyn Classifier,
-    run_path: &Path,
-) -> anyhow::Result<()> {
-    match cfg.mode {
-        TrainMode::Adapter => {
-            save_adapter_with(
-                model,
-                &cfg.adapter,
-                &run_path.join("adapter"),
-                &head_tensors(model),
-            )?;
-        }
-        TrainMode::Full => save_model(model, &run_path.join("model"))?,
-        TrainMode::Head => {
-            let dir = run_path.join("head");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut t = HashMap::new();
-            for (module, params) in head_tensors(model) {
-                for (n, v) in params {
-                    t.insert(format!("{module}.{n}"), v);
-                }
-            }
-            let tmp = dir.join("head.safetensors.tmp");
-            candle_core::safetensors::save(&t, &tmp)?;
-            std::fs::rename(&tmp, dir.join("head.safetensors"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes a whole model as a Hugging Face folder: `config.json` and `model.safetensors`.
-pub fn save_model(model: &dyn Classifier, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = models::named_tensors(model)?.into_iter().collect();
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
-    crate::peft::checkpoint::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&model.config_json())?.as_bytes(),
-    )?;
-    Ok(())
-}
-
-/// Rebuilds a finished run's model from its folder (config, base model, saved adapter or
-/// weights) and evaluates it on its eval split.
-pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
-    let cfg = TrainConfig::from_preset(&run_path.join("config.toml"), &[])?;
-    let mut p = prepare_frozen(&cfg, run_path)?;
-    let e = evaluate(p.model.as_mut(), &p.eval, cfg.optim.eval_batch_size, 0)?;
-    Ok(e)
-}
-
-/// The run's trained model (no trainable variables), with its data encoded.
-fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared> {
-    let data = load_data(cfg, None)?;
-    let (source, fresh) = match cfg.mode {
-        TrainMode::Full => (
-            models::ModelSource::Folder {
-                path: run_path.join("model"),
-            },
-            false,
-        ),
-        _ => (cfg.model.source.clone(), true),
-    };
-    let LoadedModel {
-        mut model,
-        tokenizer,
-        ..
-    } = load_model(&source, data.num_classes(), fresh, cfg.optim.seed)?;
-    let head_file = match cfg.mode {
-        TrainMode::Adapter => {
-            let (_, extra) = load_adapter_with(model.as_mut(), &run_path.join("adapter"))?;
-            Some(extra)
-        }
-        TrainMode::Head => Some(candle_core::safetensors::load(
-            run_path.join("head").join("head.safetensors"),
-            &Device::Cpu,
-        )?),
-        TrainMode::Full => None,
-    };
-    if let Some(extra) = head_file {
-        for l in model.head_mut() {
-            let w = extra
-                .get(&format!("{}.weight", l.path()))
-                .ok_or_else(|| anyhow::anyhow!("the saved run lacks `{}.weight`", l.path()))?;
-            let b = extra.get(&format!("{}.bias", l.path())).cloned();
-            *l = crate::peft::AdaptedLinear::new(l.path().to_string(), w.clone(), b);
-        }
-    }
-    let input = model.input();
-    let train = EncodedSplit::new(&data.train, input, tokenizer.as_ref(), cfg.model.max_length)?;
-    let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
-    Ok(Prepared {
-        total: models::parameter_count(model.as_ref()),
-        model,
-        data,
-        train,
-        eval,
-        groups: Vec::new(),
-        trainable: 0,
-        initialised: Vec::new(),
-    })
 }
 
 /// Runs one training run to the end (or until `ctl` says stop), reporting through `emit`
@@ -553,8 +427,27 @@ pub fn train(
     }
     let total_steps = limits::total_steps(cfg, p.train.len()).map_err(anyhow::Error::msg)?;
     let run = store.create(cfg)?;
-    let summary = RunSummary {
-        id: run.id.clone(),
+    let summary = new_summary(cfg, &p, &run.id, total_steps, started_at);
+    let opts = optimisers(cfg, &p)?;
+    let start = Start {
+        step: 0,
+        losses: Vec::new(),
+        evals: Vec::new(),
+        train_secs: 0.0,
+    };
+    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+}
+
+/// The summary of a run starting now.
+pub(super) fn new_summary(
+    cfg: &TrainConfig,
+    p: &Prepared,
+    id: &str,
+    total_steps: usize,
+    started_at: String,
+) -> RunSummary {
+    RunSummary {
+        id: id.to_string(),
         name: cfg.label(),
         method: cfg.method_name(),
         rank: (cfg.mode == TrainMode::Adapter).then_some(cfg.adapter.rank),
@@ -573,95 +466,16 @@ pub fn train(
         status: RunStatus::Running,
         error: None,
         started_at,
-    };
-    let opts = optimisers(cfg, &p)?;
-    let start = Start {
-        step: 0,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        train_secs: 0.0,
-    };
-    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+    }
 }
 
-/// Continues the run in `run_path` from its last checkpoint (`optim.checkpoint_every`): the
-/// same config, the trainable values and optimiser state as saved, the batch order replayed,
-/// metrics after the checkpoint discarded. The result equals an uninterrupted run.
-pub fn resume(
-    run_path: &Path,
-    ctl: &mut dyn Controller,
-    emit: &mut dyn FnMut(Event),
-) -> Result<RunSummary, RunFailure> {
-    let started = Instant::now();
-    memory::reset_peak_rss();
-    emit(Event::Phase(Phase::Loading));
-    let cfg = TrainConfig::from_preset(&run_path.join("config.toml"), &[])
-        .map_err(anyhow::Error::from)?;
-    let ckpt = run_path.join(CHECKPOINT_DIR);
-    let meta_path = ckpt.join("state.json");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| {
-            format!(
-                "{}: this run has no checkpoint to resume from (set optim.checkpoint_every)",
-                meta_path.display()
-            )
-        })?)
-        .with_context(|| format!("{}: not valid JSON", meta_path.display()))?;
-    let step = meta["step"]
-        .as_u64()
-        .context("state.json: `step` is missing")? as usize;
-    let opt_steps: Vec<usize> = serde_json::from_value(meta["optimizer_steps"].clone())
-        .context("state.json: `optimizer_steps` is missing")?;
-    let summary_path = run_path.join("summary.json");
-    let mut summary: RunSummary = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("reading {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a run summary", summary_path.display()))?;
-    let p = prepare(&cfg)?;
-    let mut opts = optimisers(&cfg, &p)?;
-    let tensors = candle_core::safetensors::load(ckpt.join("state.safetensors"), &Device::Cpu)
-        .with_context(|| format!("reading {}", ckpt.join("state.safetensors").display()))?;
-    if opt_steps.len() != opts.len() {
-        return Err(anyhow::anyhow!(
-            "the checkpoint has {} parameter groups, the run {}",
-            opt_steps.len(),
-            opts.len()
-        )
-        .into());
-    }
-    for (k, (opt, _)) in opts.iter_mut().enumerate() {
-        opt.load_state(&format!("group{k}"), &tensors, opt_steps[k])?;
-    }
-    let (run, kept) = RunDir::reopen(run_path, step)?;
-    let mut start = Start {
-        step,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        train_secs: meta["train_secs"].as_f64().unwrap_or(0.0),
-    };
-    for m in kept {
-        match m {
-            MetricLine::Step { loss, .. } => start.losses.push(loss),
-            MetricLine::Eval(e) => start.evals.push(e),
-        }
-    }
-    summary.status = RunStatus::Running;
-    summary.error = None;
-    emit(Event::Log(format!(
-        "resuming {} from step {step}",
-        summary.id
-    )));
-    drive(&cfg, &p, run, summary, opts, start, started, ctl, emit)
-}
-
-/// The shared body of [`train`] and [`resume`]: announce, loop, save, record.
+/// The shared body of [`train`] and [`resume`](super::resume::resume): announce, loop, save, record.
 #[allow(clippy::too_many_arguments)]
-fn drive(
+pub(super) fn drive(
     cfg: &TrainConfig,
     p: &Prepared,
     mut run: RunDir,
-    mut summary: RunSummary,
+    summary: RunSummary,
     opts: Vec<(AdamW, f64)>,
     start: Start,
     started: Instant,
@@ -690,13 +504,18 @@ fn drive(
         evals: start.evals,
         train_secs: start.train_secs,
         steps_done: start.step,
+        checkpointed: start.step,
+        summary,
     };
     let outcome = lp.run(ctl, start.step).and_then(|status| {
-        if status == RunStatus::Stopped
-            && lp.steps_done > 0
-            && lp.evals.last().map(|e| e.step) != Some(lp.steps_done)
-        {
-            lp.eval(lp.steps_done)?;
+        if status == RunStatus::Stopped {
+            // A stopped run can always be resumed where it stopped.
+            if lp.steps_done > lp.checkpointed {
+                lp.checkpoint(lp.steps_done)?;
+            }
+            if lp.steps_done > 0 && lp.evals.last().map(|e| e.step) != Some(lp.steps_done) {
+                lp.eval(lp.steps_done)?;
+            }
         }
         (lp.emit)(Event::Phase(Phase::Saving));
         save_trained(cfg, p.model.as_ref(), &run_path)?;
@@ -708,6 +527,7 @@ fn drive(
         train_secs,
         steps_done,
         emit,
+        mut summary,
         ..
     } = lp;
     let tail = &losses[losses.len().saturating_sub(10)..];
