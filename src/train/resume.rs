@@ -10,8 +10,9 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use super::events::{Controller, Event, Phase, RunFailure};
 use super::layout::{RunLayout, RunLock};
+use super::limits::total_steps;
 use super::store::{MetricLine, RunDir, RunStatus, RunStore, RunSummary, read_summary};
-use super::trainer::{Start, drive, new_summary, optimisers, prepare, total_steps, train};
+use super::trainer::{Start, drive, new_summary, optimisers, prepare, train};
 use crate::memory;
 
 /// Continues the run in `run_path` from its newest good checkpoint (written every
@@ -66,7 +67,7 @@ pub fn resume(
         None => None,
     };
     let p = prepare(&cfg)?;
-    let total = total_steps(&cfg, p.train.len());
+    let total = total_steps(&cfg, p.train.len()).map_err(anyhow::Error::msg)?;
     let (mut summary, ckpt) = match (recorded, early) {
         (Some(s), Some(ckpt)) => {
             if s.total_steps != total {

@@ -197,8 +197,6 @@ pub fn evaluate(
     })
 }
 
-use super::layout::{HEAD_FILE, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout, RunLock};
-use super::limits;
 /// Where a run starts: fresh, or from its checkpoint.
 pub(super) struct Start {
     /// Steps already done.
