@@ -470,3 +470,24 @@ fn defaults_follow_hugging_face() {
     assert_eq!(inv.len(), 8);
     assert!((inv[1] - 10_000f64.powf(-2.0 / 16.0)).abs() < 1e-12);
 }
+
+#[test]
+fn parameter_counts_match_the_published_ones() {
+    // SmolLM2-135M (tied) and LLaMA-2-7B (untied), from their config.json.
+    let smol = json!({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "tie_word_embeddings": true, "rope_theta": 100000.0});
+    let c = LlamaConfig::from_json(&smol, "smollm2").unwrap();
+    assert_eq!(c.parameter_count(), 134_515_008);
+    let llama2 = json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000});
+    let c = LlamaConfig::from_json(&llama2, "llama-2-7b").unwrap();
+    assert_eq!(c.parameter_count(), 6_738_415_616);
+    // The loaded model counts the same, biases included (qwen2, untied).
+    let dir = TempDir::new("count");
+    let (cfg, w) = write_model(&dir.0, &tiny("qwen2", false), 12);
+    let m = load_folder(&dir.0).unwrap();
+    let stored: usize = w.values().map(Tensor::elem_count).sum();
+    assert_eq!(m.parameter_count(), stored);
+    assert_eq!(cfg.parameter_count(), stored);
+}

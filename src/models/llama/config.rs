@@ -306,6 +306,31 @@ impl LlamaConfig {
         Self::from_json(&v, &shown)
     }
 
+    /// Parameters of the pretrained model (`lm_head` counted once when tied), from the
+    /// config alone; saturates rather than wrapping.
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut layer = [h * q, 2 * h * kv, q * h, 3 * h * i, 2 * h]
+            .iter()
+            .fold(0usize, |a, &b| a.saturating_add(b));
+        if self.qkv_bias {
+            layer += q + 2 * kv;
+        }
+        if self.o_bias {
+            layer += h;
+        }
+        if self.mlp_bias {
+            layer += 2 * i + h;
+        }
+        let embeddings = if self.tie_word_embeddings { 1 } else { 2 };
+        layer
+            .saturating_mul(self.num_hidden_layers)
+            .saturating_add(h)
+            .saturating_add(v.saturating_mul(h).saturating_mul(embeddings))
+    }
+
     /// The RoPE inverse frequencies (`head_dim / 2` of them), LLaMA 3 scaling applied.
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;

@@ -94,7 +94,24 @@ pub fn read_checkpoint(
 
 /// Loads the model in the Hugging Face folder `dir` onto the CPU.
 pub fn load_folder(dir: &Path) -> Result<LlamaModel, ModelError> {
-    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let config = LlamaConfig::from_file(&config_path)?;
+    // Refuse a model whose f32 weights exceed the memory available, before reading them.
+    let params = config.parameter_count();
+    let bytes = (params as u64).saturating_mul(4);
+    if let Some(available) = crate::memory::available_bytes()
+        && bytes > available
+    {
+        return Err(file_err(
+            &config_path,
+            format!(
+                "{} parameters, {:.1} GiB as f32, more than the {:.1} GiB of memory available",
+                crate::inspect::thousands(params),
+                crate::memory::gib(bytes),
+                crate::memory::gib(available)
+            ),
+        ));
+    }
     let (tensors, file) = read_checkpoint(dir)?;
     let mut r = WeightReader::from_tensors(
         tensors,
