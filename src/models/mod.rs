@@ -3,14 +3,17 @@
 //!
 //! - [`bert`]: BERT and RoBERTa encoders with a sequence-classification head.
 //! - [`vit`]: the Vision Transformer with an image-classification head.
+//! - [`llama`]: LLaMA, Mistral and Qwen2 causal language models.
 //!
-//! Every model implements [`Classifier`]. Module paths always use the classification models'
+//! The classifiers implement [`Classifier`]; the causal language models have their own
+//! forward ([`llama::LlamaModel`]). Module paths always use the classification models'
 //! names (`bert.encoder.layer.0.attention.self.query`, `vit.…`, `roberta.…`), whatever prefix the
 //! checkpoint used.
 
 pub mod bert;
 pub mod encoder;
 pub mod hub;
+pub mod llama;
 pub mod ops;
 pub mod unet;
 pub mod vit;

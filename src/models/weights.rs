@@ -79,6 +79,28 @@ impl WeightReader {
         })
     }
 
+    /// Tensors already read (`file` names them in errors), looked up by their exact names:
+    /// for checkpoints whose names need no prefix mapping (the LLaMA family's `model.…`).
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        file: &Path,
+        std: f32,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        check_finite(&tensors, file)?;
+        Ok(Self {
+            tensors,
+            file: file.display().to_string(),
+            ckpt_prefix: String::new(),
+            own_prefix: String::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            std,
+            device: device.clone(),
+            initialised: Vec::new(),
+        })
+    }
+
     /// No checkpoint: every parameter is initialised (a model from its config alone).
     pub fn random(own_prefix: &str, std: f32, seed: u64, device: &Device) -> Self {
         Self {
