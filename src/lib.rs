@@ -18,5 +18,6 @@ pub mod peft;
 pub mod personalize;
 pub mod plot;
 pub mod report;
+pub mod threads;
 pub mod train;
 pub mod worker;

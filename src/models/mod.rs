@@ -14,6 +14,7 @@ pub mod hub;
 pub mod ops;
 pub mod unet;
 pub mod vit;
+pub mod vmath;
 pub mod weights;
 
 use candle_core::{DType, Device, Tensor, Var};
