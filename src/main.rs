@@ -33,7 +33,7 @@ fn keep_freed_pages_across_steps() {
     // SAFETY: plain C calls of mimalloc (linked in through the global allocator) on an option
     // index; both accept any index and value.
     unsafe {
-        if matches!(mi_option_get(PURGE_DELAY), 10 | 1000) && !bench::ab_off("purge") {
+        if matches!(mi_option_get(PURGE_DELAY), 10 | 1000) {
             mi_option_set(PURGE_DELAY, 10_000);
         }
     }
@@ -191,6 +191,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    peft_studio::threads::single_compute_pool();
     keep_freed_pages_across_steps();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,9 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return peft_studio::app::run_window();
     };
     // Commands compute on this thread: make it one of the compute pool's threads.
-    if !bench::ab_off("pool") {
-        peft_studio::threads::join_compute_pool();
-    }
+    peft_studio::threads::join_compute_pool();
     match command {
         Command::Train {
             preset,

@@ -155,7 +155,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .canonicalize()
         .unwrap_or_else(|_| PathBuf::from(MINILM_DIR));
     let exe = std::env::current_exe().context("finding this program to run the variants")?;
-    let mut results = Vec::new();
+    let mut record = BenchRun {
+        suite: args.suite.name().into(),
+        title: args.suite.title(args.threads),
+        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cpu: CpuInfo::detect(),
+        threads: args.threads,
+        steps: args.steps,
+        rounds: args.rounds,
+        has_peer,
+        peer_python: peer.as_ref().ok().map(|p| p.python.display().to_string()),
+        peer_missing: if has_peer { peer.clone().err() } else { None },
+        results: Vec::new(),
+    };
     for round in 1..=args.rounds {
         for v in &variants {
             eprintln!(
@@ -181,7 +193,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            results.push(RoundResult {
+            record.results.push(RoundResult {
                 round,
                 variant: v.to_string(),
                 ours,
@@ -189,33 +201,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 peer_error,
             });
         }
+        // Every finished round is on disk: an interrupted run keeps what it measured.
+        let table = write_record(&record, &out, round < args.rounds)?;
+        if round == args.rounds {
+            print!("{table}");
+        }
     }
-    let record = BenchRun {
-        suite: args.suite.name().into(),
-        title: args.suite.title(args.threads),
-        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        cpu: CpuInfo::detect(),
-        threads: args.threads,
-        steps: args.steps,
-        rounds: args.rounds,
-        has_peer,
-        peer_python: peer.as_ref().ok().map(|p| p.python.display().to_string()),
-        peer_missing: if has_peer { peer.err() } else { None },
-        results,
-    };
-    let mut table = record.markdown();
-    if args.suite == Suite::FrozenBackward {
-        table += &frozen_backward_note(&record);
-    }
-    print!("{table}");
-    crate::peft::checkpoint::write_atomic(&out, table.as_bytes())?;
-    let json = out.with_extension("json");
-    crate::peft::checkpoint::write_atomic(
-        &json,
-        serde_json::to_string_pretty(&record)?.as_bytes(),
-    )?;
-    eprintln!("wrote {} and {}", out.display(), json.display());
     Ok(())
+}
+
+/// Writes the table (returned) and the JSON beside it; `partial` marks an unfinished run.
+fn write_record(record: &BenchRun, out: &Path, partial: bool) -> anyhow::Result<String> {
+    let mut table = record.markdown();
+    if record.suite == Suite::FrozenBackward.name() {
+        table += &frozen_backward_note(record);
+    }
+    if partial {
+        let done = record.results.last().map_or(0, |r| r.round);
+        table += &format!(
+            "\n**Partial**: {done} of {} rounds so far.\n",
+            record.rounds
+        );
+    }
+    write_file(out, table.as_bytes())?;
+    let json = out.with_extension("json");
+    write_file(&json, serde_json::to_string_pretty(record)?.as_bytes())?;
+    eprintln!("wrote {} and {}", out.display(), json.display());
+    Ok(table)
+}
+
+/// Writes a result file atomically (the run store's writer).
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    Ok(crate::peft::checkpoint::write_atomic(path, bytes)?)
 }
 
 /// One variant in this process.

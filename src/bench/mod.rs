@@ -49,18 +49,3 @@ pub struct StepStats {
     #[serde(default)]
     pub cpu_percent: Option<f64>,
 }
-
-/// TEMPORARY (A/B measurement, removed before merge): whether `key` is listed in the
-/// comma-separated `PEFT_AB_OFF` environment variable.
-pub fn ab_off(key: &str) -> bool {
-    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    OFF.get_or_init(|| {
-        std::env::var("PEFT_AB_OFF")
-            .unwrap_or_default()
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .collect()
-    })
-    .iter()
-    .any(|k| k == key)
-}

@@ -164,11 +164,12 @@ impl BenchRun {
         let sums = self.summaries();
         let mut s = format!("## {}\n\n", self.title);
         s += &format!(
-            "Measured {} on {}; {} threads for both sides; {} round(s) of {} timed steps per \
+            "Measured {} on {}; {} threads{}; {} round(s) of {} timed steps per \
              variant{}. s/step: median of the per-round medians (per-round figures in brackets).\n\n",
             self.date,
             self.cpu.describe(),
             self.threads,
+            if self.has_peer { " for both sides" } else { "" },
             self.rounds,
             self.steps,
             if self.has_peer {

@@ -3,6 +3,8 @@
 //!
 //! - [`bert`]: BERT and RoBERTa encoders with a sequence-classification head.
 //! - [`vit`]: the Vision Transformer with an image-classification head.
+//! - [`ops`]: fused CPU kernels with a backward (softmax, layer norm, exact GELU).
+//! - [`vmath`]: the vectorised `erf`/`exp` those kernels use.
 //!
 //! Every model implements [`Classifier`]. Module paths always use the classification models'
 //! names (`bert.encoder.layer.0.attention.self.query`, `vit.…`, `roberta.…`), whatever prefix the

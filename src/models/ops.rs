@@ -231,22 +231,6 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_rows(s, l, "gelu")?;
-        if crate::bench::ab_off("gelu") {
-            let mut out = vec![0f32; x.len()];
-            out.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096))
-                .for_each(|(o, x)| {
-                    for (o, &v) in o.iter_mut().zip(x) {
-                        *o = 0.5
-                            * v
-                            * (1.0
-                                + candle_core::cpu::erf::erf_f32(
-                                    v * std::f32::consts::FRAC_1_SQRT_2,
-                                ));
-                    }
-                });
-            return Ok((CpuStorage::F32(out), l.shape().clone()));
-        }
         let out = par_fill(x.len(), GRAIN, |i, o| {
             vmath::gelu_slice(&x[i * GRAIN..][..o.len()], o)
         });
@@ -283,23 +267,6 @@ impl CustomOp2 for GeluErfBackward {
                 g.len(),
                 x.len()
             );
-        }
-        if crate::bench::ab_off("gelu") {
-            let mut out = vec![0f32; x.len()];
-            out.par_chunks_mut(4096)
-                .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(o, (x, g))| {
-                    for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
-                        let cdf = 0.5
-                            * (1.0
-                                + candle_core::cpu::erf::erf_f32(
-                                    v * std::f32::consts::FRAC_1_SQRT_2,
-                                ));
-                        let pdf = 0.398_942_3 * (-0.5 * v * v).exp();
-                        *o = g * (cdf + v * pdf);
-                    }
-                });
-            return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }
         let out = par_fill(x.len(), GRAIN, |i, o| {
             let at = i * GRAIN;

@@ -19,21 +19,15 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// erf(x), absolute error below 1e-6 for every finite x (NaN stays NaN).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    // Clamp (NaN passes through: `max`/`min` would drop it, so compare explicitly).
-    let c = if x > 4.0 {
-        4.0
-    } else if x < -4.0 {
-        -4.0
-    } else {
-        x
-    };
+    // `clamp` keeps NaN (unlike `max`/`min`) and compiles to two compares and selects.
+    let c = x.clamp(-4.0, 4.0);
     let x2 = c * c;
     let mut p = -2.726_142_3e-10f32;
     p = p * x2 + 2.770_681_4e-8;
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.954_6e-3;
     p = p * x2 + -1.609_603_3e-2;
     let mut q = -1.456_607_2e-5f32;
     q = q * x2 + -2.133_740_6e-4;
@@ -42,13 +36,7 @@ pub fn erf(x: f32) -> f32 {
     q = q * x2 + -1.426_473_9e-2;
     let r = c * p / q;
     // The rational form overshoots ±1 by a few ulp near the clamp.
-    if r > 1.0 {
-        1.0
-    } else if r < -1.0 {
-        -1.0
-    } else {
-        r
-    }
+    r.clamp(-1.0, 1.0)
 }
 
 /// e^x, relative error about 2e-7; 0 below −87 (e^−87 ≈ 1.6e-38, where f32 turns subnormal),
@@ -61,13 +49,7 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a branch or a call.
     const ROUND: f32 = 12_582_912.0;
-    let xc = if x > 88.0 {
-        88.0
-    } else if x < -87.0 {
-        -87.0
-    } else {
-        x
-    };
+    let xc = x.clamp(-87.0, 88.0);
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - n * C1 - n * C2;
     let mut y = 1.987_569_1e-4f32;

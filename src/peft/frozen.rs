@@ -50,7 +50,7 @@ impl FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) if !crate::bench::ab_off("gemm") => {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 let (rows, _, m) = Self::dims(l1, l2)?;
                 let out = gemm_f32(a, l1, b, l2, None)?;
                 Ok((CpuStorage::F32(out), Shape::from((rows, m))))
@@ -263,9 +263,7 @@ impl CustomOp3 for FrozenMatmulBias {
         let Some((b0, b1)) = l3.contiguous_offsets() else {
             candle_core::bail!("frozen matmul with bias: the bias must be contiguous");
         };
-        if let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3)
-            && !crate::bench::ab_off("gemm")
-        {
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3) {
             let (rows, _, m) = FrozenMatmul::dims(l1, l2)?;
             let y = gemm_f32(x, l1, w, l2, Some(&b[b0..b1]))?;
             return Ok((CpuStorage::F32(y), Shape::from((rows, m))));

@@ -288,7 +288,6 @@ impl AdaptedLinear {
             && x.dtype() == DType::F32
             && self.base.dtype() == DType::F32
             && d.merged_forward_pays(x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1))
-            && !crate::bench::ab_off("merged")
         {
             return d.merged_forward(x, &self.base, self.bias.as_ref());
         }
