@@ -4,7 +4,8 @@
 //! - [`arch`]: model descriptions (module paths and shapes) read from a Hugging Face
 //!   `config.json`, enough to size an experiment without weights.
 //! - [`inspect`]: parameter counts of a model with an adapter.
-//! - [`bench`]: measured training-step time and peak memory.
+//! - [`bench`]: measured training-step time and peak memory, side by side with PyTorch + PEFT.
+//! - [`threads`]: one compute thread pool, the calling thread included.
 //! - [`train`]: the training loop and the run store; [`worker`]: the background thread.
 //! - [`fsio`]: atomic file writes, safetensors files and their checksums.
 
@@ -21,5 +22,6 @@ pub mod peft;
 pub mod personalize;
 pub mod plot;
 pub mod report;
+pub mod threads;
 pub mod train;
 pub mod worker;

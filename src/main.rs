@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use peft_studio::arch::ArchSpec;
-use peft_studio::bench::{self, StepStats};
+use peft_studio::bench;
 use peft_studio::fsio::write_atomic;
 use peft_studio::inspect::inspect;
-use peft_studio::peft::{AdapterConfig, FrozenGrad, Method, Targets};
+use peft_studio::peft::{AdapterConfig, Method, Targets};
 use peft_studio::report;
 use peft_studio::train::{
     Event, NeverStop, RunStatus, RunStore, RunSummary, SignalStop, TrainConfig,
@@ -19,6 +19,27 @@ use peft_studio::train::{
 /// allocator did, costing ~30% of a training step in page faults).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc itself hands emptied pages back to the OS 1 s after they are freed ("purge"), so
+/// the buffers a training step frees and allocates again were faulted back in (zeroed by the
+/// kernel) every step: up to 150,000 minor page faults per full fine-tuning step of MiniLM.
+/// A 10 s delay keeps them across steps and still returns memory once training stops.
+fn keep_freed_pages_across_steps() {
+    unsafe extern "C" {
+        fn mi_option_get(option: i32) -> std::ffi::c_long;
+        fn mi_option_set(option: i32, value: std::ffi::c_long);
+    }
+    /// `mi_option_purge_delay` in mimalloc v2 and v3 (libmimalloc-sys 0.1); its default, 10 or
+    /// 1000 (ms), is checked before setting so another numbering cannot change another option.
+    const PURGE_DELAY: i32 = 15;
+    // SAFETY: plain C calls of mimalloc (linked in through the global allocator) on an option
+    // index; both accept any index and value.
+    unsafe {
+        if matches!(mi_option_get(PURGE_DELAY), 10 | 1000) {
+            mi_option_set(PURGE_DELAY, 10_000);
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -170,31 +191,9 @@ enum Command {
         #[arg(long, default_value = "bench-results/personalize.md")]
         out: PathBuf,
     },
-    /// Measure seconds per training step and peak memory; writes a markdown table.
-    Bench {
-        /// Which benchmark.
-        suite: Suite,
-        /// Timed steps per variant.
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Where the table goes (default: `bench-results/<suite>.md`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Internal: run one variant in this process and print its JSON.
-        #[arg(long, hide = true)]
-        variant: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Suite {
-    /// A LoRA training step on 12 frozen 768×768 layers, batch 16×64, before and after the
-    /// frozen-matmul op.
-    FrozenBackward,
-    /// A training step of all-MiniLM-L6-v2 (batch 16 × 64 tokens, AdamW) with LoRA r=8 on
-    /// query/value, SVFit and LoLDU at full rank, and full fine-tuning. Needs
-    /// `scripts/fetch-models.sh`.
-    Minilm,
+    /// Measure seconds per training step and peak memory (side by side with the PyTorch + PEFT
+    /// peer where one is installed); writes a markdown table and JSON to `bench-results/`.
+    Bench(bench::BenchArgs),
 }
 
 /// A run stopped by SIGINT/SIGTERM: the process exits with the shell's code for the signal.
@@ -208,6 +207,8 @@ struct Interrupted {
 }
 
 fn main() -> ExitCode {
+    peft_studio::threads::single_compute_pool();
+    keep_freed_pages_across_steps();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -225,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
         return peft_studio::app::run_window();
     };
+    // Commands compute on this thread: make it one of the compute pool's threads.
+    peft_studio::threads::join_compute_pool();
     match command {
         Command::Train {
             preset,
@@ -495,96 +498,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("built {}", preset.out.display());
             Ok(())
         }
-        Command::Bench {
-            suite,
-            steps,
-            out,
-            variant,
-        } => {
-            if let Some(v) = variant {
-                let stats = match (suite, v.as_str()) {
-                    (Suite::FrozenBackward, "plain") => {
-                        bench::frozen_backward(FrozenGrad::Plain, steps, 2)?
-                    }
-                    (Suite::FrozenBackward, "skip") => {
-                        bench::frozen_backward(FrozenGrad::Skip, steps, 2)?
-                    }
-                    (Suite::Minilm, v) => {
-                        let preset = bench::MINILM_VARIANTS
-                            .iter()
-                            .find(|(name, _)| *name == v)
-                            .map(|(_, p)| PathBuf::from("presets").join(p))
-                            .ok_or_else(|| anyhow::anyhow!("unknown variant `{v}`"))?;
-                        bench::minilm(&preset, steps)?
-                    }
-                    (_, v) => bail!("unknown variant `{v}`"),
-                };
-                println!("{}", serde_json::to_string(&stats)?);
-                return Ok(());
-            }
-            let (name, variants, title): (&str, Vec<&str>, &str) = match suite {
-                Suite::FrozenBackward => (
-                    "frozen-backward",
-                    vec!["plain", "skip"],
-                    "LoRA r=8 training step: 12 frozen 768×768 layers + GELU, batch 16×64, AdamW (2 CPU cores)",
-                ),
-                Suite::Minilm => {
-                    anyhow::ensure!(
-                        std::path::Path::new("downloads/all-MiniLM-L6-v2/model.safetensors")
-                            .is_file(),
-                        "the MiniLM benchmark needs downloads/all-MiniLM-L6-v2: run scripts/fetch-models.sh first"
-                    );
-                    (
-                        "minilm",
-                        bench::MINILM_VARIANTS.iter().map(|(n, _)| *n).collect(),
-                        "all-MiniLM-L6-v2 training step, batch 16 × 64 tokens, AdamW (2 CPU cores)",
-                    )
-                }
-            };
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("bench-results/{name}.md")));
-            let exe =
-                std::env::current_exe().context("finding this program to run the variants")?;
-            let mut rows = Vec::new();
-            for v in variants {
-                eprintln!("bench {name}: running variant {v} ({steps} steps)…");
-                let output = std::process::Command::new(&exe)
-                    .args(["bench", name, "--steps", &steps.to_string(), "--variant", v])
-                    .output()
-                    .with_context(|| format!("running variant {v}"))?;
-                if !output.status.success() {
-                    bail!(
-                        "variant {v} failed: {}",
-                        String::from_utf8_lossy(&output.stderr)
-                    );
-                }
-                let stats: StepStats = serde_json::from_slice(&output.stdout)
-                    .with_context(|| format!("reading variant {v}'s result"))?;
-                rows.push(stats);
-            }
-            let mut table = bench::markdown_table(title, &rows);
-            match suite {
-                Suite::FrozenBackward => {
-                    table += &format!(
-                        "\nstep time: {:.1}% less; peak RSS: {:.0} → {:.0} MiB\n",
-                        100.0 * (1.0 - rows[1].secs_per_step / rows[0].secs_per_step),
-                        rows[0].peak_rss_mib,
-                        rows[1].peak_rss_mib
-                    );
-                }
-                Suite::Minilm => {
-                    table += "\nReference on the same machine: PyTorch 2.15 + transformers 5.24 + PEFT 0.21.2, \
-                              LoRA r=8: 0.71 s/step, 1.23 GiB (1,260 MiB) peak RSS; full fine-tuning 1.15 s/step.\n";
-                }
-            }
-            print!("{table}");
-            if let Some(dir) = out.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            write_atomic(&out, table.as_bytes())?;
-            eprintln!("wrote {}", out.display());
-            Ok(())
-        }
+        Command::Bench(args) => bench::run(args),
     }
 }
 

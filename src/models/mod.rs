@@ -4,6 +4,8 @@
 //! - [`bert`]: BERT and RoBERTa encoders with a sequence-classification head.
 //! - [`vit`]: the Vision Transformer with an image-classification head.
 //! - [`llama`]: LLaMA, Mistral and Qwen2 causal language models.
+//! - [`ops`]: fused CPU kernels with a backward (softmax, layer norm, exact GELU).
+//! - [`vmath`]: the vectorised `erf`/`exp` those kernels use.
 //!
 //! The classifiers implement [`Classifier`]; the causal language models have their own
 //! forward ([`llama::LlamaModel`]). Module paths always use the classification models'
@@ -17,6 +19,7 @@ pub mod llama;
 pub mod ops;
 pub mod unet;
 pub mod vit;
+pub mod vmath;
 pub mod weights;
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -5,10 +5,40 @@
 //! temporaries. These run one pass per row (rayon-parallel) and have a real backward. f32 on
 //! the CPU; other dtypes and devices use the composite formulas.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
+
+use super::vmath;
+
+/// Elements per parallel task of the element-wise kernels: large enough that scheduling costs
+/// nothing next to the work, small enough to split a (16·64·1536) activation evenly.
+const GRAIN: usize = 16 * 1024;
+
+/// A vector of `n` values produced chunk by chunk (`chunk` elements, in parallel), never zeroed
+/// first: `fill(i, out)` must write every element of chunk `i`.
+fn par_fill(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: the chunks cover `0..n` and every caller's `fill` writes its whole chunk.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Rows of length `d` per parallel task: about [`GRAIN`] elements.
+fn rows_per_task(d: usize) -> usize {
+    (GRAIN / d.max(1)).max(1)
+}
 
 fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -29,6 +59,17 @@ fn last_dim(l: &Layout) -> Result<usize> {
 
 struct Softmax;
 
+/// Writes `softmax(x)` into `o`.
+fn softmax_row(x: &[f32], o: &mut [MaybeUninit<f32>]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    vmath::exp_shifted_slice(x, max, o);
+    // SAFETY: the kernel wrote every element.
+    let o = unsafe { vmath::assume_init_mut(o) };
+    let sum: f32 = o.iter().sum();
+    let inv = 1.0 / sum;
+    o.iter_mut().for_each(|o| *o *= inv);
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "peft-softmax"
@@ -37,19 +78,13 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_rows(s, l, "softmax")?;
         let d = last_dim(l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
-            });
+        let rows = rows_per_task(d);
+        let out = par_fill(x.len(), rows * d, |i, o| {
+            let x = &x[i * rows * d..][..o.len()];
+            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                softmax_row(x, o);
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -78,15 +113,16 @@ impl CustomOp2 for SoftmaxBackward {
         let y = f32_rows(s1, l1, "softmax backward")?;
         let g = f32_rows(s2, l2, "softmax backward")?;
         let d = last_dim(l1)?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (y, g))| {
+        let rows = rows_per_task(d);
+        let out = par_fill(y.len(), rows * d, |i, o| {
+            let (y, g) = (&y[i * rows * d..][..o.len()], &g[i * rows * d..][..o.len()]);
+            for ((o, y), g) in o.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
                 let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
                 for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
+                    o.write(y * (g - dot));
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -129,25 +165,24 @@ impl CustomOp2 for MaskedSoftmax {
             );
         }
         let scale = self.scale;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(tk)
-            .zip(x.par_chunks(tk))
-            .enumerate()
-            .for_each(|(row, (o, x))| {
-                let bias = &bias[(row / (h * tq)) * tk..][..tk];
-                let mut max = f32::NEG_INFINITY;
+        let rows = rows_per_task(tk);
+        let out = par_fill(x.len(), rows * tk, |i, o| {
+            let first = i * rows;
+            let x = &x[first * tk..][..o.len()];
+            for (r, (o, x)) in o.chunks_mut(tk).zip(x.chunks(tk)).enumerate() {
+                let bias = &bias[((first + r) / (h * tq)) * tk..][..tk];
                 for ((o, &v), &m) in o.iter_mut().zip(x).zip(bias) {
-                    *o = v * scale + m;
-                    max = max.max(*o);
+                    o.write(v * scale + m);
                 }
-                let mut sum = 0.0;
-                for o in o.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum += *o;
-                }
+                // SAFETY: every element was just written.
+                let o = unsafe { vmath::assume_init_mut(o) };
+                let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                vmath::exp_shifted_in_place(o, max);
+                let sum: f32 = o.iter().sum();
                 let inv = 1.0 / sum;
                 o.iter_mut().for_each(|o| *o *= inv);
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -186,12 +221,8 @@ pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>, scale: f64) -> Res
     }
 }
 
-/// The exact (erf) GELU with a one-pass backward.
+/// The exact (erf) GELU with a one-pass backward, on the vectorised erf of [`vmath`].
 struct GeluErf;
-
-const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// 1/√(2π).
-const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
@@ -200,14 +231,9 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_rows(s, l, "gelu")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * SQRT_HALF));
-                }
-            });
+        let out = par_fill(x.len(), GRAIN, |i, o| {
+            vmath::gelu_slice(&x[i * GRAIN..][..o.len()], o)
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -235,16 +261,17 @@ impl CustomOp2 for GeluErfBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_rows(s1, l1, "gelu backward")?;
         let g = f32_rows(s2, l2, "gelu backward")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * SQRT_HALF));
-                    let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                    *o = g * (cdf + v * pdf);
-                }
-            });
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "gelu backward: {} gradients for {} inputs",
+                g.len(),
+                x.len()
+            );
+        }
+        let out = par_fill(x.len(), GRAIN, |i, o| {
+            let at = i * GRAIN;
+            vmath::gelu_backward_slice(&x[at..][..o.len()], &g[at..][..o.len()], o)
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -288,15 +315,16 @@ impl CustomOp3 for LayerNorm {
         let b = f32_rows(s3, l3, "layer norm")?;
         let d = last_dim(l1)?;
         let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| {
+        let rows = rows_per_task(d);
+        let out = par_fill(x.len(), rows * d, |i, o| {
+            let x = &x[i * rows * d..][..o.len()];
+            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
                 let (mean, rstd) = row_stats(x, eps);
-                for i in 0..d {
-                    o[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                    o.write((x - mean) * rstd * w + b);
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -345,10 +373,10 @@ impl CustomOp3 for LayerNormBackward {
         let g = f32_rows(s3, l3, "layer norm backward")?;
         let d = last_dim(l1)?;
         let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (x, g))| {
+        let rows = rows_per_task(d);
+        let out = par_fill(x.len(), rows * d, |i, o| {
+            let (x, g) = (&x[i * rows * d..][..o.len()], &g[i * rows * d..][..o.len()]);
+            for ((o, x), g) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                 let (mean, rstd) = row_stats(x, eps);
                 let (mut m1, mut m2) = (0.0f32, 0.0f32);
                 for i in 0..d {
@@ -358,11 +386,12 @@ impl CustomOp3 for LayerNormBackward {
                 }
                 m1 /= d as f32;
                 m2 /= d as f32;
-                for i in 0..d {
+                for (i, o) in o.iter_mut().enumerate() {
                     let xh = (x[i] - mean) * rstd;
-                    o[i] = rstd * (g[i] * w[i] - m1 - xh * m2);
+                    o.write(rstd * (g[i] * w[i] - m1 - xh * m2));
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

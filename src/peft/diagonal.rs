@@ -1,14 +1,14 @@
 //! The shared "frozen factors + trainable diagonal" adapter of SVFit and LoLDU:
 //! `y = x·W_resᵀ + b + s·((x·Rᵀ) ⊙ act(z))·Lᵀ`, with L (m×r) and R (r×n) frozen.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use faer::Mat;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use super::config::{AdapterConfig, Init, Method};
 use super::decompose::{self, mat_to_tensor, vec_to_tensor};
-use super::frozen::{FrozenGrad, frozen_linear};
+use super::frozen::{FrozenGrad, frozen_linear, frozen_matmul_cpu, input_grad, matmul_no_grad};
 use super::{PeftError, Result};
 
 /// The scalar s: fixed, or trainable (SVFit's and LoLDU's option).
@@ -170,6 +170,50 @@ impl DiagonalAdapter {
         self.apply(x, &self.initial_coefficients()?)
     }
 
+    /// Whether [`merged_forward`](Self::merged_forward) costs less than the factored branch
+    /// for an m×n layer on `rows` input rows. The factored branch adds four rows×r×(m or n)
+    /// products to a step; the merged one forms L·diag(c)·R (m·r·n) and, for z's gradient,
+    /// `gᵀ·x` (rows·m·n) and one m·n·r product.
+    pub fn merged_forward_pays(&self, rows: usize) -> bool {
+        let (m, n) = (self.left.dims()[0], self.right.dims()[1]);
+        let r = self.rank();
+        let factored = 2 * rows * r * (m + n);
+        let merged = 2 * m * r * n + rows * m * n;
+        merged < factored
+    }
+
+    /// The whole adapted layer `x·(W_res + s·L·diag(act(z))·R)ᵀ (+ b)` with one matmul over the
+    /// rows: the m×n weight is formed once per call (per step), the backward gives x's gradient
+    /// through it and z's as `diag(Lᵀ·(gᵀ·x)·Rᵀ)`. Same function as the factored form (up to
+    /// float rounding); f32 on the CPU.
+    pub fn merged_forward(
+        &self,
+        x: &Tensor,
+        w_res: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let coef = self.coefficients()?;
+        let w_eff = (w_res + self.product(&coef.detach())?)?;
+        let (m, n) = w_eff.dims2()?;
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let y = x.reshape((rows, n))?.contiguous()?.apply_op3(
+            &w_eff.t()?,
+            &coef,
+            MergedDiagonal {
+                left: self.left.clone(),
+                right: self.right.clone(),
+            },
+        )?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(m);
+        let y = y.reshape(out_dims)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
     fn product(&self, coef: &Tensor) -> Result<Tensor> {
         Ok(self
             .left
@@ -215,6 +259,48 @@ impl DiagonalAdapter {
     }
 }
 
+/// `x·W_effᵀ` over (x, W_effᵀ, c) whose backward yields the gradients of x and of the
+/// coefficients c (W_eff is a constant formed from c outside the op).
+struct MergedDiagonal {
+    left: Tensor,
+    right: Tensor,
+}
+
+impl CustomOp3 for MergedDiagonal {
+    fn name(&self) -> &'static str {
+        "merged-diagonal-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        frozen_matmul_cpu(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wt: &Tensor,
+        _coef: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let gx = input_grad(&g, wt)?;
+        // dc_j = Σ_rows (x·R_jᵀ)(g·L_j) = L_jᵀ·(gᵀ·x)·R_jᵀ.
+        let gtx = matmul_no_grad(&g.t()?, x)?;
+        let p = matmul_no_grad(&gtx, &self.right.t()?)?;
+        let gc = (&self.left * p)?.sum(0)?;
+        Ok((Some(gx), None, Some(gc)))
+    }
+}
+
 /// z₀ for the initialiser, from the decomposition's values (Σ_r or D_r) and the scale s₀.
 fn initial_z(init: Init, values: &[f64], s0: f64, seed: u64) -> Result<Vec<f64>> {
     let r = values.len();
@@ -248,4 +334,90 @@ fn initial_z(init: Init, values: &[f64], s0: f64, seed: u64) -> Result<Vec<f64>>
             )));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peft::{AdaptedLinear, AdapterConfig};
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// At full rank the merged forward (one matmul) computes what the factored branch does,
+    /// with the same gradients for x and z, for both methods.
+    #[test]
+    fn merged_forward_matches_the_factored_branch_with_gradients() {
+        let dev = Device::Cpu;
+        for method in [Method::Svfit, Method::Loldu] {
+            let (m, n, rows) = (24, 16, 40);
+            let w = Tensor::randn(0f32, 0.3, (m, n), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.1, m, &dev).unwrap();
+            let mut layer = AdaptedLinear::new("q", w, Some(b.clone()));
+            let mut cfg = AdapterConfig::new(method, n);
+            cfg.trainable_scale = true;
+            layer.attach(&cfg).unwrap();
+            let Some(crate::peft::Adapter::Diagonal(d)) = layer.adapter() else {
+                panic!("no diagonal adapter");
+            };
+            // Move z away from z₀ so the learned part is live.
+            let z = d.z.as_tensor();
+            d.z.set(&(z * 1.3).unwrap()).unwrap();
+            assert!(d.merged_forward_pays(rows));
+            let x = candle_core::Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (2, rows / 2, n), &dev).unwrap(),
+            )
+            .unwrap();
+            let g = Tensor::randn(0f32, 1.0, (2, rows / 2, m), &dev).unwrap();
+            let merged = d
+                .merged_forward(x.as_tensor(), layer.base_weight(), Some(&b))
+                .unwrap();
+            let factored = (frozen_linear(x.as_tensor(), layer.base_weight(), FrozenGrad::Skip)
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                + d.branch(x.as_tensor()).unwrap())
+            .unwrap();
+            assert!(max_diff(&merged, &factored) < 1e-4, "{method:?} values");
+            // The layer's own forward takes the merged path here.
+            assert!(max_diff(&layer.forward(x.as_tensor()).unwrap(), &merged) < 1e-6);
+            let ga = (merged * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (factored * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let vars = [x.clone(), d.z.clone()];
+            for v in vars.iter().chain(d.vars().iter().map(|(_, v)| v)) {
+                let (a, b) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(a, b) <= 1e-4 * scale.max(1.0),
+                    "{method:?} gradient differs by {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
 }

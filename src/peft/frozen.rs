@@ -42,6 +42,158 @@ impl FrozenMatmul {
         let out = s1.matmul(s2, (1, rows, m, k), l1, l2)?;
         Ok((out, Shape::from((rows, m))))
     }
+
+    fn cpu(
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (rows, _, m) = Self::dims(l1, l2)?;
+                let out = gemm_f32(a, l1, b, l2, None)?;
+                Ok((CpuStorage::F32(out), Shape::from((rows, m))))
+            }
+            _ => Self::fwd(s1, l1, s2, l2),
+        }
+    }
+}
+
+/// `a·b` for 2-D f32 operands of any strides, straight into gemm with an output that is never
+/// zeroed first (candle's matmul zeroes it, then overwrites it). With `bias` (one value per
+/// output column) the output starts as the bias rows and gemm accumulates onto them.
+fn gemm_f32(
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let (m, k) = la.shape().dims2()?;
+    let (k2, n) = lb.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("matmul: {m}×{k} times {k2}×{n}");
+    }
+    let (sa, sb) = (la.stride(), lb.stride());
+    // Bounds: the furthest element each operand's layout reaches must lie in its buffer.
+    let reach = |start: usize, rows: usize, cols: usize, st: &[usize]| {
+        start + rows.saturating_sub(1) * st[0] + cols.saturating_sub(1) * st[1]
+    };
+    if m * k > 0 && reach(la.start_offset(), m, k, sa) >= a.len()
+        || k * n > 0 && reach(lb.start_offset(), k, n, sb) >= b.len()
+    {
+        candle_core::bail!("matmul: an operand's layout runs past its storage");
+    }
+    if let Some(bias) = bias
+        && bias.len() != n
+    {
+        candle_core::bail!("matmul: {} bias values for {n} outputs", bias.len());
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let read_dst = match bias {
+        Some(bias) => {
+            for _ in 0..m {
+                out.extend_from_slice(bias);
+            }
+            true
+        }
+        None => false,
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the operands' layouts were checked against their buffers above; `out` has room
+    // for m·n values, and gemm writes every one of them before reading any when `read_dst` is
+    // false (alpha is then zero for the first pass over k), or reads the bias rows written above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            a.as_ptr().add(la.start_offset()),
+            sa[1] as isize,
+            sa[0] as isize,
+            b.as_ptr().add(lb.start_offset()),
+            sb[1] as isize,
+            sb[0] as isize,
+            if read_dst { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(m * n);
+    }
+    Ok(out)
+}
+
+/// `a·b` of two 2-D tensors without a backward pass (the backward of the frozen ops): f32 on
+/// the CPU through [`gemm_f32`], anything else through candle's matmul.
+struct MatmulNoGrad;
+
+impl CustomOp2 for MatmulNoGrad {
+    fn name(&self) -> &'static str {
+        "matmul-no-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        FrozenMatmul::cpu(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+}
+
+/// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`).
+pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    matmul_no_grad(&grad.contiguous()?, &wt.t()?)
+}
+
+/// `a·b` of two 2-D tensors, recorded without a backward pass.
+pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &MatmulNoGrad)
+}
+
+/// `x·Wᵀ` on the CPU for a rows×k `x` and `wt = Wᵀ` (k×m), as a custom op's forward.
+pub(crate) fn frozen_matmul_cpu(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    FrozenMatmul::cpu(s1, l1, s2, l2)
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -56,7 +208,7 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2)
+        Self::cpu(s1, l1, s2, l2)
     }
 
     fn cuda_fwd(
@@ -86,7 +238,7 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&wt.t()?)?), None))
+        Ok((Some(input_grad(grad, wt)?), None))
     }
 }
 
@@ -108,12 +260,17 @@ impl CustomOp3 for FrozenMatmulBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let Some((b0, b1)) = l3.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul with bias: the bias must be contiguous");
+        };
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3) {
+            let (rows, _, m) = FrozenMatmul::dims(l1, l2)?;
+            let y = gemm_f32(x, l1, w, l2, Some(&b[b0..b1]))?;
+            return Ok((CpuStorage::F32(y), Shape::from((rows, m))));
+        }
         let (out, shape) = FrozenMatmul::fwd(s1, l1, s2, l2)?;
         let (CpuStorage::F32(mut y), CpuStorage::F32(b)) = (out, s3) else {
             candle_core::bail!("frozen matmul with bias: only f32 is supported");
-        };
-        let Some((b0, b1)) = l3.contiguous_offsets() else {
-            candle_core::bail!("frozen matmul with bias: the bias must be contiguous");
         };
         let b = &b[b0..b1];
         let m = b.len();
@@ -130,7 +287,7 @@ impl CustomOp3 for FrozenMatmulBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&wt.t()?)?), None, None))
+        Ok((Some(input_grad(grad, wt)?), None, None))
     }
 }
 

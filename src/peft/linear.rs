@@ -278,6 +278,19 @@ impl AdaptedLinear {
         } else {
             self.frozen_grad
         };
+        // SVFit/LoLDU at high rank: one matmul with the weight formed from the diagonal.
+        if let Some(Adapter::Diagonal(d)) = &self.adapter
+            && !self.merged
+            && !self.disabled
+            && !(train && self.dropout > 0.0)
+            && self.trainable_bias.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.base.dtype() == DType::F32
+            && d.merged_forward_pays(x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1))
+        {
+            return d.merged_forward(x, &self.base, self.bias.as_ref());
+        }
         // A frozen bias is fused into the frozen matmul; a trainable one is added after.
         let fused_bias = self.trainable_bias.is_none() && self.bias.is_some();
         let mut y = match (&self.bias, fused_bias) {

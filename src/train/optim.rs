@@ -1,9 +1,14 @@
 //! AdamW with decoupled weight decay, whose state can be saved and restored (so long runs
-//! checkpoint and resume exactly). The update is candle-nn's `AdamW`, term for term.
+//! checkpoint and resume exactly). The update is candle-nn's `AdamW`, term for term; for f32
+//! on the CPU it runs in place (three streaming passes, no temporaries) instead of as a dozen
+//! tensor ops that each allocate a parameter-sized buffer.
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var, backprop::GradStore};
+use candle_core::{
+    CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var, backprop::GradStore,
+};
+use rayon::prelude::*;
 
 /// AdamW's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +85,39 @@ impl AdamW {
         for s in &self.slots {
             let theta = s.var.as_tensor();
             let Some(g) = grads.get(theta) else { continue };
+            let in_place = theta.device().is_cpu()
+                && theta.dtype() == DType::F32
+                && g.dtype() == DType::F32
+                && g.dims() == theta.dims();
+            if in_place {
+                let g = g.contiguous()?;
+                s.m.as_tensor().inplace_op2(
+                    &g,
+                    &Moment {
+                        decay: b1,
+                        square: false,
+                    },
+                )?;
+                s.v.as_tensor().inplace_op2(
+                    &g,
+                    &Moment {
+                        decay: b2,
+                        square: true,
+                    },
+                )?;
+                theta.inplace_op3(
+                    s.m.as_tensor(),
+                    s.v.as_tensor(),
+                    &Update {
+                        scale_m,
+                        scale_v,
+                        lr: p.lr,
+                        eps: p.eps,
+                        keep: 1.0 - p.lr * p.weight_decay,
+                    },
+                )?;
+                continue;
+            }
             let m = ((s.m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
             let v = ((s.v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let m_hat = (&m * scale_m)?;
@@ -129,5 +167,173 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// Elements per parallel task of the in-place passes.
+const GRAIN: usize = 64 * 1024;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: {what} must be contiguous f32"),
+    }
+}
+
+fn contiguous_f32_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: {what} must be contiguous f32"),
+    }
+}
+
+/// `m ← decay·m + (1 − decay)·g` (or `g²` when `square`), in place, with candle's rounding:
+/// each product in f32 with the factors rounded to f32.
+struct Moment {
+    decay: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = contiguous_f32_mut(s1, l1, "a moment")?;
+        let g = contiguous_f32(s2, l2, "the gradient")?;
+        if m.len() != g.len() {
+            candle_core::bail!("adamw: {} moments for {} gradients", m.len(), g.len());
+        }
+        let (d, c) = (self.decay as f32, (1.0 - self.decay) as f32);
+        let square = self.square;
+        m.par_chunks_mut(GRAIN)
+            .zip(g.par_chunks(GRAIN))
+            .for_each(|(m, g)| {
+                if square {
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = *m * d + (g * g) * c);
+                } else {
+                    m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * d + g * c);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ ← θ·keep − lr·(m·scale_m) / (√(v·scale_v) + eps)`, in place (arg2 = m, arg3 = v).
+struct Update {
+    scale_m: f64,
+    scale_v: f64,
+    lr: f64,
+    eps: f64,
+    keep: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let theta = contiguous_f32_mut(s1, l1, "a variable")?;
+        let m = contiguous_f32(s2, l2, "a moment")?;
+        let v = contiguous_f32(s3, l3, "a moment")?;
+        if m.len() != theta.len() || v.len() != theta.len() {
+            candle_core::bail!("adamw: moments do not match the variable's size");
+        }
+        let (sm, sv) = (self.scale_m as f32, self.scale_v as f32);
+        let (lr, eps, keep) = (self.lr as f32, self.eps as f32, self.keep as f32);
+        theta
+            .par_chunks_mut(GRAIN)
+            .zip(m.par_chunks(GRAIN).zip(v.par_chunks(GRAIN)))
+            .for_each(|(t, (m, v))| {
+                for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                    let adjusted = (m * sm) / ((v * sv).sqrt() + eps);
+                    *t = *t * keep - adjusted * lr;
+                }
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::Optimizer;
+
+    #[test]
+    fn in_place_update_matches_candle_nns_adamw() {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1.0, (37, 129), &dev).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (37, 129), &dev).unwrap();
+        let ours_var = Var::from_tensor(&init.copy().unwrap()).unwrap();
+        let theirs_var = Var::from_tensor(&init.copy().unwrap()).unwrap();
+        let params = AdamWParams {
+            lr: 0.05,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut ours = AdamW::new(vec![ours_var.clone()], params).unwrap();
+        let mut theirs = candle_nn::AdamW::new(
+            vec![theirs_var.clone()],
+            candle_nn::ParamsAdamW {
+                lr: params.lr,
+                beta1: params.beta1,
+                beta2: params.beta2,
+                eps: params.eps,
+                weight_decay: params.weight_decay,
+            },
+        )
+        .unwrap();
+        let loss = |v: &Var| {
+            (v.as_tensor() - &target)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        for _ in 0..5 {
+            ours.step(&loss(&ours_var).backward().unwrap()).unwrap();
+            theirs.backward_step(&loss(&theirs_var)).unwrap();
+        }
+        let d = (ours_var.as_tensor() - theirs_var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-6, "differ by {d}");
+        // The variable moved.
+        let moved = (ours_var.as_tensor() - &init)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 0.1);
     }
 }

@@ -1,34 +1,16 @@
-//! Benchmarks: seconds per training step and peak resident memory, written as a table.
-//!
-//! Each variant runs in its own child process (`peft-studio bench <suite> --variant V`), so
-//! every peak-memory figure is that variant's alone.
+//! The frozen-backward benchmark: a LoRA r=8 training step on a stack of BERT-base-sized frozen
+//! layers, with candle's plain matmul backward or the frozen-matmul op.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use serde::{Deserialize, Serialize};
 
+use super::StepStats;
+use super::machine::ProcCounters;
 use crate::memory;
 use crate::peft::linear::{LayerSet, attach_adapters, trainable_vars};
 use crate::peft::{AdaptedLinear, AdapterConfig, FrozenGrad, Method, Targets};
-
-/// One measured variant.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepStats {
-    /// What ran.
-    pub variant: String,
-    /// Timed steps.
-    pub steps: usize,
-    /// Median seconds per training step.
-    pub secs_per_step: f64,
-    /// Fastest step.
-    pub best_secs: f64,
-    /// Peak resident memory of the process, MiB.
-    pub peak_rss_mib: f64,
-    /// Trainable values.
-    pub trainable: usize,
-}
 
 /// Shape of the frozen-backward benchmark: a stack of BERT-base-sized layers.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +82,12 @@ pub fn stack_forward(set: &LayerSet, x: &Tensor) -> anyhow::Result<Tensor> {
 }
 
 /// Times `steps` AdamW steps (after `warmup`) on the LoRA stack with the given frozen path.
+/// `steps` must be at least 1.
 pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow::Result<StepStats> {
+    anyhow::ensure!(
+        steps >= 1,
+        "the benchmark needs at least 1 timed step, got {steps}"
+    );
     let shape = StackShape::default();
     let set = lora_stack(shape, mode, 1)?;
     let vars: Vec<_> = trainable_vars(&set).into_iter().map(|(_, v)| v).collect();
@@ -119,7 +106,11 @@ pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow:
         &Device::Cpu,
     )?;
     let mut times = Vec::new();
+    let mut before = None;
     for i in 0..warmup + steps {
+        if i == warmup {
+            before = ProcCounters::read();
+        }
         let t = Instant::now();
         let loss = stack_forward(&set, &x)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
@@ -127,6 +118,9 @@ pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow:
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    let counters = before
+        .zip(ProcCounters::read())
+        .map(|(a, b)| b.since(&a, steps));
     times.sort_by(f64::total_cmp);
     Ok(StepStats {
         variant: match mode {
@@ -140,70 +134,7 @@ pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow:
             .map(memory::mib)
             .unwrap_or(f64::NAN),
         trainable,
-    })
-}
-
-/// A markdown table of measured variants.
-pub fn markdown_table(title: &str, rows: &[StepStats]) -> String {
-    let mut s = format!(
-        "## {title}\n\n| variant | trainable | s/step (median) | s/step (best) | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: |\n"
-    );
-    for r in rows {
-        s += &format!(
-            "| {} | {} | {:.3} | {:.3} | {:.0} |\n",
-            r.variant,
-            crate::inspect::thousands(r.trainable),
-            r.secs_per_step,
-            r.best_secs,
-            r.peak_rss_mib
-        );
-    }
-    s
-}
-
-/// The MiniLM benchmark's variants: the preset each runs (under `presets/`).
-pub const MINILM_VARIANTS: [(&str, &str); 4] = [
-    ("lora", "minilm-spam-lora.toml"),
-    ("svfit", "minilm-spam-svfit.toml"),
-    ("loldu", "minilm-spam-loldu.toml"),
-    ("full", "minilm-spam-full.toml"),
-];
-
-/// One MiniLM variant: `steps` timed AdamW steps (after 2 warm-up steps) of the real trainer at
-/// batch 16 × 64 tokens, from the preset at `preset`.
-pub fn minilm(preset: &std::path::Path, steps: usize) -> anyhow::Result<StepStats> {
-    use crate::train::{MetricLine, NeverStop, RunStore, TrainConfig};
-    let total = steps + 2;
-    let overrides = [
-        format!("optim.steps={total}"),
-        format!("optim.eval_every={total}"),
-        "optim.batch_size=16".to_string(),
-        "optim.grad_accum=1".to_string(),
-        "model.max_length=64".to_string(),
-        "data.max_train=400".to_string(),
-        "data.max_eval=16".to_string(),
-    ];
-    let cfg = TrainConfig::from_preset(preset, &overrides)?;
-    let dir = std::env::temp_dir().join(format!("peft-studio-bench-{}", std::process::id()));
-    let store = RunStore::new(&dir);
-    let summary = crate::train::train(&cfg, &store, &mut NeverStop, &mut |_| {})?;
-    let mut times: Vec<f64> = store
-        .metrics(&summary.id)?
-        .into_iter()
-        .filter_map(|m| match m {
-            MetricLine::Step { step, secs, .. } if step > 2 => Some(secs),
-            _ => None,
-        })
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    anyhow::ensure!(!times.is_empty(), "no timed step");
-    times.sort_by(f64::total_cmp);
-    Ok(StepStats {
-        variant: summary.name.clone(),
-        steps,
-        secs_per_step: times[times.len() / 2],
-        best_secs: times[0],
-        peak_rss_mib: summary.peak_rss_mib,
-        trainable: summary.trainable,
+        minor_faults_per_step: counters.map(|c| c.0),
+        cpu_percent: counters.map(|c| c.1),
     })
 }

@@ -1,0 +1,51 @@
+//! Benchmarks: seconds per training step and peak resident memory, written to `bench-results/`
+//! as a markdown table and JSON.
+//!
+//! Each variant runs in its own child process (`peft-studio bench <suite> --variant V`), so
+//! every peak-memory figure is that variant's alone. Where a peer exists (PyTorch + PEFT, see
+//! [`peer`]) it runs in the same invocation, alternating with ours round by round, and the
+//! tables give both figures, their ratio and the CPU they were measured on; without a peer the
+//! table says so and quotes no figure from elsewhere.
+//!
+//! - [`cli`]: the `bench` command (argument checks, rounds, child processes, output files).
+//! - [`minilm`]: the MiniLM variants (the real trainer) and their peer equivalents.
+//! - [`stack`]: the frozen-backward stack of BERT-base-sized layers.
+//! - [`peer`]: finding and running the peer.
+//! - [`machine`]: CPU model and flags, page faults and CPU time.
+//! - [`table`]: the markdown and JSON of a run.
+
+pub mod cli;
+pub mod machine;
+pub mod minilm;
+pub mod peer;
+pub mod stack;
+pub mod table;
+
+use serde::{Deserialize, Serialize};
+
+pub use cli::{BenchArgs, Suite, run};
+pub use minilm::{MINILM_VARIANTS, minilm};
+pub use stack::{StackShape, frozen_backward, lora_stack, seeded_normal, stack_forward};
+
+/// One measured variant of ours.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepStats {
+    /// What ran.
+    pub variant: String,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median seconds per training step.
+    pub secs_per_step: f64,
+    /// Fastest step.
+    pub best_secs: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// Trainable values.
+    pub trainable: usize,
+    /// Minor page faults per timed step (`/proc/self/stat`), where readable.
+    #[serde(default)]
+    pub minor_faults_per_step: Option<f64>,
+    /// CPU use over the timed steps, % of one core (200 = two cores busy), where readable.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+}
