@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Does the window cost training time? Trains the window's default form (the built-in LoRA
-# preset: tiny ViT on MNIST 5k, LoRA r8, 1000 steps) in the real window under a virtual X server, then the
+# preset: tiny ViT on MNIST 5k, LoRA r8; STEPS steps) in the real window under a virtual X server, then the
 # same config (the run folder's config.toml) from the CLI, alternating for ROUNDS rounds; then
 # measures the CPU use of an idle window over IDLE_SECS seconds. Writes bench-results/window.md.
 #
-#   scripts/bench-window.sh            # ROUNDS=2 IDLE_SECS=30
+#   scripts/bench-window.sh            # ROUNDS=2 STEPS=300 IDLE_SECS=30
 #
 # Needs: xvfb (xvfb-run), xdotool, and a software renderer (Mesa). On Debian:
 #   apt-get install -y xvfb xdotool
@@ -12,6 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROUNDS="${ROUNDS:-2}"
 IDLE_SECS="${IDLE_SECS:-30}"
+STEPS="${STEPS:-300}"
 OUT="${OUT:-$ROOT/bench-results/window.md}"
 BIN="$ROOT/target/release/peft-studio"
 for tool in xvfb-run xdotool; do
@@ -30,6 +31,10 @@ window_session() {
     local mode="$1" dir="$2"
     mkdir -p "$dir/xdg-data" "$dir/xdg-config" "$dir/xdg-runtime"
     chmod 700 "$dir/xdg-runtime"
+    if [ -f "$WORK/app.ron" ]; then
+        mkdir -p "$dir/xdg-data/peft-studio"
+        cp "$WORK/app.ron" "$dir/xdg-data/peft-studio/app.ron"
+    fi
     cat > "$dir/session.sh" <<EOF
 set -eu
 cd "$dir"
@@ -43,7 +48,11 @@ for i in \$(seq 100); do
 done
 [ -n "\$W" ] || { echo "the window did not appear" >&2; kill \$P; exit 1; }
 sleep 5
-if [ "$mode" = idle ]; then
+if [ "$mode" = seed ]; then
+    # eframe saves the settings every 30 s, at a frame: wait, then move the pointer.
+    sleep 28
+    xdotool mousemove --window \$W 700 400; sleep 1; xdotool mousemove --window \$W 710 410; sleep 2
+elif [ "$mode" = idle ]; then
     a=\$(awk '{print \$14 + \$15}' /proc/\$P/stat); x=\$(awk '{print \$14 + \$15}' /proc/\$XVFB/stat)
     sleep $IDLE_SECS
     b=\$(awk '{print \$14 + \$15}' /proc/\$P/stat); y=\$(awk '{print \$14 + \$15}' /proc/\$XVFB/stat)
@@ -64,7 +73,14 @@ EOF
 }
 
 # Where the Start button is in the default layout (see tests/snapshots/train_tab_mid_run.png).
-START_X="${START_X:-0}" START_Y="${START_Y:-0}"
+START_X="${START_X:-525}" START_Y="${START_Y:-45}"
+
+# The window's default settings, saved once, with the form's step count set to STEPS.
+window_session seed "$WORK/seed"
+ron="$(find "$WORK/seed/xdg-data" -name app.ron | head -1)"
+[ -n "$ron" ] || { echo "the window saved no settings" >&2; exit 1; }
+sed 's/steps:Some(1000)/steps:Some('"$STEPS"')/' "$ron" > "$WORK/app.ron"
+grep -q "steps:Some($STEPS)" "$WORK/app.ron" || { echo "could not set the step count" >&2; exit 1; }
 
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 
@@ -105,10 +121,10 @@ mkdir -p "$(dirname "$OUT")"
 cat > "$OUT" <<EOF
 # The window's cost to training
 
-\`scripts/bench-window.sh\` (ROUNDS=$ROUNDS, IDLE_SECS=$IDLE_SECS), $(date -u +%Y-%m-%d).
+\`scripts/bench-window.sh\` (ROUNDS=$ROUNDS, STEPS=$STEPS, IDLE_SECS=$IDLE_SECS), $(date -u +%Y-%m-%d).
 CPU: $CPU, $(nproc) cores (AVX2: $(has avx2), AVX-512: $(has avx512f)); the real binary in a
 1280 x 820 window under Xvfb with Mesa's software renderer. Each round trains the window's
-default form (the built-in LoRA preset) in the window, then the same
+default form (the built-in LoRA preset, $STEPS steps) in the window, then the same
 \`config.toml\` from the CLI. s/step is the trainer's mean optimiser-step time (evaluation
 excluded), from each run's \`summary.json\`. The machine is shared with other jobs; the rounds
 alternate window and CLI so a load change hits both.

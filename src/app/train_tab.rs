@@ -458,8 +458,10 @@ fn presets_ui(app: &mut StudioApp, ui: &mut Ui) {
     if let Some(p) = &app.settings.last_preset {
         ui.label(RichText::new(format!("last preset: {}", p.display())).small());
     }
-    ui.label(RichText::new(format!("runs are saved in {}", app.runs_dir().display())).small())
-        .on_hover_text("change it in Compare, Settings");
+    // One line whatever the path's length (the full path on hover).
+    let path = app.runs_dir().display().to_string();
+    ui.add(egui::Label::new(RichText::new(format!("runs are saved in {path}")).small()).truncate())
+        .on_hover_text(format!("{path}\n(change it in Compare, Settings)"));
 }
 
 fn form_ui(app: &mut StudioApp, ui: &mut Ui) {
