@@ -223,7 +223,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+        peft_studio::app::init_logging();
         return peft_studio::app::run_window();
     };
     // Commands compute on this thread: make it one of the compute pool's threads.

@@ -6,6 +6,7 @@
 //! fails, the reason is sent once as [`Event::Log`].
 
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -21,6 +22,9 @@ use crate::train::{
 pub enum Command {
     /// Train with this config (refused while a run is in progress).
     Start(Box<TrainConfig>),
+    /// Continue the run in this folder from its last checkpoint, as `train --resume` does
+    /// (refused while a run is in progress).
+    ResumeRun(PathBuf),
     /// Stop the current run after the current step; its metrics so far are kept.
     Stop,
     /// Pause the current run between steps.
@@ -44,6 +48,12 @@ pub type Runner = Arc<
         + Send
         + Sync,
 >;
+
+/// A run the worker performs.
+enum Job {
+    Train(Box<TrainConfig>),
+    Resume(PathBuf),
+}
 
 /// Handle of the worker thread. Dropping it shuts the worker down.
 pub struct Worker {
@@ -89,7 +99,7 @@ impl Controller for ChannelController<'_> {
                     (self.send)(Event::Phase(Phase::Training));
                     return Control::Continue;
                 }
-                Command::Start(_) => {
+                Command::Start(_) | Command::ResumeRun(_) => {
                     (self.send)(Event::Refused("a run is in progress: stop it first".into()))
                 }
                 Command::Pause | Command::Resume => {}
@@ -129,8 +139,9 @@ impl Worker {
                     notify();
                 };
                 while let Ok(cmd) = cmd_rx.recv() {
-                    let cfg = match cmd {
-                        Command::Start(cfg) => cfg,
+                    let job = match cmd {
+                        Command::Start(cfg) => Job::Train(cfg),
+                        Command::ResumeRun(path) => Job::Resume(path),
                         Command::Shutdown => break,
                         Command::Stop | Command::Pause | Command::Resume => continue,
                     };
@@ -146,8 +157,9 @@ impl Worker {
                         }
                         send(e);
                     };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        runner(&cfg, &store, &mut ctl, &mut emit)
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &job {
+                        Job::Train(cfg) => runner(cfg, &store, &mut ctl, &mut emit),
+                        Job::Resume(path) => crate::train::resume(path, &mut ctl, &mut emit),
                     }));
                     match result {
                         Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),

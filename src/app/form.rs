@@ -10,8 +10,9 @@ use crate::models::hub::builtin_folder;
 use crate::peft::{Init, Method, Targets};
 use crate::train::{TrainConfig, TrainMode};
 
-use super::StudioApp;
-use super::background::{Background, PickRequest, TaskResult};
+use super::background::Background;
+use super::dialogs::PickPurpose;
+use super::{StudioApp, TaskResult};
 
 /// The five choices of the method selector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,21 +291,6 @@ fn build_preview(cfg: &data::DataConfig) -> Result<DataPreview, String> {
     })
 }
 
-/// Why a dialog was opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PickPurpose {
-    /// A model folder.
-    ModelFolder,
-    /// A dataset file (IDX images, CSV, JSONL).
-    DatasetFile,
-    /// A folder of class sub-folders.
-    DatasetFolder,
-    /// A preset to load.
-    LoadPreset,
-    /// Where to save the preset.
-    SavePreset,
-}
-
 /// The form's runtime state.
 #[derive(Default)]
 pub struct FormState {
@@ -315,21 +301,22 @@ pub struct FormState {
     pub textures: Vec<egui::TextureHandle>,
     /// Model description cache: (source, num_labels) → description or error.
     arch: Option<((ModelSource, usize), Result<ArchSpec, String>)>,
-    /// A dialog is open.
-    pub picking: bool,
 }
 
 impl FormState {
     /// Loads a preview of the config's dataset on a helper thread.
-    pub fn request_preview(&mut self, bg: &Background, cfg: &TrainConfig) {
+    pub fn request_preview(&mut self, bg: &Background<TaskResult>, cfg: &TrainConfig) {
         self.generation += 1;
         let generation = self.generation;
-        self.preview = None;
         self.textures.clear();
         let data = cfg.data.clone();
-        bg.spawn("preview", move || {
+        let spawned = bg.spawn("preview", move || {
             TaskResult::Preview(generation, build_preview(&data))
         });
+        self.preview = match spawned {
+            Ok(()) => None,
+            Err(e) => Some(Err(e)),
+        };
     }
 
     /// Stores a preview unless a newer one was requested.
@@ -389,51 +376,8 @@ pub fn config_path(source: &ModelSource) -> Result<PathBuf, crate::models::Model
     })
 }
 
-/// Opens a dialog on a helper thread.
-pub fn pick(app: &mut StudioApp, purpose: PickPurpose) {
-    if app.form.picking {
-        return;
-    }
-    app.form.picking = true;
-    let req = match purpose {
-        PickPurpose::ModelFolder => PickRequest::Folder {
-            title: "Open a Hugging Face model folder (config.json, model.safetensors)".into(),
-        },
-        PickPurpose::DatasetFolder => PickRequest::Folder {
-            title: "Open a folder with one sub-folder of images per class".into(),
-        },
-        PickPurpose::DatasetFile => PickRequest::OpenFile {
-            title: "Open a dataset: CSV/JSONL text, or IDX images".into(),
-            filters: vec![
-                (
-                    "Text (CSV, JSONL)".into(),
-                    vec!["csv".into(), "tsv".into(), "jsonl".into()],
-                ),
-                (
-                    "IDX images".into(),
-                    vec!["gz".into(), "idx3-ubyte".into(), "ubyte".into()],
-                ),
-            ],
-        },
-        PickPurpose::LoadPreset => PickRequest::OpenFile {
-            title: "Load a preset".into(),
-            filters: vec![("Presets".into(), vec!["toml".into()])],
-        },
-        PickPurpose::SavePreset => PickRequest::SaveFile {
-            title: "Save the preset".into(),
-            default_name: "my-preset.toml".into(),
-        },
-    };
-    let picker = app.options.picker.clone();
-    app.background.spawn("file-dialog", move || {
-        TaskResult::Picked(purpose, picker(req))
-    });
-}
-
-/// Applies a dialog's answer.
-pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: Option<PathBuf>) {
-    app.form.picking = false;
-    let Some(path) = path else { return };
+/// Applies a path chosen for one of the form's purposes (the others are ignored).
+pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
     let cfg = &mut app.settings.config;
     match purpose {
         PickPurpose::ModelFolder => {
@@ -497,6 +441,11 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: Option<PathB
                 Err(e) => app.report("The preset cannot be saved", e.to_string()),
             }
         }
+        PickPurpose::ReferenceFolder
+        | PickPurpose::ReferenceImage
+        | PickPurpose::SaveImages
+        | PickPurpose::SaveLora
+        | PickPurpose::RunsFolder => {}
     }
 }
 

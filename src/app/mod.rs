@@ -1,31 +1,49 @@
-//! The studio window (eframe/egui): a Train tab (pick a model, data and method, train, watch
-//! live curves) and a Compare tab (every run in the run store, sortable, overlaid, on a
-//! parameters-vs-accuracy scatter).
+//! The studio window (eframe/egui): a Fine-tune tab (pick a model, data and method, train,
+//! watch live curves), a Compare tab (every run in the run store, sortable, overlaid, on a
+//! parameters-vs-accuracy scatter; resume, re-run, open, delete; the runs-folder setting) and
+//! a Personalise tab.
 //!
 //! Nothing here trains or loads models: the engine's [`Worker`] does, on its own thread, and
 //! file dialogs and dataset previews run on short-lived helper threads. The UI drains their
-//! messages once per frame and repaints when one arrives.
+//! messages once per frame. The window draws only when something changed: input, a message
+//! (the worker's wake-ups are coalesced to at most one frame per [`EVENT_REPAINT`]), or an
+//! animation (a spinner asks for a frame a few times a second); idle, it sleeps.
 
 mod background;
 mod compare_tab;
+mod dialogs;
 mod form;
 mod personalise_tab;
 mod plots;
 mod run_view;
+mod spinner;
 mod train_tab;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use background::{FilePicker, PickRequest, rfd_picker};
+pub use dialogs::{
+    FilePicker, PickPurpose, PickRequest, PickResult, init_logging, rfd_picker, scripted_picker,
+    unavailable_picker,
+};
 pub use personalise_tab::{GalleryRow, ModelState, PersonaliseSettings, PersonaliseState, Phase};
+pub use plots::{run_color, unique_labels};
 pub use run_view::{RunView, UiState};
 
-use crate::train::{RunStore, RunSummary, TrainConfig};
+use crate::train::{RunStatus, RunStore, RunSummary, TrainConfig};
 use crate::worker::{Command, Event, Worker};
-use background::{Background, TaskResult};
+use background::Background;
+use dialogs::TypedPath;
+
+/// The longest the window waits to draw after the worker reports something: events arriving
+/// faster (a step every few milliseconds) share one frame. One frame a second keeps the
+/// progress and curves live; more competes with training for the CPU (a frame of Mesa's
+/// software renderer costs ~70 ms of CPU at 1280 x 820: at 2 frames a second the renderer
+/// took a fifth of the training's CPU time). Input still redraws at once.
+pub const EVENT_REPAINT: Duration = Duration::from_secs(1);
 
 /// What the window remembers between launches (eframe storage). Every field has a default, so
 /// state written by an older version never breaks a launch.
@@ -48,6 +66,10 @@ pub struct Settings {
     pub last_preset: Option<PathBuf>,
     /// The Personalise tab: prompt, image count, seed, comparisons.
     pub personalise: PersonaliseSettings,
+    /// The run store's folder chosen in the settings (absolute); `None`: the default.
+    pub runs_dir: Option<PathBuf>,
+    /// The Fine-tune tab's side panel (the form) is shown.
+    pub form_open: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +89,8 @@ impl Default for Settings {
             sort: (compare_tab::SortColumn::Date, false),
             last_preset: None,
             personalise: PersonaliseSettings::default(),
+            runs_dir: None,
+            form_open: true,
         }
     }
 }
@@ -86,7 +110,7 @@ pub enum Tab {
 /// How the app is set up (tests use a temporary run store and a scripted file picker).
 #[derive(Clone)]
 pub struct AppOptions {
-    /// The run store's folder.
+    /// The run store's folder (made absolute at start; the settings may choose another).
     pub runs_dir: PathBuf,
     /// How files and folders are chosen.
     pub picker: FilePicker,
@@ -105,6 +129,16 @@ impl Default for AppOptions {
             personaliser_dir: crate::personalize::pipeline::builtin_dir(),
         }
     }
+}
+
+/// A result from a helper thread.
+pub(crate) enum TaskResult {
+    /// A dialog closed: the path, `None` if cancelled, or why no dialog could open.
+    Picked(PickPurpose, PickResult),
+    /// A dataset preview for form generation `u64`.
+    Preview(u64, Result<form::DataPreview, String>),
+    /// The folder opener failed (what to tell the user).
+    OpenFailed(String),
 }
 
 /// An error shown in the window: a sentence for the user, the details on demand.
@@ -130,10 +164,29 @@ pub struct StudioApp {
     pub personalise: PersonaliseState,
     store: RunStore,
     worker: Option<Worker>,
-    background: Background,
+    background: Background<TaskResult>,
     options: AppOptions,
     form: form::FormState,
     compare: compare_tab::CompareState,
+    ctx: egui::Context,
+    /// The typed-path box (no dialog could open).
+    typed_path: Option<TypedPath>,
+    /// A dialog of the Fine-tune or Compare tab is open.
+    picking: bool,
+    /// Store problems already reported (each is shown once).
+    reported: HashSet<String>,
+}
+
+/// Starts the worker on `store`; its wake-ups ask for a frame within [`EVENT_REPAINT`].
+fn spawn_worker(ctx: &egui::Context, store: &RunStore) -> Result<Worker, UiError> {
+    let repaint = ctx.clone();
+    Worker::spawn(store.clone(), move || {
+        repaint.request_repaint_after(EVENT_REPAINT)
+    })
+    .map_err(|e| UiError {
+        title: "The training worker could not start".into(),
+        details: e.to_string(),
+    })
 }
 
 impl StudioApp {
@@ -156,19 +209,10 @@ impl StudioApp {
         } else {
             egui::Visuals::light()
         });
-        let store = RunStore::new(&options.runs_dir);
-        let repaint = ctx.clone();
+        let runs_dir = dialogs::absolute(settings.runs_dir.as_ref().unwrap_or(&options.runs_dir));
+        let store = RunStore::new(runs_dir);
         let mut errors = Vec::new();
-        let worker = match Worker::spawn(store.clone(), move || repaint.request_repaint()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                errors.push(UiError {
-                    title: "The training worker could not start".into(),
-                    details: e.to_string(),
-                });
-                None
-            }
-        };
+        let worker = spawn_worker(ctx, &store).map_err(|e| errors.push(e)).ok();
         let mut app = Self {
             settings,
             run: RunView::default(),
@@ -181,6 +225,10 @@ impl StudioApp {
             options,
             form: form::FormState::default(),
             compare: compare_tab::CompareState::default(),
+            ctx: ctx.clone(),
+            typed_path: None,
+            picking: false,
+            reported: HashSet::new(),
         };
         app.refresh_runs();
         app.form
@@ -188,14 +236,171 @@ impl StudioApp {
         app
     }
 
-    /// Re-reads the run store.
+    /// Re-reads the run store; a folder that cannot be read is reported once, not at every
+    /// refresh.
     pub fn refresh_runs(&mut self) {
         let (runs, problems) = self.store.list();
         self.runs = runs;
         for p in problems {
-            self.report("A run in the store could not be read", p);
+            self.report_once("A run in the store could not be read", p);
         }
         self.compare.forget_missing(&self.runs);
+    }
+
+    /// Shows an error unless the same one was shown before.
+    pub fn report_once(&mut self, title: &str, details: String) {
+        if self.reported.insert(format!("{title}\n{details}")) {
+            self.report(title, details);
+        }
+    }
+
+    /// The id of the run the worker is busy with, if any.
+    pub fn live_run_id(&self) -> Option<&str> {
+        self.run
+            .run_id
+            .as_deref()
+            .filter(|_| self.run.state.is_busy())
+    }
+
+    /// Whether a stored run stopped before its last step and can continue: stopped, failed, or
+    /// "running" with no process behind it (killed), with a checkpoint to start from.
+    pub fn can_resume(&self, r: &RunSummary) -> bool {
+        let interrupted = match r.status {
+            RunStatus::Stopped | RunStatus::Failed => true,
+            RunStatus::Running => self.live_run_id() != Some(r.id.as_str()),
+            RunStatus::Finished => false,
+        };
+        interrupted && has_checkpoint(&self.store.root().join(&r.id))
+    }
+
+    /// Continues stored run `id` from its checkpoint (as `train --resume` does).
+    pub fn resume_run(&mut self, id: &str) {
+        if self.run.state.is_busy() {
+            self.report(
+                "A run is in progress",
+                "stop it before resuming another one",
+            );
+            return;
+        }
+        let Some(summary) = self.runs.iter().find(|r| r.id == id).cloned() else {
+            return;
+        };
+        let metrics = self.store.metrics(id).unwrap_or_default();
+        match &self.worker {
+            Some(w) => {
+                self.run = RunView::resuming(&summary, &metrics);
+                w.send(Command::ResumeRun(self.store.root().join(id)));
+                self.settings.tab = Tab::Train;
+            }
+            None => self.report(
+                "Training is unavailable",
+                "the worker thread is not running",
+            ),
+        }
+    }
+
+    /// The run store's folder (absolute).
+    pub fn runs_dir(&self) -> &Path {
+        self.store.root()
+    }
+
+    /// Moves the run store to `dir` (created if missing); refused while a run trains.
+    pub fn set_runs_dir(&mut self, dir: PathBuf) {
+        if self.run.state.is_busy() {
+            self.report(
+                "The runs folder cannot change now",
+                "a run is in progress: stop it first",
+            );
+            return;
+        }
+        let dir = dialogs::absolute(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.report(
+                "That runs folder cannot be used",
+                format!("{}: {e}", dir.display()),
+            );
+            return;
+        }
+        // Joins the idle worker before its successor starts on the new store.
+        self.worker = None;
+        self.store = RunStore::new(dir.clone());
+        match spawn_worker(&self.ctx, &self.store) {
+            Ok(w) => self.worker = Some(w),
+            Err(e) => self.errors.push(e),
+        }
+        self.settings.runs_dir = Some(dir);
+        self.run = RunView::default();
+        self.refresh_runs();
+    }
+
+    /// Opens a stored run's folder in the file manager, or says why it cannot.
+    pub fn open_run_folder(&mut self, id: &str) {
+        let path = self.store.root().join(id);
+        match dialogs::open_folder(&path) {
+            Ok((mut child, program)) => {
+                let shown = path.display().to_string();
+                let waited = self.background.spawn("folder-opener", move || {
+                    match child.wait() {
+                        Ok(s) if s.success() => TaskResult::OpenFailed(String::new()),
+                        Ok(s) => TaskResult::OpenFailed(format!(
+                            "{program} found no program to open folders ({s}); the folder is {shown}"
+                        )),
+                        Err(e) => TaskResult::OpenFailed(format!(
+                            "{program} did not finish ({e}); the folder is {shown}"
+                        )),
+                    }
+                });
+                if let Err(e) = waited {
+                    log::warn!("{e}");
+                }
+            }
+            Err(e) => self.report("The folder could not be opened", e),
+        }
+    }
+
+    /// Asks for a path on a helper thread (the Fine-tune and Compare tabs' buttons).
+    pub fn pick(&mut self, purpose: PickPurpose) {
+        if self.picking {
+            return;
+        }
+        self.picking = true;
+        let picker = self.options.picker.clone();
+        let spawned = self.background.spawn("file-dialog", move || {
+            TaskResult::Picked(purpose, picker(purpose.request()))
+        });
+        if let Err(e) = spawned {
+            self.picking = false;
+            self.report("A helper thread could not start", e);
+        }
+    }
+
+    /// No dialog could open: says why and offers the typed-path box instead.
+    pub fn dialog_failed(&mut self, purpose: PickPurpose, why: String) {
+        self.report_once(
+            "No file dialog could open",
+            format!("{why}. Type the path in the box below instead."),
+        );
+        self.typed_path = Some(TypedPath {
+            purpose,
+            text: String::new(),
+        });
+    }
+
+    /// Whether the typed-path box is showing.
+    pub fn typed_path_open(&self) -> bool {
+        self.typed_path.is_some()
+    }
+
+    /// Delivers a chosen (or typed) path to what asked for it.
+    pub fn deliver_path(&mut self, purpose: PickPurpose, path: PathBuf) {
+        match purpose {
+            PickPurpose::RunsFolder => self.set_runs_dir(path),
+            PickPurpose::ReferenceFolder
+            | PickPurpose::ReferenceImage
+            | PickPurpose::SaveImages
+            | PickPurpose::SaveLora => personalise_tab::use_path(self, purpose, path),
+            _ => form::handle_pick(self, purpose, path),
+        }
     }
 
     /// Shows an error in the window.
@@ -245,7 +450,11 @@ impl StudioApp {
             }
         }
         for e in events {
-            let finished = matches!(e, Event::RunFinished(_) | Event::RunFailed { .. });
+            // A started run is listed at once (its summary says "running").
+            let listed = matches!(
+                e,
+                Event::RunStarted { .. } | Event::RunFinished(_) | Event::RunFailed { .. }
+            );
             if let Event::RunFailed { error, .. } = &e {
                 self.report("The run failed", error.clone());
             }
@@ -253,7 +462,7 @@ impl StudioApp {
                 self.report("The worker refused", why.clone());
             }
             self.run.apply(e);
-            if finished {
+            if listed {
                 self.refresh_runs();
             }
         }
@@ -265,8 +474,20 @@ impl StudioApp {
 
     fn handle_task(&mut self, r: TaskResult) {
         match r {
-            TaskResult::Picked(purpose, path) => form::handle_pick(self, purpose, path),
+            TaskResult::Picked(purpose, answer) => {
+                self.picking = false;
+                match answer {
+                    Ok(Some(path)) => self.deliver_path(purpose, path),
+                    Ok(None) => {}
+                    Err(why) => self.dialog_failed(purpose, why),
+                }
+            }
             TaskResult::Preview(generation, result) => self.form.set_preview(generation, result),
+            TaskResult::OpenFailed(why) => {
+                if !why.is_empty() {
+                    self.report("The folder could not be opened", why);
+                }
+            }
         }
     }
 
@@ -365,6 +586,9 @@ impl eframe::App for StudioApp {
             if !self.errors.is_empty() {
                 self.errors_ui(ui);
             }
+            if let Some((purpose, path)) = dialogs::typed_path_ui(ui, &mut self.typed_path) {
+                self.deliver_path(purpose, path);
+            }
         });
         match self.settings.tab {
             Tab::Train => train_tab::show(self, ui),
@@ -393,7 +617,7 @@ pub fn run_window() -> anyhow::Result<()> {
         viewport: egui::ViewportBuilder::default()
             .with_title("peft-studio")
             .with_inner_size([1280.0, 820.0])
-            .with_min_inner_size([900.0, 600.0]),
+            .with_min_inner_size([640.0, 480.0]),
         persist_window: true,
         ..Default::default()
     };
@@ -405,8 +629,13 @@ pub fn run_window() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }
 
-/// A picker that answers from a list (for tests and scripted use).
-pub fn scripted_picker(answers: Vec<Option<PathBuf>>) -> FilePicker {
-    let answers = std::sync::Mutex::new(answers.into_iter());
-    Arc::new(move |_req: PickRequest| answers.lock().ok().and_then(|mut a| a.next()).flatten())
+/// Whether a run folder holds a checkpoint to resume from (or the pieces a save interrupted
+/// mid-way leaves, which the resume recovers).
+fn has_checkpoint(run: &Path) -> bool {
+    let dir = crate::train::trainer::CHECKPOINT_DIR;
+    ["", ".old", ".tmp"].iter().any(|suffix| {
+        run.join(format!("{dir}{suffix}"))
+            .join("state.json")
+            .is_file()
+    })
 }

@@ -17,14 +17,15 @@ use egui::{RichText, TextureHandle, Ui};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::{PickRequest, StudioApp};
+use super::StudioApp;
+use super::dialogs::{FilePicker, PickPurpose, fixed_picker};
 use crate::models::unet::Generator;
 use crate::personalize::build::files;
 use crate::personalize::commands::{SAMPLE_PEOPLE, contact_sheet, sample_person, save_png};
+use crate::personalize::load_references;
 use crate::personalize::pipeline::{
     Gallery, Personaliser, StageSeconds, merged, reference_warnings,
 };
-use crate::personalize::{IMAGE_EXTENSIONS, load_references};
 
 /// Prompts offered as chips next to the prompt field.
 pub const PROMPT_PRESETS: [&str; 4] = [
@@ -132,6 +133,8 @@ enum Msg {
     /// New references (source in words, images), or why they could not be read.
     References(Result<(String, Vec<RgbImage>), String>),
     PickCancelled,
+    /// No dialog could open (for this purpose), and why.
+    PickFailed(PickPurpose, String),
     Stage(String),
     Personalised(Result<Box<Diff>, String>),
     Base(Result<Gallery, String>),
@@ -363,6 +366,11 @@ fn handle(app: &mut StudioApp, m: Msg) {
             app.report("The reference images could not be loaded", e);
         }
         Msg::PickCancelled => s.picking = false,
+        Msg::PickFailed(purpose, why) => {
+            s.picking = false;
+            s.saving = false;
+            app.dialog_failed(purpose, why);
+        }
         Msg::Stage(stage) => s.phase = Phase::Busy(stage),
         Msg::Personalised(Ok(d)) => {
             let d = *d;
@@ -442,6 +450,17 @@ pub fn choose_sample(app: &mut StudioApp, ctx: &egui::Context, index: usize) {
 
 /// Asks for a reference folder (`folder`) or one image and loads it on a helper thread.
 fn pick_references(app: &mut StudioApp, ctx: &egui::Context, folder: bool) {
+    let picker = app.options.picker.clone();
+    load_picked_references(app, ctx, folder, picker);
+}
+
+/// Loads references from the path `picker` answers, on a helper thread.
+fn load_picked_references(
+    app: &mut StudioApp,
+    ctx: &egui::Context,
+    folder: bool,
+    picker: FilePicker,
+) {
     let Some(p) = app.personalise.personaliser() else {
         return;
     };
@@ -449,25 +468,17 @@ fn pick_references(app: &mut StudioApp, ctx: &egui::Context, folder: bool) {
         return;
     }
     let size = p.image_size();
-    let picker = app.options.picker.clone();
-    let req = if folder {
-        PickRequest::Folder {
-            title: "Open a folder of reference photos of one person".into(),
-        }
+    let purpose = if folder {
+        PickPurpose::ReferenceFolder
     } else {
-        PickRequest::OpenFile {
-            title: "Open a reference photo".into(),
-            filters: vec![(
-                "Images".into(),
-                IMAGE_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
-            )],
-        }
+        PickPurpose::ReferenceImage
     };
     app.personalise.picking = true;
     if !spawn_or_report(app, ctx, "references", move |r| {
-        let Some(path) = picker(req) else {
-            r.send(Msg::PickCancelled);
-            return;
+        let path = match picker(purpose.request()) {
+            Ok(Some(path)) => path,
+            Ok(None) => return r.send(Msg::PickCancelled),
+            Err(why) => return r.send(Msg::PickFailed(purpose, why)),
         };
         let res = load_references(&path, size)
             .map(|imgs| (path.display().to_string(), imgs))
@@ -475,6 +486,18 @@ fn pick_references(app: &mut StudioApp, ctx: &egui::Context, folder: bool) {
         r.send(Msg::References(res));
     }) {
         app.personalise.picking = false;
+    }
+}
+
+/// Uses a typed path for one of this tab's purposes (no dialog could open).
+pub fn use_path(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
+    let ctx = app.ctx.clone();
+    match purpose {
+        PickPurpose::ReferenceFolder => load_picked_references(app, &ctx, true, fixed_picker(path)),
+        PickPurpose::ReferenceImage => load_picked_references(app, &ctx, false, fixed_picker(path)),
+        PickPurpose::SaveImages => save_with(app, &ctx, SaveWhat::Images, fixed_picker(path)),
+        PickPurpose::SaveLora => save_with(app, &ctx, SaveWhat::Lora, fixed_picker(path)),
+        _ => {}
     }
 }
 
@@ -543,8 +566,8 @@ fn run(p: &Personaliser, refs: &[RgbImage], set: &PersonaliseSettings, n: usize,
         let d = guarded(|| {
             let mut last = Instant::now();
             let (g, train) = p.direct_lora(refs, None, seed, &mut |step, total, _| {
-                // At most ~30 updates a second, and always the last step.
-                if step == total || last.elapsed().as_millis() >= 33 {
+                // At most ~8 updates a second (each redraws the window), and always the last.
+                if step == total || last.elapsed() >= super::spinner::ANIMATION_PERIOD {
                     last = Instant::now();
                     r.send(Msg::DirectProgress(step, total));
                 }
@@ -564,6 +587,12 @@ enum SaveWhat {
 }
 
 fn save(app: &mut StudioApp, ctx: &egui::Context, what: SaveWhat) {
+    let picker = app.options.picker.clone();
+    save_with(app, ctx, what, picker);
+}
+
+/// Saves into the folder `picker` answers, on a helper thread.
+fn save_with(app: &mut StudioApp, ctx: &egui::Context, what: SaveWhat, picker: FilePicker) {
     let s = &app.personalise;
     if s.saving || s.is_busy() {
         return;
@@ -573,23 +602,21 @@ fn save(app: &mut StudioApp, ctx: &egui::Context, what: SaveWhat) {
     else {
         return;
     };
-    let picker = app.options.picker.clone();
     let gallery = diff.gallery.images.clone();
     let mut rows = vec![s.references.clone(), gallery.clone()];
     for row in [&s.base, &s.direct].into_iter().flatten() {
         rows.push(row.gallery.images.clone());
     }
-    let title = match what {
-        SaveWhat::Images => "Save the gallery images into a folder",
-        SaveWhat::Lora => "Save the LoRA (PEFT adapter) into a folder",
+    let purpose = match what {
+        SaveWhat::Images => PickPurpose::SaveImages,
+        SaveWhat::Lora => PickPurpose::SaveLora,
     };
     app.personalise.saving = true;
     let ok = spawn_or_report(app, ctx, "personalise-save", move |r| {
-        let Some(dir) = picker(PickRequest::Folder {
-            title: title.into(),
-        }) else {
-            r.send(Msg::Saved(None));
-            return;
+        let dir = match picker(purpose.request()) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => return r.send(Msg::Saved(None)),
+            Err(why) => return r.send(Msg::PickFailed(purpose, why)),
         };
         let res = match what {
             SaveWhat::Images => guarded(|| save_images(&dir, &gallery, &rows))
@@ -659,7 +686,7 @@ fn model_line(app: &StudioApp, ui: &mut Ui) {
     match &app.personalise.model {
         ModelState::Unchecked | ModelState::Loading => {
             ui.horizontal(|ui| {
-                ui.spinner();
+                super::spinner::spinner(ui);
                 ui.label("Loading the personaliser...");
             });
         }
@@ -724,7 +751,7 @@ fn controls_ui(app: &mut StudioApp, ui: &mut Ui, ctx: &egui::Context) {
     });
     if app.personalise.picking {
         ui.horizontal(|ui| {
-            ui.spinner();
+            super::spinner::spinner(ui);
             ui.label("Reading references...");
         });
     }
@@ -818,7 +845,7 @@ fn results_ui(app: &mut StudioApp, ui: &mut Ui, ctx: &egui::Context) {
     ui.add_space(8.0);
     ui.horizontal(|ui| {
         if s.is_busy() || s.saving {
-            ui.spinner();
+            super::spinner::spinner(ui);
         }
         ui.label(RichText::new(s.state_line()).strong());
     });

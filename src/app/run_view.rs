@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::train::{Phase, RunStatus, TrainConfig};
+use crate::train::{MetricLine, Phase, RunStatus, RunSummary, TrainConfig};
 use crate::worker::Event;
 
 /// The state line.
@@ -122,6 +122,31 @@ impl RunView {
         }
     }
 
+    /// A stored run that is being resumed: its curves so far, from its metrics.
+    pub fn resuming(summary: &RunSummary, metrics: &[MetricLine]) -> Self {
+        let mut v = Self {
+            state: UiState::Loading,
+            run_id: Some(summary.id.clone()),
+            name: summary.name.clone(),
+            step: summary.steps_done,
+            total_steps: summary.total_steps,
+            trainable: summary.trainable,
+            total: summary.total,
+            started: Some(Instant::now()),
+            ..Self::default()
+        };
+        for m in metrics {
+            match m {
+                MetricLine::Step { step, loss, .. } => v.train_loss.push([*step as f64, *loss]),
+                MetricLine::Eval(e) => {
+                    v.eval_loss.push([e.step as f64, e.loss]);
+                    v.eval_accuracy.push([e.step as f64, e.accuracy]);
+                }
+            }
+        }
+        v
+    }
+
     /// Seconds left, from the mean step time.
     pub fn eta_secs(&self) -> Option<f64> {
         (self.step > 0 && self.state.is_busy()).then(|| {
@@ -172,9 +197,13 @@ impl RunView {
                 self.step = step;
                 self.total_steps = total_steps;
                 self.secs_per_step = secs_per_step;
+                // A resumed run continues from its checkpoint: later points are replaced.
+                truncate_from(&mut self.train_loss, step as f64);
                 self.train_loss.push([step as f64, loss]);
             }
             Event::Eval(e) => {
+                truncate_from(&mut self.eval_loss, e.step as f64);
+                truncate_from(&mut self.eval_accuracy, e.step as f64);
                 self.eval_loss.push([e.step as f64, e.loss]);
                 self.eval_accuracy.push([e.step as f64, e.accuracy]);
             }
@@ -193,5 +222,12 @@ impl RunView {
             }
             Event::Refused(why) => self.log.push(why),
         }
+    }
+}
+
+/// Drops the points at `step` and after.
+fn truncate_from(points: &mut Vec<[f64; 2]>, step: f64) {
+    while points.last().is_some_and(|p| p[0] >= step) {
+        points.pop();
     }
 }

@@ -1,10 +1,12 @@
-//! The Train tab: model, data, method and options on the left; Train/Stop/Pause, the state
-//! line, progress and live curves in the middle.
+//! The Fine-tune tab: model, data, method and options in a side panel (resizable, and hidden
+//! with one button on a small window); Train/Stop/Pause, the state line, progress and live
+//! curves in the middle.
 
 use egui::{RichText, Ui};
 
 use super::StudioApp;
-use super::form::{self, PickPurpose, UiMethod};
+use super::dialogs::PickPurpose;
+use super::form::{self, UiMethod};
 use super::plots::{self, Curves};
 use crate::data::{BUILTIN_DATASETS, DataSource};
 use crate::inspect::thousands;
@@ -14,12 +16,17 @@ use crate::train::{Schedule, TrainMode};
 
 /// Draws the tab.
 pub fn show(app: &mut StudioApp, ui: &mut Ui) {
-    egui::Panel::left("form")
-        .resizable(true)
-        .default_size(380.0)
-        .show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| form_ui(app, ui));
-        });
+    if app.settings.form_open {
+        // A third of a small window, 380 px of a large one; the user can drag it wider.
+        let width = (ui.available_width() * 0.42).clamp(200.0, 380.0);
+        egui::Panel::left("form")
+            .resizable(true)
+            .default_size(width)
+            .min_size(180.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| form_ui(app, ui));
+            });
+    }
     egui::CentralPanel::default().show(ui, |ui| run_ui(app, ui));
 }
 
@@ -33,7 +40,7 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
     let current = app.settings.config.model.source.display_name();
     egui::ComboBox::from_id_salt("model")
         .selected_text(current)
-        .width(260.0)
+        .width(ui.available_width().min(260.0))
         .show_ui(ui, |ui| {
             for (name, help) in BUILTIN_MODELS {
                 let src = ModelSource::Builtin {
@@ -52,7 +59,7 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
         .response
         .labelled_by(title.id);
     if ui.button("Open model folder…").clicked() {
-        form::pick(app, PickPurpose::ModelFolder);
+        app.pick(PickPurpose::ModelFolder);
     }
     let labels = app.form.num_classes();
     match app
@@ -94,7 +101,7 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
     let mut changed = false;
     egui::ComboBox::from_id_salt("dataset")
         .selected_text(current)
-        .width(260.0)
+        .width(ui.available_width().min(260.0))
         .show_ui(ui, |ui| {
             for name in BUILTIN_DATASETS {
                 let src = DataSource::Builtin {
@@ -108,24 +115,24 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
         })
         .response
         .labelled_by(title.id);
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         if ui
             .button("Open dataset file…")
             .on_hover_text("CSV or JSONL text, or IDX images")
             .clicked()
         {
-            form::pick(app, PickPurpose::DatasetFile);
+            app.pick(PickPurpose::DatasetFile);
         }
         if ui
             .button("Open image folder…")
             .on_hover_text("one sub-folder of images per class")
             .clicked()
         {
-            form::pick(app, PickPurpose::DatasetFolder);
+            app.pick(PickPurpose::DatasetFolder);
         }
     });
     let cfg = &mut app.settings.config;
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         changed |= ui
             .add(
                 egui::Slider::new(&mut cfg.data.eval_fraction, 0.05..=0.5)
@@ -147,7 +154,7 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
     match &app.form.preview {
         None => {
             ui.horizontal(|ui| {
-                ui.spinner();
+                super::spinner::spinner(ui);
                 ui.label("reading the dataset…");
             });
         }
@@ -437,12 +444,12 @@ fn optim_ui(app: &mut StudioApp, ui: &mut Ui) {
 
 fn presets_ui(app: &mut StudioApp, ui: &mut Ui) {
     section(ui, "Presets");
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         if ui.button("Load preset…").clicked() {
-            form::pick(app, PickPurpose::LoadPreset);
+            app.pick(PickPurpose::LoadPreset);
         }
         if ui.button("Save preset…").clicked() {
-            form::pick(app, PickPurpose::SavePreset);
+            app.pick(PickPurpose::SavePreset);
         }
         if ui.button("Copy CLI command").clicked() {
             ui.ctx().copy_text(form::cli_command(&app.settings.config));
@@ -451,6 +458,10 @@ fn presets_ui(app: &mut StudioApp, ui: &mut Ui) {
     if let Some(p) = &app.settings.last_preset {
         ui.label(RichText::new(format!("last preset: {}", p.display())).small());
     }
+    // One line whatever the path's length (the full path on hover).
+    let path = app.runs_dir().display().to_string();
+    ui.add(egui::Label::new(RichText::new(format!("runs are saved in {path}")).small()).truncate())
+        .on_hover_text(format!("{path}\n(change it in Compare, Settings)"));
 }
 
 fn form_ui(app: &mut StudioApp, ui: &mut Ui) {
@@ -490,7 +501,18 @@ pub fn trainable_estimate(app: &mut StudioApp) -> Result<(usize, usize), String>
 
 fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
     let busy = app.run.state.is_busy();
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
+        let (arrow, tip) = if app.settings.form_open {
+            (
+                "Hide form",
+                "hide the form panel (more room for the curves)",
+            )
+        } else {
+            ("Show form", "show the form panel")
+        };
+        if ui.button(arrow).on_hover_text(tip).clicked() {
+            app.settings.form_open = !app.settings.form_open;
+        }
         let train = ui.add_enabled(
             !busy,
             egui::Button::new(RichText::new("Start training").size(16.0)),
@@ -531,7 +553,7 @@ fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
         super::UiState::Finished => egui::Color32::from_rgb(80, 180, 90),
         _ => ui.visuals().text_color(),
     };
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.colored_label(color, RichText::new(format!("State: {state}")).strong());
         if !app.run.name.is_empty() {
             ui.label(format!("— {}", app.run.name));
@@ -557,11 +579,11 @@ fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
         )));
     } else if busy {
         ui.horizontal(|ui| {
-            ui.spinner();
+            super::spinner::spinner(ui);
             ui.label(format!("loading… {:.0} s", app.run.elapsed_secs()));
         });
     }
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.add(egui::Slider::new(&mut app.settings.ema, 0.0..=0.99).text("smoothing"));
         ui.checkbox(&mut app.settings.log_scale, "log scale");
         ui.label(
@@ -571,7 +593,26 @@ fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
             .small(),
         );
     });
+    let curves = curves(app);
+    let steps = plots::step_range(&curves);
+    let h = (ui.available_height() - 10.0).max(160.0);
+    plots::loss_plot(
+        ui,
+        "train",
+        &curves,
+        steps,
+        app.settings.ema,
+        app.settings.log_scale,
+        h * 0.57,
+    );
+    plots::accuracy_plot(ui, "train", &curves, steps, h * 0.4);
+}
+
+/// The live run's curves and those of the runs ticked in Compare, each labelled uniquely.
+fn curves(app: &mut StudioApp) -> Vec<Curves> {
+    let current_id = app.run.run_id.clone().unwrap_or_default();
     let mut curves = vec![Curves {
+        id: current_id.clone(),
         name: if app.run.name.is_empty() {
             "current".into()
         } else {
@@ -581,21 +622,27 @@ fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
         eval_loss: app.run.eval_loss.clone(),
         eval_accuracy: app.run.eval_accuracy.clone(),
     }];
-    let current_id = app.run.run_id.clone();
-    curves.extend(
-        app.compare
-            .overlay_curves(&app.store, current_id.as_deref()),
-    );
-    let h = (ui.available_height() - 30.0).max(200.0);
-    plots::loss_plot(
-        ui,
-        "loss",
-        &curves,
-        app.settings.ema,
-        app.settings.log_scale,
-        h * 0.55,
-    );
-    plots::accuracy_plot(ui, "accuracy", &curves, h * 0.4);
+    let overlay = app.compare_overlay(Some(&current_id));
+    curves.extend(overlay);
+    let started: Vec<String> = curves
+        .iter()
+        .map(|c| {
+            app.runs
+                .iter()
+                .find(|r| r.id == c.id)
+                .map_or(String::new(), |r| r.started_at.clone())
+        })
+        .collect();
+    let keys: Vec<(&str, &str, &str)> = curves
+        .iter()
+        .zip(&started)
+        .map(|(c, at)| (c.id.as_str(), c.name.as_str(), at.as_str()))
+        .collect();
+    let labels = plots::unique_labels(&keys);
+    for (c, l) in curves.iter_mut().zip(labels) {
+        c.name = l;
+    }
+    curves
 }
 
 /// `1 h 02 min`, `3 min 05 s`, `12 s`.
