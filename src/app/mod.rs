@@ -267,7 +267,9 @@ impl StudioApp {
     pub fn can_resume(&self, r: &RunSummary) -> bool {
         let interrupted = match r.status {
             RunStatus::Stopped | RunStatus::Failed => true,
-            RunStatus::Running => self.live_run_id() != Some(r.id.as_str()),
+            RunStatus::Running => {
+                self.live_run_id() != Some(r.id.as_str()) && !self.store.is_training(&r.id)
+            }
             RunStatus::Finished => false,
         };
         interrupted && has_checkpoint(&self.store.root().join(&r.id))
@@ -632,10 +634,11 @@ pub fn run_window() -> anyhow::Result<()> {
 /// Whether a run folder holds a checkpoint to resume from (or the pieces a save interrupted
 /// mid-way leaves, which the resume recovers).
 fn has_checkpoint(run: &Path) -> bool {
-    let dir = crate::train::trainer::CHECKPOINT_DIR;
-    ["", ".old", ".tmp"].iter().any(|suffix| {
-        run.join(format!("{dir}{suffix}"))
-            .join("state.json")
+    let layout = crate::train::layout::RunLayout::new(run);
+    [None, Some("old"), Some("tmp")].into_iter().any(|suffix| {
+        layout
+            .checkpoint(suffix)
+            .join(crate::train::checkpoint::META_FILE)
             .is_file()
     })
 }
