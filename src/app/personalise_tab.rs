@@ -671,13 +671,29 @@ fn section(ui: &mut Ui, title: &str) {
 pub fn show(app: &mut StudioApp, ui: &mut Ui) {
     let ctx = ui.ctx().clone();
     ensure_model(app, &ctx);
-    egui::Panel::left("personalise-controls")
-        .resizable(true)
-        .default_size(360.0)
-        .show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| controls_ui(app, ui, &ctx));
-        });
+    if app.settings.form_open {
+        // As the Fine-tune form: a share of a small window, 360 px of a large one.
+        let width = (ui.available_width() * 0.42).clamp(200.0, 360.0);
+        egui::Panel::left("personalise-controls")
+            .resizable(true)
+            .default_size(width)
+            .min_size(180.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| controls_ui(app, ui, &ctx));
+            });
+    }
     egui::CentralPanel::default().show(ui, |ui| {
+        let (label, tip) = if app.settings.form_open {
+            (
+                "Hide controls",
+                "hide the controls panel (more room for the gallery)",
+            )
+        } else {
+            ("Show controls", "show the controls panel")
+        };
+        if ui.button(label).on_hover_text(tip).clicked() {
+            app.settings.form_open = !app.settings.form_open;
+        }
         egui::ScrollArea::vertical().show(ui, |ui| results_ui(app, ui, &ctx));
     });
 }
