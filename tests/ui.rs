@@ -3,12 +3,14 @@
 //! ends a run as stopped; rendered snapshots of both tabs.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, StudioApp, UiState, scripted_picker};
 use peft_studio::inspect::thousands;
+
+mod ui_support;
+use ui_support::run_until;
 
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("peft-studio-ui-{}-{name}", std::process::id()));
@@ -55,25 +57,6 @@ fn harness(dir: &Path, answers: Vec<Option<PathBuf>>) -> Harness<'static, Studio
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))
         .build_eframe(move |cc| StudioApp::new(cc, options))
-}
-
-fn run_until(
-    h: &mut Harness<'static, StudioApp>,
-    secs: u64,
-    what: &str,
-    cond: impl Fn(&StudioApp) -> bool,
-) {
-    let start = Instant::now();
-    while !cond(h.state()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}; errors: {:?}",
-            h.state().errors
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
 }
 
 fn load_preset(h: &mut Harness<'static, StudioApp>) {

@@ -6,12 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, Phase, StudioApp, scripted_picker};
 use peft_studio::personalize::build::{DiffLoraPreset, Stage, build};
+
+mod ui_support;
+use ui_support::run_until;
 
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -56,25 +58,6 @@ fn harness_on(
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))
         .build_eframe(move |cc| StudioApp::new(cc, options))
-}
-
-fn run_until(
-    h: &mut Harness<'static, StudioApp>,
-    secs: u64,
-    what: &str,
-    cond: impl Fn(&StudioApp) -> bool,
-) {
-    let start = Instant::now();
-    while !cond(h.state()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}; errors: {:?}",
-            h.state().errors
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
 }
 
 /// Opens the Personalise tab and waits for the personaliser.

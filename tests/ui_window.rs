@@ -5,12 +5,15 @@
 //! continuously while a spinner turns or while idle.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, FilePicker, StudioApp, UiState, scripted_picker};
 use peft_studio::train::{EvalPoint, MetricLine, RunStatus, RunSummary};
+
+mod ui_support;
+use ui_support::run_until;
 
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("peft-studio-uiw-{}-{name}", std::process::id()));
@@ -37,28 +40,6 @@ fn harness_with(
 
 fn big() -> egui::Vec2 {
     egui::vec2(1280.0, 820.0)
-}
-
-fn run_until(
-    h: &mut Harness<'static, StudioApp>,
-    secs: u64,
-    what: &str,
-    cond: impl Fn(&StudioApp) -> bool,
-) {
-    let start = Instant::now();
-    while !cond(h.state()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}; state {:?} at step {}; errors: {:?}; log: {:?}",
-            h.state().run.state,
-            h.state().run.step,
-            h.state().errors,
-            h.state().run.log
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
 }
 
 /// A deterministic loss curve.
