@@ -136,46 +136,6 @@ fn gemm_f32(
     Ok(out)
 }
 
-/// `a·b` of two 2-D tensors without a backward pass (the backward of the frozen ops): f32 on
-/// the CPU through [`gemm_f32`], anything else through candle's matmul.
-struct MatmulNoGrad;
-
-impl CustomOp2 for MatmulNoGrad {
-    fn name(&self) -> &'static str {
-        "matmul-no-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        FrozenMatmul::cpu(s1, l1, s2, l2)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        FrozenMatmul::fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        FrozenMatmul::fwd(s1, l1, s2, l2)
-    }
-}
-
 /// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`).
 pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
     matmul_no_grad(&grad.contiguous()?, &wt.t()?)
@@ -183,7 +143,8 @@ pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
 
 /// `a·b` of two 2-D tensors, recorded without a backward pass.
 pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &MatmulNoGrad)
+    // The frozen matmul's forward is exactly `a·b`; applied without a backward it records nothing.
+    a.apply_op2_no_bwd(b, &FrozenMatmul)
 }
 
 /// `x·Wᵀ` on the CPU for a rows×k `x` and `wt = Wᵀ` (k×m), as a custom op's forward.
