@@ -376,9 +376,7 @@ fn snapshots_of_both_tabs() {
             .collect();
     }
     h.run_steps(4);
-    // The runs folder's path depends on the machine.
-    let path = h.get_by_label_contains("runs are saved in").rect();
-    h.mask(path);
+    ui_support::mask_runs_folder(&mut h);
     h.snapshot("train_tab_mid_run");
     h.state_mut().run.state = UiState::Finished;
     h.get_by_label("Compare").click();

@@ -204,9 +204,7 @@ fn snapshots_of_a_small_window() {
     // The state line and the trainable count are on screen, not cut off by the form.
     h.get_by_label_contains("State: training");
     h.get_by_label_contains("trainable:");
-    // The runs folder's path depends on the machine.
-    let path = h.get_by_label_contains("runs are saved in").rect();
-    h.mask(path);
+    ui_support::mask_runs_folder(&mut h);
     h.snapshot("small_window_fine_tune");
     // Hiding the form leaves the charts the whole width.
     h.get_by_label("Hide form").click();
