@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use super::llm;
 use super::machine::CpuInfo;
 use super::minilm::{self, MINILM_DIR};
 use super::peer::Peer;
@@ -23,6 +24,10 @@ pub enum Suite {
     /// query/value, SVFit and LoLDU at full rank, and full fine-tuning, side by side with the
     /// PyTorch + PEFT peer when one is installed. Needs `scripts/fetch-models.sh`.
     Minilm,
+    /// A causal-LM training step of SmolLM2-135M (batch 4 × 256 tokens, AdamW) with LoRA r=8
+    /// on q_proj/v_proj and full fine-tuning, side by side with the peer's `llm_step.py` on
+    /// the same f32 weights. Needs the peer's `setup.sh`.
+    Smollm2,
 }
 
 impl Suite {
@@ -31,6 +36,7 @@ impl Suite {
         match self {
             Suite::FrozenBackward => "frozen-backward",
             Suite::Minilm => "minilm",
+            Suite::Smollm2 => "smollm2",
         }
     }
 
@@ -39,6 +45,7 @@ impl Suite {
         match self {
             Suite::FrozenBackward => vec!["plain", "skip"],
             Suite::Minilm => minilm::MINILM_VARIANTS.iter().map(|(n, _)| *n).collect(),
+            Suite::Smollm2 => llm::LLM_VARIANTS.to_vec(),
         }
     }
 
@@ -49,6 +56,9 @@ impl Suite {
             ),
             Suite::Minilm => format!(
                 "all-MiniLM-L6-v2 training step, batch 16 × 64 tokens, AdamW ({threads} threads), side by side with PyTorch + PEFT"
+            ),
+            Suite::Smollm2 => format!(
+                "SmolLM2-135M causal-LM training step, batch 4 × 256 tokens (all trained), AdamW ({threads} threads), side by side with PyTorch + PEFT"
             ),
         }
     }
@@ -135,16 +145,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.suite == Suite::Minilm {
         minilm::check_inputs(&variants)?;
     }
+    let llm_dir = match args.suite {
+        Suite::Smollm2 => Some(llm::model_dir()?),
+        _ => None,
+    };
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.md", args.suite.name())));
     check_writable(&out)?;
-    let has_peer = args.suite == Suite::Minilm;
+    let has_peer = matches!(args.suite, Suite::Minilm | Suite::Smollm2);
+    let script = match args.suite {
+        Suite::Smollm2 => "llm_step.py",
+        _ => "minilm_step.py",
+    };
     let peer = match (has_peer, args.no_peer) {
         (false, _) => Err("this benchmark has no peer".to_string()),
         (true, true) => Err("--no-peer was given".to_string()),
-        (true, false) => Peer::find("minilm_step.py"),
+        (true, false) => Peer::find(script),
     };
     if let Err(why) = &peer
         && has_peer
@@ -178,14 +196,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
             let ours = run_child(&exe, &args, v)?;
             let (mut peer_stats, mut peer_error) = (None, None);
-            if let (Ok(p), Some(mode)) = (&peer, minilm::peer_mode(v)) {
+            let peer_args = match (&llm_dir, minilm::peer_mode(v)) {
+                (Some(dir), _) => Some(llm::peer_args(v, args.steps, args.threads, dir)),
+                (None, Some(mode)) => Some(minilm::peer_args(
+                    mode,
+                    args.steps,
+                    args.threads,
+                    &model_dir,
+                )),
+                (None, None) => None,
+            };
+            if let (Ok(p), Some(peer_args)) = (&peer, peer_args) {
                 eprintln!(
                     "bench {}: round {round}/{}, {v}: peer…",
                     args.suite.name(),
                     args.rounds
                 );
-                let peer_args = minilm::peer_args(mode, args.steps, args.threads, &model_dir);
-                match p.run("minilm_step.py", &peer_args, args.threads) {
+                match p.run(script, &peer_args, args.threads) {
                     Ok(s) => peer_stats = Some(s),
                     Err(e) => {
                         eprintln!("bench: {e:#}");
@@ -241,6 +268,7 @@ fn run_variant_here(suite: Suite, v: &str, steps: usize) -> anyhow::Result<StepS
         (Suite::FrozenBackward, "plain") => frozen_backward(FrozenGrad::Plain, steps, 2),
         (Suite::FrozenBackward, "skip") => frozen_backward(FrozenGrad::Skip, steps, 2),
         (Suite::Minilm, v) => minilm::minilm(&minilm::preset(v)?, steps),
+        (Suite::Smollm2, v) => llm::llm_step(v, steps),
         (s, v) => anyhow::bail!("unknown variant `{v}` for bench {}", s.name()),
     }
 }

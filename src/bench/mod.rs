@@ -8,6 +8,7 @@
 //! table says so and quotes no figure from elsewhere.
 //!
 //! - [`cli`]: the `bench` command (argument checks, rounds, child processes, output files).
+//! - [`llm`]: the SmolLM2-135M causal-LM step and its peer equivalent.
 //! - [`minilm`]: the MiniLM variants (the real trainer) and their peer equivalents.
 //! - [`stack`]: the frozen-backward stack of BERT-base-sized layers.
 //! - [`peer`]: finding and running the peer.
@@ -15,6 +16,7 @@
 //! - [`table`]: the markdown and JSON of a run.
 
 pub mod cli;
+pub mod llm;
 pub mod machine;
 pub mod minilm;
 pub mod peer;

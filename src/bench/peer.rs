@@ -118,9 +118,17 @@ pub fn parse_stats(line: &str) -> Result<PeerStats, String> {
         Some(serde_json::Value::Null) | None => "-".into(),
         Some(other) => other.to_string(),
     };
+    // minilm_step.py prints milliseconds, llm_step.py seconds.
+    let (secs_per_step, best_secs) = match num("median_ms_after_first") {
+        Ok(ms) => (ms / 1000.0, num("min_ms")? / 1000.0),
+        Err(_) if v.get("median_s_per_step").is_some() => {
+            (num("median_s_per_step")?, num("min_s_per_step")?)
+        }
+        Err(e) => return Err(e),
+    };
     Ok(PeerStats {
-        secs_per_step: num("median_ms_after_first")? / 1000.0,
-        best_secs: num("min_ms")? / 1000.0,
+        secs_per_step,
+        best_secs,
         peak_rss_mib: num("peak_rss_mib")?,
         trainable: num("trainable_params")? as usize,
         steps: num("steps")? as usize,
@@ -152,5 +160,8 @@ mod tests {
         let err = parse_stats(r#"{"min_ms": 1}"#).unwrap_err();
         assert!(err.contains("median_ms_after_first"), "{err}");
         assert!(parse_stats("not json").is_err());
+        let llm = r#"{"steps": 4, "timed_steps": 3, "trainable_params": 460800, "median_s_per_step": 7.9, "min_s_per_step": 6.9, "peak_rss_mib": 3900.0}"#;
+        let s = parse_stats(llm).unwrap();
+        assert_eq!((s.secs_per_step, s.best_secs), (7.9, 6.9));
     }
 }

@@ -184,9 +184,17 @@ impl BenchRun {
                 self.results.iter().find_map(|r| r.peer.as_ref()),
             ) {
                 (None, Some(p)) => {
+                    let (script, weights) = if self.suite == "smollm2" {
+                        (
+                            "llm_step.py",
+                            "the f32 folder the peer's setup.sh writes from the SmolLM2 GGUF",
+                        )
+                    } else {
+                        ("minilm_step.py", "`downloads/all-MiniLM-L6-v2`")
+                    };
                     s += &format!(
-                        "Peer: PyTorch + PEFT ({}), `minilm_step.py` on the same weights \
-                         (`downloads/all-MiniLM-L6-v2`), the same batch and AdamW.\n\n",
+                        "Peer: PyTorch + PEFT ({}), `{script}` on the same weights \
+                         ({weights}), the same batch and AdamW.\n\n",
                         p.versions
                     )
                 }

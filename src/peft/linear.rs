@@ -266,6 +266,15 @@ impl AdaptedLinear {
         Ok(self.trainable_vars())
     }
 
+    /// Makes the layer train the weight of an existing variable (a tied output projection
+    /// training the token embedding's variable); its gradient reaches `var`.
+    pub fn share_trainable(&mut self, var: &Var) -> Result<()> {
+        self.detach()?;
+        self.base = var.as_tensor().clone();
+        self.trainable_weight = Some(var.clone());
+        Ok(())
+    }
+
     /// Evaluation forward (no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, false)

@@ -4,17 +4,20 @@
 //! its lock ([`layout`]), and its resumable state ([`checkpoint`]).
 
 pub mod batches;
+pub mod causal_lm;
 pub mod checkpoint;
 pub mod config;
 pub mod events;
 pub mod interrupt;
 pub mod layout;
 pub mod limits;
+pub mod lm_batches;
 pub mod optim;
 pub mod resume;
 pub mod saved;
 pub mod store;
 pub mod trainer;
+pub mod work;
 
 pub use config::{ModelConfig, OptimConfig, Schedule, TrainConfig, TrainMode};
 pub use events::{Control, Controller, Event, NeverStop, Phase, RunFailure};

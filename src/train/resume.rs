@@ -67,7 +67,7 @@ pub fn resume(
         None => None,
     };
     let p = prepare(&cfg)?;
-    let total = total_steps(&cfg, p.train.len()).map_err(anyhow::Error::msg)?;
+    let total = total_steps(&cfg, p.work.train_len()).map_err(anyhow::Error::msg)?;
     let (mut summary, ckpt) = match (recorded, early) {
         (Some(s), Some(ckpt)) => {
             if s.total_steps != total {

@@ -10,7 +10,8 @@ use super::batches::EncodedSplit;
 use super::config::{TrainConfig, TrainMode};
 use super::layout::{HEAD_FILE, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout};
 use super::store::EvalPoint;
-use super::trainer::{Prepared, evaluate, load_data};
+use super::trainer::{Prepared, load_data};
+use super::work::{Classification, Work};
 use crate::fsio;
 use crate::models::{self, Classifier, LoadedModel, load_model};
 use crate::peft::{load_adapter_with, save_adapter_with};
@@ -74,9 +75,8 @@ pub fn save_model(model: &dyn Classifier, dir: &Path) -> anyhow::Result<()> {
 /// weights) and evaluates it on its eval split.
 pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
     let cfg = TrainConfig::from_preset(&RunLayout::new(run_path).config(), &[])?;
-    let mut p = prepare_frozen(&cfg, run_path)?;
-    let e = evaluate(p.model.as_mut(), &p.eval, cfg.optim.eval_batch_size, 0)?;
-    Ok(e)
+    let p = prepare_frozen(&cfg, run_path)?;
+    p.work.evaluate(cfg.optim.eval_batch_size, 0)
 }
 
 /// The run's trained model (no trainable variables), with its data encoded.
@@ -126,10 +126,12 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
     let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
     Ok(Prepared {
         total: models::parameter_count(model.as_ref()),
-        model,
-        data,
-        train,
-        eval,
+        work: Work::Classify(Box::new(Classification {
+            model,
+            data,
+            train,
+            eval,
+        })),
         groups: Vec::new(),
         trainable: 0,
         initialised: Vec::new(),

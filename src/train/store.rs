@@ -46,8 +46,13 @@ pub struct EvalPoint {
     pub step: usize,
     /// Mean cross-entropy on the eval split.
     pub loss: f64,
-    /// Accuracy on the eval split.
+    /// Accuracy on the eval split: for a classifier, of its predictions; for a language model,
+    /// the task metric (exact match of generated answers) where the data has answers to
+    /// generate, else next-token accuracy on the trained tokens.
     pub accuracy: f64,
+    /// Perplexity (exp of the mean token loss), for a language model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
 }
 
 /// `summary.json`.

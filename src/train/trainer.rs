@@ -8,13 +8,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Var};
 
 use super::batches::{EncodedSplit, Sampler};
+use super::causal_lm;
 use super::checkpoint::{self, CheckpointMeta};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
 use super::limits;
 use super::optim::{AdamW, AdamWParams};
-use super::saved::save_trained;
 use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
+use super::work::{Classification, Work};
 use crate::data::{self, DataSource, Dataset};
 use crate::fsio;
 use crate::memory;
@@ -56,14 +57,8 @@ pub(super) fn load_data(cfg: &TrainConfig, input: Option<InputKind>) -> anyhow::
 
 /// The model, the data and what trains, ready for the loop.
 pub struct Prepared {
-    /// The model with its adapter / trainable parts.
-    pub model: Box<dyn Classifier>,
-    /// The data.
-    pub data: Dataset,
-    /// Training split, encoded.
-    pub train: EncodedSplit,
-    /// Eval split, encoded.
-    pub eval: EncodedSplit,
+    /// The model and its data.
+    pub work: Work,
     /// Optimiser groups: (vars, weight decay, learning-rate multiplier).
     pub groups: Vec<(Vec<Var>, f64, f64)>,
     /// Trainable values.
@@ -77,6 +72,9 @@ pub struct Prepared {
 /// Loads data and model and makes the configured parts trainable.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    if causal_lm::is_language_model(&cfg.model.source)? {
+        return causal_lm::prepare(cfg);
+    }
     let mut data = load_data(cfg, None)?;
     let dataset = cfg.data.source.describe();
     if data.num_classes() < 2 {
@@ -159,10 +157,12 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     let train = EncodedSplit::new(&data.train, input, tokenizer.as_ref(), cfg.model.max_length)?;
     let eval = EncodedSplit::new(&data.eval, input, tokenizer.as_ref(), cfg.model.max_length)?;
     Ok(Prepared {
-        model,
-        data,
-        train,
-        eval,
+        work: Work::Classify(Box::new(Classification {
+            model,
+            data,
+            train,
+            eval,
+        })),
         groups,
         trainable,
         total: base_total + adapter_trainable,
@@ -194,6 +194,7 @@ pub fn evaluate(
         step,
         loss: loss_sum / n,
         accuracy: correct as f64 / n,
+        perplexity: None,
     })
 }
 
@@ -243,12 +244,7 @@ pub(super) fn optimisers(cfg: &TrainConfig, p: &Prepared) -> anyhow::Result<Vec<
 impl Loop<'_, '_, '_> {
     fn eval(&mut self, step: usize) -> anyhow::Result<()> {
         (self.emit)(Event::Phase(Phase::Evaluating));
-        let e = evaluate(
-            self.p.model.as_ref(),
-            &self.p.eval,
-            self.cfg.optim.eval_batch_size,
-            step,
-        )?;
+        let e = self.p.work.evaluate(self.cfg.optim.eval_batch_size, step)?;
         self.run.append(&MetricLine::Eval(e))?;
         self.evals.push(e);
         (self.emit)(Event::Eval(e));
@@ -281,14 +277,13 @@ impl Loop<'_, '_, '_> {
 
     fn run(&mut self, ctl: &mut dyn Controller, start: usize) -> anyhow::Result<RunStatus> {
         let o = &self.cfg.optim;
-        let dev = Device::Cpu;
         let all_vars: Vec<Var> = self
             .p
             .groups
             .iter()
             .flat_map(|g| g.0.iter().cloned())
             .collect();
-        let mut sampler = Sampler::new(self.p.train.len(), o.seed);
+        let mut sampler = Sampler::new(self.p.work.train_len(), o.seed);
         // A resumed run replays the batch order up to where it stopped.
         for _ in 0..start * o.grad_accum {
             sampler.next_batch(o.batch_size);
@@ -303,9 +298,7 @@ impl Loop<'_, '_, '_> {
             let mut loss_sum = 0.0;
             for _ in 0..o.grad_accum {
                 let idx = sampler.next_batch(o.batch_size);
-                let (batch, labels) = self.p.train.batch(&idx, &dev)?;
-                let logits = self.p.model.forward_t(&batch, true)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let loss = self.p.work.loss(&idx)?;
                 let value = loss.to_scalar::<f32>()? as f64;
                 if !value.is_finite() {
                     anyhow::bail!(
@@ -423,7 +416,7 @@ pub fn train(
             head.join(", ")
         )));
     }
-    let total_steps = limits::total_steps(cfg, p.train.len()).map_err(anyhow::Error::msg)?;
+    let total_steps = limits::total_steps(cfg, p.work.train_len()).map_err(anyhow::Error::msg)?;
     let run = store.create(cfg)?;
     let summary = new_summary(cfg, &p, &run.id, total_steps, started_at);
     let opts = optimisers(cfg, &p)?;
@@ -488,7 +481,7 @@ pub(super) fn drive(
         trainable: p.trainable,
         total: p.total,
         total_steps: summary.total_steps,
-        model: p.model.summary(),
+        model: p.work.summary(),
     });
     let run_path = run.path.clone();
     let mut lp = Loop {
@@ -516,7 +509,7 @@ pub(super) fn drive(
             }
         }
         (lp.emit)(Event::Phase(Phase::Saving));
-        save_trained(cfg, p.model.as_ref(), &run_path)?;
+        p.work.save(cfg, &run_path)?;
         Ok(status)
     });
     let Loop {

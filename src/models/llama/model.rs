@@ -2,7 +2,7 @@
 //! (grouped-query attention with RoPE, SwiGLU), final RMSNorm and `lm_head`, with Hugging
 //! Face module paths so adapters target `model.layers.N.self_attn.q_proj` and friends.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor, Var};
 
 use super::config::LlamaConfig;
 use crate::models::ModelError;
@@ -408,6 +408,37 @@ impl LlamaModel {
         }
         v.push(("model.norm.weight".into(), self.norm.clone()));
         v
+    }
+
+    /// Makes every parameter trainable (full fine-tuning) and returns the variables by Hugging
+    /// Face name; a tied `lm_head` trains the embedding's variable (listed once).
+    pub fn train_everything(&mut self) -> std::result::Result<Vec<(String, Var)>, ModelError> {
+        let mut vars = Vec::new();
+        for l in self.linears_mut() {
+            vars.extend(l.make_trainable()?);
+        }
+        let embed = Var::from_tensor(&self.embed.to_dtype(DType::F32)?)?;
+        self.embed = embed.as_tensor().clone();
+        if self.config.tie_word_embeddings {
+            self.lm_head.share_trainable(&embed)?;
+        } else {
+            vars.extend(self.lm_head.make_trainable()?);
+        }
+        vars.push(("model.embed_tokens.weight".into(), embed));
+        let mut norms = Vec::new();
+        for l in &mut self.layers {
+            norms.push(&mut l.input_norm);
+            norms.push(&mut l.post_norm);
+        }
+        for (name, w) in norms {
+            let v = Var::from_tensor(&w.to_dtype(DType::F32)?)?;
+            *w = v.as_tensor().clone();
+            vars.push((format!("{name}.weight"), v));
+        }
+        let v = Var::from_tensor(&self.norm.to_dtype(DType::F32)?)?;
+        self.norm = v.as_tensor().clone();
+        vars.push(("model.norm.weight".into(), v));
+        Ok(vars)
     }
 
     /// Parameters of the pretrained model (`lm_head` counted once when tied).

@@ -1,0 +1,151 @@
+//! The SmolLM2-135M benchmark: a causal-LM training step (batch 4 × 256 tokens, every token
+//! trained, AdamW) with LoRA r=8 on q_proj/v_proj or full fine-tuning, and the peer's
+//! `llm_step.py` on the same f32 weights.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Var};
+use rand::{Rng, SeedableRng};
+
+use super::StepStats;
+use super::machine::ProcCounters;
+use crate::models::llama::{LlamaModel, load_folder};
+use crate::peft::linear::{attach_adapters, trainable_vars};
+use crate::peft::{AdapterConfig, Method, Targets};
+use crate::train::lm_batches::{LmExample, lm_batch, lm_loss};
+use crate::train::optim::{AdamW, AdamWParams};
+
+/// The variants: LoRA r=8 on q_proj, v_proj; full fine-tuning.
+pub const LLM_VARIANTS: [&str; 2] = ["lora", "full"];
+
+/// Sequences per step and tokens per sequence (the peer's defaults).
+pub const BATCH: (usize, usize) = (4, 256);
+
+/// The f32 Hugging Face folder both sides read: `$PEER_VENV/smollm2-135m-instruct-f32`, which the
+/// peer's `setup.sh` writes from the same GGUF peft-studio ships.
+pub fn model_dir() -> anyhow::Result<PathBuf> {
+    let venv = match std::env::var_os("PEER_VENV") {
+        Some(v) => PathBuf::from(v),
+        None => std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".cache/peft-peer"))
+            .ok_or_else(|| anyhow::anyhow!("PEER_VENV is not set and there is no HOME"))?,
+    };
+    let dir = venv.join("smollm2-135m-instruct-f32");
+    anyhow::ensure!(
+        dir.join("config.json").is_file(),
+        "the SmolLM2 benchmark needs {}: run ../shared/peer/setup.sh (or set PEER_VENV)",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The peer's arguments for `variant`: same batch, rank, targets, weights and threads.
+pub fn peer_args(variant: &str, steps: usize, threads: usize, model_dir: &Path) -> Vec<String> {
+    let (b, t) = BATCH;
+    vec![
+        "--mode".into(),
+        variant.into(),
+        "--steps".into(),
+        (steps + 1).to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--batch".into(),
+        b.to_string(),
+        "--seq".into(),
+        t.to_string(),
+        "--rank".into(),
+        "8".into(),
+        "--model-dir".into(),
+        model_dir.display().to_string(),
+    ]
+}
+
+/// The trainable variables of `variant` on `model`.
+fn trainable(model: &mut LlamaModel, variant: &str) -> anyhow::Result<Vec<Var>> {
+    match variant {
+        "lora" => {
+            let cfg = AdapterConfig {
+                method: Method::Lora,
+                rank: 8,
+                alpha: Some(16.0),
+                targets: Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+                ..AdapterConfig::default()
+            };
+            attach_adapters(model, &cfg)?;
+            Ok(trainable_vars(model).into_iter().map(|(_, v)| v).collect())
+        }
+        "full" => Ok(model
+            .train_everything()?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()),
+        other => anyhow::bail!(
+            "unknown variant `{other}` (one of: {})",
+            LLM_VARIANTS.join(", ")
+        ),
+    }
+}
+
+/// One variant: `steps` timed AdamW steps after one warm-up step, on seeded random tokens.
+pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
+    anyhow::ensure!(
+        (1..=10_000).contains(&steps),
+        "--steps must be 1 to 10000, got {steps}"
+    );
+    let dir = model_dir()?;
+    let mut model = load_folder(&dir)?;
+    let vars = trainable(&mut model, variant)?;
+    let count: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        vars,
+        AdamWParams {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )?;
+    let (b, t) = BATCH;
+    let vocab = model.config().vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let examples: Vec<LmExample> = (0..b)
+        .map(|_| LmExample {
+            ids: (0..t).map(|_| rng.random_range(0..vocab)).collect(),
+            loss_mask: vec![true; t],
+        })
+        .collect();
+    let refs: Vec<&LmExample> = examples.iter().collect();
+    let batch = lm_batch(&refs, 0, &Device::Cpu)?
+        .ok_or_else(|| anyhow::anyhow!("the benchmark batch has no trained token"))?;
+    crate::memory::reset_peak_rss();
+    let mut times = Vec::with_capacity(steps);
+    let mut before = None;
+    for step in 0..=steps {
+        if step == 1 {
+            before = ProcCounters::read();
+        }
+        let t0 = Instant::now();
+        let loss = lm_loss(&model, &batch, true)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        drop(grads);
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let counters = before
+        .zip(ProcCounters::read())
+        .map(|(a, b)| b.since(&a, steps));
+    times.sort_by(f64::total_cmp);
+    Ok(StepStats {
+        variant: format!("SmolLM2-135M {variant}"),
+        steps,
+        secs_per_step: times[times.len() / 2],
+        best_secs: times[0],
+        peak_rss_mib: crate::memory::peak_rss_bytes()
+            .map(crate::memory::mib)
+            .unwrap_or(0.0),
+        trainable: count,
+        minor_faults_per_step: counters.map(|c| c.0),
+        cpu_percent: counters.map(|c| c.1),
+    })
+}
