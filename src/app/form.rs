@@ -373,6 +373,7 @@ pub fn config_path(source: &ModelSource) -> Result<PathBuf, crate::models::Model
         ModelSource::Builtin { name } => builtin_folder(name)?.join("config.json"),
         ModelSource::Folder { path } => path.join("config.json"),
         ModelSource::Config { path } => path.clone(),
+        ModelSource::Gguf { path } => path.clone(),
     })
 }
 

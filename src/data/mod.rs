@@ -115,6 +115,16 @@ pub enum DataSource {
         #[serde(default = "default_label_column")]
         label_column: String,
     },
+    /// Instruction, chat or plain-text data for a causal language model: JSON or JSONL in the
+    /// Alpaca (`instruction`/`input`/`output`), chat (`messages`), ShareGPT (`conversations`)
+    /// or `text` format.
+    Instruct {
+        /// The file.
+        path: PathBuf,
+        /// A held-out file; without it the eval split is cut from `path`.
+        #[serde(default)]
+        eval_path: Option<PathBuf>,
+    },
 }
 
 fn default_text_column() -> String {
@@ -324,6 +334,14 @@ pub enum DataError {
         /// What is wrong.
         message: String,
     },
+    /// Instruction data given to a classifier.
+    #[error(
+        "{path}: instruction data trains a language model (llama, mistral, qwen2; e.g. smollm2-135m-instruct), not a classifier: pick such a model"
+    )]
+    NotForClassifier {
+        /// The data file.
+        path: String,
+    },
 }
 
 /// The built-in datasets, by name (their files are in [`assets_dir`]`/data`).
@@ -489,9 +507,9 @@ impl DataSource {
         match self {
             DataSource::Builtin { name } => format!("built-in dataset '{name}'"),
             DataSource::Idx { images, .. } => images.display().to_string(),
-            DataSource::ImageFolder { path, .. } | DataSource::Text { path, .. } => {
-                path.display().to_string()
-            }
+            DataSource::ImageFolder { path, .. }
+            | DataSource::Text { path, .. }
+            | DataSource::Instruct { path, .. } => path.display().to_string(),
         }
     }
 }
@@ -568,6 +586,11 @@ pub fn load(cfg: &DataConfig) -> Result<Dataset, DataError> {
         } => {
             let texts = text::load(path, text_column, label_column)?;
             (stem(path), texts.classes, Samples::Texts(texts.texts), None)
+        }
+        DataSource::Instruct { path, .. } => {
+            return Err(DataError::NotForClassifier {
+                path: path.display().to_string(),
+            });
         }
     };
     let (train, eval) = match eval {

@@ -39,6 +39,11 @@ pub enum ModelSource {
         /// The config file.
         path: PathBuf,
     },
+    /// A llama.cpp GGUF file (a language model with its tokenizer).
+    Gguf {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 impl Default for ModelSource {
@@ -54,7 +59,9 @@ impl ModelSource {
     pub fn display_name(&self) -> String {
         match self {
             ModelSource::Builtin { name } => name.clone(),
-            ModelSource::Folder { path } | ModelSource::Config { path } => path
+            ModelSource::Folder { path }
+            | ModelSource::Config { path }
+            | ModelSource::Gguf { path } => path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| path.display().to_string()),
@@ -119,6 +126,12 @@ pub fn load_model(
             Some(path.clone()),
         ),
         ModelSource::Config { path } => (path.clone(), None, None),
+        ModelSource::Gguf { path } => {
+            return Err(ModelError::File {
+                path: path.display().to_string(),
+                reason: "a GGUF file holds a language model; a classifier needs a bert, roberta or vit folder".into(),
+            });
+        }
     };
     let v = read_json(&config_path)?;
     let shown = config_path.display().to_string();

@@ -148,7 +148,8 @@ impl CausalLm {
 /// from its `config.json` without loading weights.
 pub fn is_language_model(source: &ModelSource) -> anyhow::Result<bool> {
     let config = match source {
-        ModelSource::Builtin { .. } => return Ok(false),
+        ModelSource::Builtin { name } => return Ok(name == "smollm2-135m-instruct"),
+        ModelSource::Gguf { .. } => return Ok(true),
         ModelSource::Folder { path } => {
             if path.is_file() {
                 return Ok(path.extension().is_some_and(|e| e == "gguf"));

@@ -157,6 +157,28 @@ pub struct TrainConfig {
     pub adapter: AdapterConfig,
     /// Optimisation.
     pub optim: OptimConfig,
+    /// Language models: how held-out answers are generated and scored.
+    pub generation: GenerationEval,
+}
+
+/// How a language model's held-out answers are generated and scored at each evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationEval {
+    /// Held-out questions answered (greedy) and scored by exact match at each evaluation; 0
+    /// scores next-token accuracy instead.
+    pub questions: usize,
+    /// The longest answer generated, in tokens.
+    pub max_new_tokens: usize,
+}
+
+impl Default for GenerationEval {
+    fn default() -> Self {
+        Self {
+            questions: 32,
+            max_new_tokens: 16,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -168,6 +190,7 @@ impl Default for TrainConfig {
             data: DataConfig::default(),
             adapter: AdapterConfig::default(),
             optim: OptimConfig::default(),
+            generation: GenerationEval::default(),
         }
     }
 }

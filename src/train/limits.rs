@@ -79,6 +79,13 @@ pub(crate) fn check_numbers(cfg: &TrainConfig) -> Result<(), String> {
     }
     within("model.max_length", cfg.model.max_length, 2, MAX_LENGTH)
         .map_err(|e| format!("{e} (2 leaves room for the [CLS] and [SEP] tokens)"))?;
+    within("generation.questions", cfg.generation.questions, 0, 100_000)?;
+    within(
+        "generation.max_new_tokens",
+        cfg.generation.max_new_tokens,
+        1,
+        4096,
+    )?;
     let d = &cfg.data;
     if !(d.eval_fraction.is_finite() && d.eval_fraction > 0.0 && d.eval_fraction < 1.0) {
         return Err(format!(

@@ -28,9 +28,9 @@ pub fn dataset_name(source: &DataSource) -> String {
     match source {
         DataSource::Builtin { name } => name.clone(),
         DataSource::Idx { images, .. } => images.display().to_string(),
-        DataSource::ImageFolder { path, .. } | DataSource::Text { path, .. } => {
-            path.display().to_string()
-        }
+        DataSource::ImageFolder { path, .. }
+        | DataSource::Text { path, .. }
+        | DataSource::Instruct { path, .. } => path.display().to_string(),
     }
 }
 
