@@ -62,7 +62,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let g = generate_text(&lm.model, tok, &ids, &opts, &mut |piece| {
         // A closed stdout (`| head`) stops generating.
-        out.write_all(piece.as_bytes()).and_then(|()| out.flush()).is_ok()
+        out.write_all(piece.as_bytes())
+            .and_then(|()| out.flush())
+            .is_ok()
     })?;
     let _ = writeln!(out).and_then(|()| out.flush());
     let t = g.timings;

@@ -363,7 +363,9 @@ impl LlamaConfig {
 /// `rope_theta`, or `rope_parameters.rope_theta` (transformers 5 writes RoPE settings there).
 fn rope_theta(f: &Reader) -> Result<f64, ArchError> {
     if f.get("rope_theta").is_none()
-        && let Some(params) = f.get("rope_parameters").filter(|p| p.get("rope_theta").is_some())
+        && let Some(params) = f
+            .get("rope_parameters")
+            .filter(|p| p.get("rope_theta").is_some())
     {
         let inner = Reader {
             v: params,

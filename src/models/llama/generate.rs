@@ -95,7 +95,10 @@ impl GenerateOptions {
         }
         let t = self.sampling.temperature;
         if !(t.is_finite() && (0.0..=100.0).contains(&t)) {
-            return bad("temperature", format!("must be between 0 and 100, found {t}"));
+            return bad(
+                "temperature",
+                format!("must be between 0 and 100, found {t}"),
+            );
         }
         if self.sampling.top_k == Some(0) {
             return bad("top_k", "must be at least 1, found 0".into());
@@ -424,4 +427,3 @@ pub fn full_logits(model: &LlamaModel, ids: &[u32]) -> candle_core::Result<Vec<V
         .to_dtype(candle_core::DType::F32)?
         .to_vec2()
 }
-

@@ -155,8 +155,12 @@ impl GgufFile {
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| file_err(&self.path, format!("cannot read tensor `{name}`: {e}")))?;
-        q.dequantize(&Device::Cpu)
-            .map_err(|e| file_err(&self.path, format!("cannot dequantize tensor `{name}`: {e}")))
+        q.dequantize(&Device::Cpu).map_err(|e| {
+            file_err(
+                &self.path,
+                format!("cannot dequantize tensor `{name}`: {e}"),
+            )
+        })
     }
 }
 
@@ -275,7 +279,9 @@ pub fn config_from_gguf(g: &mut GgufFile) -> Result<LlamaConfig, ModelError> {
 /// The vocabulary size: the token embedding's rows, which must agree with the tokenizer's
 /// token list when both are present.
 fn vocab_size(g: &GgufFile, arch: &str) -> Result<u64, ModelError> {
-    let rows = g.tensor_dims("token_embd.weight").and_then(|d| d.first().copied());
+    let rows = g
+        .tensor_dims("token_embd.weight")
+        .and_then(|d| d.first().copied());
     let tokens = g
         .meta_array("tokenizer.ggml.tokens")?
         .map(|a| a.len() as u64);
@@ -383,7 +389,10 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// The (GGUF name, Hugging Face name) pairs a model of this config reads.
 pub fn tensor_names(c: &LlamaConfig) -> Vec<(String, String)> {
     let mut v = vec![
-        ("token_embd.weight".into(), "model.embed_tokens.weight".into()),
+        (
+            "token_embd.weight".into(),
+            "model.embed_tokens.weight".into(),
+        ),
         ("output_norm.weight".into(), "model.norm.weight".into()),
     ];
     if !c.tie_word_embeddings {
@@ -400,16 +409,25 @@ pub fn tensor_names(c: &LlamaConfig) -> Vec<(String, String)> {
     ];
     for i in 0..c.num_hidden_layers {
         for (g, h, bias) in linears {
-            v.push((format!("blk.{i}.{g}.weight"), format!("model.layers.{i}.{h}.weight")));
+            v.push((
+                format!("blk.{i}.{g}.weight"),
+                format!("model.layers.{i}.{h}.weight"),
+            ));
             if bias {
-                v.push((format!("blk.{i}.{g}.bias"), format!("model.layers.{i}.{h}.bias")));
+                v.push((
+                    format!("blk.{i}.{g}.bias"),
+                    format!("model.layers.{i}.{h}.bias"),
+                ));
             }
         }
         for (g, h) in [
             ("attn_norm", "input_layernorm"),
             ("ffn_norm", "post_attention_layernorm"),
         ] {
-            v.push((format!("blk.{i}.{g}.weight"), format!("model.layers.{i}.{h}.weight")));
+            v.push((
+                format!("blk.{i}.{g}.weight"),
+                format!("model.layers.{i}.{h}.weight"),
+            ));
         }
     }
     v
@@ -438,9 +456,8 @@ pub fn read_tensors(
                 None
             };
             if let Some(h) = heads {
-                t = unpermute_rows(&t, h).map_err(|e| {
-                    file_err(g.path(), format!("tensor `{gname}`: {e}"))
-                })?;
+                t = unpermute_rows(&t, h)
+                    .map_err(|e| file_err(g.path(), format!("tensor `{gname}`: {e}")))?;
             }
         }
         out.insert(hname, t);

@@ -254,7 +254,9 @@ impl LlmTokenizer {
         .into_iter()
         .flatten()
         .collect();
-        let add_bos = g.meta_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+        let add_bos = g
+            .meta_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(false);
         let pre = g.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let spec = tokenizer_json(
             &tokens,
@@ -313,12 +315,8 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// The Hugging Face pre-tokenizer for llama.cpp's `tokenizer.ggml.pre`, and whether BPE
 /// ignores merges for whole words in the vocabulary (LLaMA 3).
 fn pre_tokenizer(pre: &str) -> Result<(Value, bool), String> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |regex: &str| {
-        json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
         "smollm" | "starcoder" | "refact" => (
