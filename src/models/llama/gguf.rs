@@ -357,7 +357,7 @@ fn llama3_scaling(
 pub fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle_core::bail!("{rows} rows cannot be split into {heads} heads of even size");
     }
     let half = rows / heads / 2;
@@ -374,7 +374,7 @@ pub fn unpermute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 pub fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle_core::bail!("{rows} rows cannot be split into {heads} heads of even size");
     }
     let half = rows / heads / 2;
