@@ -40,6 +40,23 @@ pub struct GenerateArgs {
 
 /// Runs the command.
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let mut opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_ids: Vec::new(),
+    };
+    // Bad options fail before the model loads.
+    opts.validate()?;
+    if a.temperature == 0.0 && (a.top_k.is_some() || a.top_p.is_some()) {
+        anyhow::bail!(
+            "--top-k and --top-p apply to sampling: give --temperature above 0 (0, the default, is greedy)"
+        );
+    }
     let path = resolve_model(&a.model).map_err(anyhow::Error::msg)?;
     let lm = load_language_model(&path).with_context(|| format!("loading {}", path.display()))?;
     let tok = &lm.tokenizer;
@@ -49,16 +66,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let prompt = render_user_prompt(tok.chat_template.as_deref(), &a.prompt);
         tok.encode(&prompt, false)?
     };
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling: Sampling {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        stop_ids: tok.stop_ids.clone(),
-    };
+    opts.stop_ids = tok.stop_ids.clone();
     let mut out = std::io::stdout().lock();
     let g = generate_text(&lm.model, tok, &ids, &opts, &mut |piece| {
         // A closed stdout (`| head`) stops generating.
