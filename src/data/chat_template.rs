@@ -223,9 +223,7 @@ impl ChatTemplate {
 /// An absent special token renders as Jinja's undefined (empty text), as in `transformers`
 /// where the key is then missing.
 fn token_value(token: &Option<String>) -> Value {
-    token
-        .as_deref()
-        .map_or(Value::UNDEFINED, |t| Value::from(t))
+    token.as_deref().map_or(Value::UNDEFINED, Value::from)
 }
 
 /// The environment `transformers` renders chat templates in, holding `source`.

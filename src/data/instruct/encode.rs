@@ -17,6 +17,9 @@ use super::super::DataError;
 use super::super::chat_template::{ChatTemplate, Message};
 use super::read::{InstructFile, InstructRecord, RecordBody};
 
+/// Byte ranges of tokens in the text they came from.
+type Offsets = Vec<(usize, usize)>;
+
 /// Notes listing examples name at most this many.
 const NOTE_EXAMPLES: usize = 5;
 
@@ -336,7 +339,7 @@ impl<'a> InstructEncoder<'a> {
         text: &str,
         add_special_tokens: bool,
         what: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), DataError> {
+    ) -> Result<(Vec<u32>, Offsets), DataError> {
         let enc = self
             .tokenizer
             .encode(text, add_special_tokens)

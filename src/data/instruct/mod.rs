@@ -1,8 +1,8 @@
 //! Instruction data for causal language models: files in the formats people bring, turned into
 //! token ids with a loss mask through the model's chat template.
 //!
-//! - [`read_instruct_file`] reads a JSON array or a JSONL file of Alpaca, chat, ShareGPT or
-//!   plain-text records ([`InstructFormat`], detected from the first record) into
+//! - [`read_instruct_file`] reads a JSON array or a JSONL file of Alpaca, chat, ShareGPT,
+//!   prompt-completion or plain-text records ([`InstructFormat`], detected from the first record) into
 //!   conversations ([`InstructRecord`]). A bad record is [`DataError::BadItem`] naming the
 //!   file, the line (JSONL) or array index, and the field.
 //! - [`InstructEncoder`] renders each conversation with a [`ChatTemplate`](super::ChatTemplate)

@@ -19,13 +19,22 @@ pub enum InstructFormat {
     /// `{"conversations": [{"from", "value"}], "system"?}`; `from` is `human`/`user`,
     /// `gpt`/`assistant` or `system`.
     ShareGpt,
+    /// `{"prompt", "completion"}` (TRL's prompt-completion): strings (a user turn and an
+    /// assistant turn) or lists of `{role, content}` messages.
+    PromptCompletion,
     /// `{"text"}`: continued pre-training; every token is trained.
     Text,
 }
 
 impl InstructFormat {
     /// The formats, in the order their key fields are looked for.
-    pub const ALL: [InstructFormat; 4] = [Self::Chat, Self::ShareGpt, Self::Alpaca, Self::Text];
+    pub const ALL: [InstructFormat; 5] = [
+        Self::Chat,
+        Self::ShareGpt,
+        Self::Alpaca,
+        Self::PromptCompletion,
+        Self::Text,
+    ];
 
     /// The field that marks a record of this format.
     pub fn key(self) -> &'static str {
@@ -33,6 +42,7 @@ impl InstructFormat {
             Self::Alpaca => "instruction",
             Self::Chat => "messages",
             Self::ShareGpt => "conversations",
+            Self::PromptCompletion => "prompt",
             Self::Text => "text",
         }
     }
@@ -43,6 +53,7 @@ impl InstructFormat {
             Self::Alpaca => "Alpaca",
             Self::Chat => "chat (messages)",
             Self::ShareGpt => "ShareGPT (conversations)",
+            Self::PromptCompletion => "prompt-completion",
             Self::Text => "plain text",
         }
     }
@@ -168,8 +179,8 @@ pub fn parse_instruct(path: &Path, content: &str) -> Result<InstructFile, DataEr
                     at,
                     format!(
                         "cannot tell the format: expected a field 'messages' (chat), \
-                         'conversations' (ShareGPT), 'instruction' (Alpaca) or 'text' \
-                         (plain text); fields found: {}",
+                         'conversations' (ShareGPT), 'instruction' (Alpaca), 'prompt' \
+                         (prompt-completion) or 'text' (plain text); fields found: {}",
                         keys(&obj)
                     ),
                 ));
@@ -221,22 +232,19 @@ fn parse_record(format: InstructFormat, obj: &Map<String, Value>) -> Result<Reco
             Ok(RecordBody::Chat(messages))
         }
         InstructFormat::Chat => {
-            let turns = required_array(obj, "messages", format)?;
-            let mut messages = Vec::with_capacity(turns.len());
-            for (i, turn) in turns.iter().enumerate() {
-                let field = format!("messages[{i}]");
-                let turn = as_object(turn, &field)?;
-                let role = turn_str(turn, &field, "role")?;
-                if !matches!(role.as_str(), "system" | "user" | "assistant") {
-                    return Err(format!(
-                        "field '{field}.role': unknown role '{role}' (expected system, user or \
-                         assistant)"
-                    ));
-                }
-                let content = turn_str(turn, &field, "content")?;
-                messages.push(Message::new(role, content));
-            }
+            let messages = parse_messages(required_array(obj, "messages", format)?, "messages")?;
             check_turns(&messages, "messages")?;
+            Ok(RecordBody::Chat(messages))
+        }
+        InstructFormat::PromptCompletion => {
+            let mut messages = prompt_or_completion(obj, "prompt", "user", format)?;
+            messages.extend(prompt_or_completion(
+                obj,
+                "completion",
+                "assistant",
+                format,
+            )?);
+            check_turns(&messages, "completion")?;
             Ok(RecordBody::Chat(messages))
         }
         InstructFormat::ShareGpt => {
@@ -268,6 +276,37 @@ fn parse_record(format: InstructFormat, obj: &Map<String, Value>) -> Result<Reco
     }
 }
 
+/// `{role, content}` messages of the field named `field`.
+fn parse_messages(turns: &[Value], field: &str) -> Result<Vec<Message>, String> {
+    let mut messages = Vec::with_capacity(turns.len());
+    for (i, turn) in turns.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let turn = as_object(turn, &at)?;
+        let role = turn_str(turn, &at, "role")?;
+        if !matches!(role.as_str(), "system" | "user" | "assistant") {
+            return Err(format!(
+                "field '{at}.role': unknown role '{role}' (expected system, user or assistant)"
+            ));
+        }
+        let content = turn_str(turn, &at, "content")?;
+        messages.push(Message::new(role, content));
+    }
+    Ok(messages)
+}
+
+/// A prompt-completion field: a string (one turn of `role`) or a list of messages.
+fn prompt_or_completion(
+    obj: &Map<String, Value>,
+    field: &str,
+    role: &str,
+    format: InstructFormat,
+) -> Result<Vec<Message>, String> {
+    match obj.get(field) {
+        Some(Value::Array(_)) => parse_messages(required_array(obj, field, format)?, field),
+        _ => Ok(vec![Message::new(role, required_str(obj, field, format)?)]),
+    }
+}
+
 /// A conversation needs an assistant turn to train on.
 fn check_turns(messages: &[Message], field: &str) -> Result<(), String> {
     if messages.iter().any(|m| m.role == "assistant") {
@@ -293,7 +332,12 @@ fn required_str(
         Some(Value::String(s)) if s.trim().is_empty() => Err(format!("field '{field}' is empty")),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(v) => Err(format!(
-            "field '{field}' must be a string, found {}",
+            "field '{field}' must be a string{}, found {}",
+            if format == InstructFormat::PromptCompletion {
+                " or a list of messages"
+            } else {
+                ""
+            },
             kind(v)
         )),
     }
