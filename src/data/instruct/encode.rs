@@ -11,6 +11,7 @@
 //! prefixes are not prefixes of the whole (one that rewrites earlier turns) falls back to
 //! finding the answer's text in the rendering.
 
+use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::super::DataError;
@@ -155,8 +156,9 @@ impl<'a> InstructEncoder<'a> {
         })
     }
 
-    /// Tokenises every record of a file; examples left with no trained token are dropped and
-    /// counted.
+    /// Tokenises every record of a file (in parallel, on rayon's pool: call it from a worker
+    /// thread); examples left with no trained token are dropped and counted. An error (a
+    /// template that fails on a record) is the first in file order.
     pub fn encode_file(&self, file: &InstructFile) -> Result<InstructSet, DataError> {
         let mut report = InstructReport {
             records: file.records.len(),
@@ -165,12 +167,21 @@ impl<'a> InstructEncoder<'a> {
         };
         let mut examples = Vec::with_capacity(file.records.len());
         let (mut truncated_at, mut dropped_at) = (Vec::new(), Vec::new());
-        for record in &file.records {
-            let full = self.full(record, file)?;
-            report.longest = report.longest.max(full.ids.len());
-            report.offset_masked_turns += full.offset_masked;
-            report.unlocated_turns += full.unlocated;
-            let ex = self.finish(record, full);
+        // Records are encoded in parallel; results (and the first error) stay in file order.
+        let encoded: Vec<Result<(TokenizedExample, usize, usize, usize), DataError>> = file
+            .records
+            .par_iter()
+            .map(|record| {
+                let full = self.full(record, file)?;
+                let counts = (full.ids.len(), full.offset_masked, full.unlocated);
+                Ok((self.finish(record, full), counts.0, counts.1, counts.2))
+            })
+            .collect();
+        for item in encoded {
+            let (ex, len, offset_masked, unlocated) = item?;
+            report.longest = report.longest.max(len);
+            report.offset_masked_turns += offset_masked;
+            report.unlocated_turns += unlocated;
             if ex.trained_tokens() == 0 {
                 report.dropped += 1;
                 dropped_at.push(ex.at.clone());

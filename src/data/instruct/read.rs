@@ -51,8 +51,8 @@ impl InstructFormat {
     pub fn name(self) -> &'static str {
         match self {
             Self::Alpaca => "Alpaca",
-            Self::Chat => "chat (messages)",
-            Self::ShareGpt => "ShareGPT (conversations)",
+            Self::Chat => "chat",
+            Self::ShareGpt => "ShareGPT",
             Self::PromptCompletion => "prompt-completion",
             Self::Text => "plain text",
         }
@@ -189,10 +189,10 @@ pub fn parse_instruct(path: &Path, content: &str) -> Result<InstructFile, DataEr
                 return Err(bad(
                     at,
                     format!(
-                        "mixed formats: this record has field '{}' ({}), but the file's first \
-                         record is {} (field '{}'); use one format per file",
-                        o.key(),
+                        "mixed formats: this record is {} (it has field '{}'), but the file's \
+                         first record is {} (field '{}'); use one format per file",
                         o.name(),
+                        o.key(),
                         f.name(),
                         f.key()
                     ),
