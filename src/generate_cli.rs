@@ -4,10 +4,11 @@
 use std::io::Write;
 
 use anyhow::Context;
+use peft_studio::data::Message;
 use peft_studio::models::llama::{
-    GenerateOptions, Sampling, StopReason, chat::render_user_prompt, generate_text,
-    load_language_model, resolve_model,
+    GenerateOptions, Sampling, StopReason, generate_text, load_language_model, resolve_model,
 };
+use peft_studio::train::causal_lm::{apply_trained, chat_template, trained_at};
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -36,6 +37,10 @@ pub struct GenerateArgs {
     /// Use the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// A fine-tuned run folder (or an adapter folder, or a fully fine-tuned model folder) to
+    /// apply to the model.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
 }
 
 /// Runs the command.
@@ -57,13 +62,24 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "--top-k and --top-p apply to sampling: give --temperature above 0 (0, the default, is greedy)"
         );
     }
+    let trained = a.adapter.as_deref().map(trained_at).transpose()?;
     let path = resolve_model(&a.model).map_err(anyhow::Error::msg)?;
-    let lm = load_language_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut lm =
+        load_language_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(t) = &trained {
+        apply_trained(&mut lm, t)?;
+    }
     let tok = &lm.tokenizer;
     let ids = if a.raw {
         tok.encode(&a.prompt, true)?
     } else {
-        let prompt = render_user_prompt(tok.chat_template.as_deref(), &a.prompt);
+        let template = chat_template(tok, &path)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the model has no chat template; give --raw to continue the prompt as plain text",
+                path.display()
+            )
+        })?;
+        let prompt = template.render(&[Message::new("user", a.prompt.as_str())], true)?;
         tok.encode(&prompt, false)?
     };
     opts.stop_ids = tok.stop_ids.clone();

@@ -15,7 +15,7 @@ mod chat_template;
 mod idx;
 mod image_folder;
 mod instruct;
-mod split;
+pub(crate) mod split;
 mod text;
 
 use std::path::{Path, PathBuf};

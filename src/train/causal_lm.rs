@@ -2,19 +2,31 @@
 //! plain-text) splits, and the held-out questions whose generated answers are scored.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Var};
 
 use super::config::{TrainConfig, TrainMode};
+use super::limits;
+use super::trainer::Prepared;
+use super::work::Work;
 use super::layout::{MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout};
 use super::lm_batches::{LmExample, lm_batch, lm_eval_sums, lm_loss};
 use super::store::EvalPoint;
 use crate::fsio;
+use crate::data::{
+    ChatTemplate, DataSource, InstructEncoder, TokenizedExample, exact_match_rate,
+    read_instruct_file, split,
+};
 use crate::models::ModelSource;
+use crate::models::llama::generate::{GenerateOptions, Sampling, generate_tokens};
+use crate::models::llama::language_model::{
+    LanguageModel, SMOLLM2_NAME, load_language_model, smollm2_fetch_hint, smollm2_path,
+};
+use crate::models::llama::tokenizer::LlmTokenizer;
 use crate::models::llama::LlamaModel;
-use crate::peft::linear::LinearLayers;
-use crate::peft::save_adapter;
+use crate::peft::linear::{LinearLayers, attach_adapters, trainable_vars};
+use crate::peft::{Method, save_adapter};
 
 /// A held-out question and the answer the task expects (scored by exact match).
 #[derive(Debug, Clone)]
@@ -148,7 +160,7 @@ impl CausalLm {
 /// from its `config.json` without loading weights.
 pub fn is_language_model(source: &ModelSource) -> anyhow::Result<bool> {
     let config = match source {
-        ModelSource::Builtin { name } => return Ok(name == "smollm2-135m-instruct"),
+        ModelSource::Builtin { name } => return Ok(name == SMOLLM2_NAME),
         ModelSource::Gguf { .. } => return Ok(true),
         ModelSource::Folder { path } => {
             if path.is_file() {
@@ -170,10 +182,270 @@ pub fn is_language_model(source: &ModelSource) -> anyhow::Result<bool> {
     ))
 }
 
+/// The file or folder a language-model source names (the built-in SmolLM2 once fetched).
+pub fn model_path(source: &ModelSource) -> anyhow::Result<PathBuf> {
+    match source {
+        ModelSource::Builtin { name } if name == SMOLLM2_NAME => {
+            smollm2_path().ok_or_else(|| anyhow::anyhow!("{}", smollm2_fetch_hint()))
+        }
+        ModelSource::Builtin { name } => anyhow::bail!("`{name}` is not a built-in language model"),
+        ModelSource::Folder { path } | ModelSource::Gguf { path } => Ok(path.clone()),
+        ModelSource::Config { path } => anyhow::bail!(
+            "{}: a language model needs its weights (a model folder or a GGUF file), not a config alone",
+            path.display()
+        ),
+    }
+}
+
+/// The chat template of a loaded model, compiled (`None` for a base model without one).
+pub fn chat_template(
+    tokenizer: &LlmTokenizer,
+    origin: &Path,
+) -> anyhow::Result<Option<ChatTemplate>> {
+    let Some(source) = &tokenizer.chat_template else {
+        return Ok(None);
+    };
+    Ok(Some(ChatTemplate::new(
+        source.clone(),
+        origin.display().to_string(),
+        tokenizer.bos_token(),
+        tokenizer.eos_token(),
+    )?))
+}
+
+/// The instruction data's files: (training file, held-out file if any).
+fn data_files(cfg: &TrainConfig) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    match &cfg.data.source {
+        DataSource::Instruct { path, eval_path } => Ok((path.clone(), eval_path.clone())),
+        other => anyhow::bail!(
+            "{}: a language model trains on instruction or plain-text data (data kind \"instruct\": JSON or JSONL with messages, conversations, instruction/output or text)",
+            other.describe()
+        ),
+    }
+}
+
+/// Keeps at most `max` of `v` (a seeded subset, in order).
+fn capped<T: Clone>(v: Vec<T>, max: Option<usize>, seed: u64, stream: u64) -> Vec<T> {
+    let keep = split::cap(v.len(), max, seed, stream);
+    if keep.len() == v.len() {
+        return v;
+    }
+    keep.into_iter().map(|i| v[i].clone()).collect()
+}
+
+fn to_example(e: &TokenizedExample) -> LmExample {
+    LmExample {
+        ids: e.ids.clone(),
+        loss_mask: e.loss_mask.clone(),
+    }
+}
+
+/// Scores greedy answers by exact match (trimmed, case- and end-punctuation-insensitive).
+fn exact_match_scorer(
+    tokenizer: LlmTokenizer,
+    max_new_tokens: usize,
+) -> Box<AnswerScorer> {
+    Box::new(move |model: &LlamaModel, cases: &[GenerationCase]| {
+        let opts = GenerateOptions {
+            max_new_tokens,
+            sampling: Sampling::default(),
+            stop_ids: tokenizer.stop_ids.clone(),
+        };
+        let mut answers = Vec::with_capacity(cases.len());
+        for c in cases {
+            let out = generate_tokens(model, &c.prompt, &opts, &mut |_| true)?;
+            answers.push(tokenizer.decode(&out.tokens)?);
+        }
+        Ok(exact_match_rate(
+            answers
+                .iter()
+                .zip(cases)
+                .map(|(a, c)| (a.as_str(), c.reference.as_str())),
+        ))
+    })
+}
+
 /// Loads the language model and its data for `cfg` and makes the configured parts trainable.
-pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<super::trainer::Prepared> {
+pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+    let (train_path, eval_path) = data_files(cfg)?;
+    let path = model_path(&cfg.model.source)?;
+    let LanguageModel {
+        mut model,
+        tokenizer,
+        ..
+    } = load_language_model(&path)?;
+    let template = chat_template(&tokenizer, &path)?;
+    let encoder = InstructEncoder::new(&tokenizer.tokenizer, template.as_ref(), cfg.model.max_length)?;
+    let train_set = encoder.encode_file(&read_instruct_file(&train_path)?)?;
+    let mut notes = train_set.report.notes.clone();
+    notes.push(format!(
+        "{}: {} examples, {} tokens ({} trained), {} truncated at {} tokens",
+        train_path.display(),
+        train_set.report.examples,
+        train_set.report.tokens,
+        train_set.report.trained_tokens,
+        train_set.report.truncated,
+        cfg.model.max_length
+    ));
+    let d = &cfg.data;
+    let (train, eval) = match &eval_path {
+        Some(p) => {
+            let set = encoder.encode_file(&read_instruct_file(p)?)?;
+            notes.extend(set.report.notes.iter().cloned());
+            (train_set.examples, set.examples)
+        }
+        None => {
+            let all = train_set.examples;
+            let (t, e) = split::random_split(
+                all.len(),
+                d.eval_fraction,
+                d.split_seed,
+                &train_path.display().to_string(),
+            )?;
+            (
+                t.iter().map(|&i| all[i].clone()).collect(),
+                e.iter().map(|&i| all[i].clone()).collect(),
+            )
+        }
+    };
+    let train = capped(train, d.max_train, d.split_seed, split::STREAM_CAP_TRAIN);
+    let eval = capped(eval, d.max_eval, d.split_seed, split::STREAM_CAP_EVAL);
+    anyhow::ensure!(
+        !train.is_empty() && !eval.is_empty(),
+        "{}: {} training and {} held-out examples with a trained token: both need at least one",
+        train_path.display(),
+        train.len(),
+        eval.len()
+    );
+    limits::check_batch(cfg, train.len(), &train_path.display().to_string())
+        .map_err(anyhow::Error::msg)?;
+    let mut questions = Vec::new();
+    if template.is_some() {
+        for e in eval.iter().take(cfg.generation.questions) {
+            if let Some(reference) = &e.reference {
+                questions.push(GenerationCase {
+                    prompt: encoder.encode_prompt(&e.prompt_messages)?,
+                    reference: reference.clone(),
+                });
+            }
+        }
+    }
+    let base_total = model.parameter_count();
+    let wd = cfg.optim.weight_decay;
+    let mut groups = Vec::new();
+    let mut adapter_trainable = 0;
+    match cfg.mode {
+        TrainMode::Adapter => {
+            let report = attach_adapters(&mut model, &cfg.adapter)?;
+            adapter_trainable = report.trainable();
+            let decay = match cfg.adapter.method {
+                Method::Lora => wd,
+                Method::Svfit | Method::Loldu => cfg.optim.diagonal_weight_decay,
+            };
+            let vars: Vec<Var> = trainable_vars(&model).into_iter().map(|(_, v)| v).collect();
+            groups.push((vars, decay, 1.0));
+        }
+        TrainMode::Full => {
+            let all = model.train_everything()?;
+            // As Hugging Face's Trainer: no decay on biases and norms.
+            let (no_decay, decay): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .partition(|(n, v)| n.ends_with(".bias") || n.contains("norm") || v.rank() == 1);
+            groups.push((decay.into_iter().map(|(_, v)| v).collect(), wd, 1.0));
+            groups.push((no_decay.into_iter().map(|(_, v)| v).collect(), 0.0, 1.0));
+        }
+        TrainMode::Head => anyhow::bail!(
+            "mode \"head\" trains a classifier's head; a language model trains with an adapter or fully"
+        ),
+    }
+    let trainable = groups
+        .iter()
+        .flat_map(|g| g.0.iter())
+        .map(|v| v.elem_count())
+        .sum();
+    let c = model.config();
+    let description = format!(
+        "{}: {} layers, hidden {}, {} heads ({} key/value), vocabulary {} — {} parameters",
+        c.family.model_type(),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        crate::inspect::thousands(base_total)
+    );
+    let config_json = c.to_hf_json();
+    let pad_id = tokenizer.eos.unwrap_or(0);
+    let scorer = (!questions.is_empty())
+        .then(|| exact_match_scorer(tokenizer.clone(), cfg.generation.max_new_tokens));
+    Ok(Prepared {
+        work: Work::CausalLm(Box::new(CausalLm {
+            model,
+            config_json,
+            train: train.iter().map(to_example).collect(),
+            eval: eval.iter().map(to_example).collect(),
+            questions,
+            scorer,
+            pad_id,
+            description,
+        })),
+        groups,
+        trainable,
+        total: base_total + adapter_trainable,
+        initialised: Vec::new(),
+        notes,
+    })
+}
+
+/// What a trained run (or an adapter folder) changes in a base language model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trained {
+    /// An adapter folder (peft-studio's or PEFT's format).
+    Adapter(PathBuf),
+    /// A fully fine-tuned model folder (`config.json`, `model.safetensors`).
+    Weights(PathBuf),
+}
+
+/// Finds what `path` holds: a run folder (its `adapter/` or `model/`), an adapter folder
+/// (`adapter_config.json`), or a model folder.
+pub fn trained_at(path: &Path) -> anyhow::Result<Trained> {
+    let layout = RunLayout::new(path);
+    let adapter = layout.adapter();
+    if adapter.join("adapter_config.json").is_file() {
+        return Ok(Trained::Adapter(adapter));
+    }
+    if path.join("adapter_config.json").is_file() {
+        return Ok(Trained::Adapter(path.to_path_buf()));
+    }
+    let model = layout.model();
+    if model.join(MODEL_WEIGHTS_FILE).is_file() {
+        return Ok(Trained::Weights(model));
+    }
+    if path.join(MODEL_WEIGHTS_FILE).is_file() {
+        return Ok(Trained::Weights(path.to_path_buf()));
+    }
     anyhow::bail!(
-        "{}: training a causal language model is not wired to the trainer yet",
-        cfg.model.source.display_name()
+        "{}: neither a finished run (adapter/ or model/), an adapter folder (adapter_config.json) nor a model folder (model.safetensors)",
+        path.display()
     )
+}
+
+/// Applies `trained` to a loaded base model: attaches the adapter, or replaces the weights
+/// with the fine-tuned ones (checked against the base's shape).
+pub fn apply_trained(lm: &mut LanguageModel, trained: &Trained) -> anyhow::Result<()> {
+    match trained {
+        Trained::Adapter(dir) => {
+            crate::peft::load_adapter(&mut lm.model, dir)?;
+        }
+        Trained::Weights(dir) => {
+            let tuned = crate::models::llama::load_folder(dir)?;
+            anyhow::ensure!(
+                tuned.config() == lm.model.config(),
+                "{}: the fine-tuned model's config does not match the base model's",
+                dir.display()
+            );
+            lm.model = tuned;
+        }
+    }
+    Ok(())
 }

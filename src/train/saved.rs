@@ -135,5 +135,6 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
         groups: Vec::new(),
         trainable: 0,
         initialised: Vec::new(),
+        notes: Vec::new(),
     })
 }

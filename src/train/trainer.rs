@@ -67,6 +67,8 @@ pub struct Prepared {
     pub total: usize,
     /// What was initialised rather than loaded.
     pub initialised: Vec<String>,
+    /// What the run's log should say about the data (truncation, dropped examples).
+    pub notes: Vec<String>,
 }
 
 /// Loads data and model and makes the configured parts trainable.
@@ -167,6 +169,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         trainable,
         total: base_total + adapter_trainable,
         initialised,
+        notes: Vec::new(),
     })
 }
 
@@ -415,6 +418,9 @@ pub fn train(
             "initialised (not in the checkpoint): {}",
             head.join(", ")
         )));
+    }
+    for note in &p.notes {
+        emit(Event::Log(note.clone()));
     }
     let total_steps = limits::total_steps(cfg, p.work.train_len()).map_err(anyhow::Error::msg)?;
     let run = store.create(cfg)?;

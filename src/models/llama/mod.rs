@@ -9,9 +9,7 @@
 //! - [`tokenizer`]: the tokenizer, special tokens and chat template ([`LlmTokenizer`]).
 //! - [`language_model`]: model + tokenizer from a folder, a GGUF file or the built-in name.
 //! - [`generate`]: greedy and sampled generation with streaming.
-//! - [`chat`]: a user message as a prompt (placeholder for the template engine).
 
-pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gguf;
