@@ -420,6 +420,10 @@ fn byte_char(b: u8) -> char {
 /// A GGUF holding only a byte-level BPE tokenizer: 256 byte tokens, merges for "he", "hel",
 /// "hell", "hello", " hello" ("Ġhello"), and `<|im_start|>` / `<|im_end|>` control tokens.
 fn tokenizer_gguf(dir: &TempDir, model: &str) -> PathBuf {
+    tokenizer_gguf_pre(dir, model, "smollm")
+}
+
+fn tokenizer_gguf_pre(dir: &TempDir, model: &str, pre: &str) -> PathBuf {
     let mut tokens: Vec<String> = vec!["<|im_start|>".into(), "<|im_end|>".into()];
     tokens.extend((0..=255u8).map(|b| byte_char(b).to_string()));
     let merges = ["h e", "he l", "hel l", "hell o", "Ġ hello"];
@@ -432,7 +436,7 @@ fn tokenizer_gguf(dir: &TempDir, model: &str) -> PathBuf {
     let meta: Vec<(String, G)> = vec![
         ("general.architecture".into(), s("llama")),
         ("tokenizer.ggml.model".into(), s(model)),
-        ("tokenizer.ggml.pre".into(), s("smollm")),
+        ("tokenizer.ggml.pre".into(), s(pre)),
         (
             "tokenizer.ggml.tokens".into(),
             G::Array(tokens.iter().map(|t| s(t)).collect()),
@@ -449,7 +453,7 @@ fn tokenizer_gguf(dir: &TempDir, model: &str) -> PathBuf {
         ("tokenizer.ggml.eos_token_id".into(), G::U32(1)),
         ("tokenizer.chat_template".into(), s("{{ messages }}")),
     ];
-    let p = dir.path(&format!("tok-{model}.gguf"));
+    let p = dir.path(&format!("tok-{model}-{pre}.gguf"));
     write_gguf(&p, &meta, &[]);
     p
 }
@@ -479,6 +483,48 @@ fn the_gguf_tokenizer_is_byte_level_bpe_with_special_tokens() {
     assert_eq!(tok.stop_ids, vec![1]);
     assert_eq!(tok.chat_template.as_deref(), Some("{{ messages }}"));
     assert_eq!(tok.eos_token().as_deref(), Some("<|im_end|>"));
+}
+
+#[test]
+fn every_supported_pre_tokenizer_builds() {
+    use peft_studio::models::llama::gguf::GgufFile;
+    let dir = TempDir::new("tok-pre");
+    for pre in [
+        "default",
+        "gpt2",
+        "smollm",
+        "starcoder",
+        "llama-bpe",
+        "qwen2",
+    ] {
+        let p = tokenizer_gguf_pre(&dir, "gpt2", pre);
+        let tok = LlmTokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+        let ids = tok
+            .encode("<|im_start|>hello hello, it's 2024\n\n", false)
+            .unwrap();
+        assert_eq!(
+            ids[..3],
+            [
+                0,
+                tok.tokenizer.token_to_id("hello").unwrap(),
+                tok.tokenizer.token_to_id("Ġhello").unwrap()
+            ],
+            "{pre}"
+        );
+        assert_eq!(
+            tok.decode(&ids).unwrap(),
+            "hello hello, it's 2024\n\n",
+            "{pre}"
+        );
+    }
+    let p = tokenizer_gguf_pre(&dir, "gpt2", "deepseek-coder");
+    let e = LlmTokenizer::from_gguf(&GgufFile::open(&p).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`tokenizer.ggml.pre` is `deepseek-coder`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -812,4 +858,58 @@ fn smollm2_streams_whole_characters_and_stops_at_im_end() {
     })
     .unwrap();
     assert_eq!(pieces, g.text);
+}
+
+#[test]
+fn llama3_rope_scaling_is_read_from_rope_freqs() {
+    let mut v = tiny("llama", true);
+    v["rope_theta"] = json!(500000.0);
+    v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let c = LlamaConfig::from_json(&v, "config.json").unwrap();
+    let scaled = c.inv_freq();
+    let mut plain = c.clone();
+    plain.rope_scaling = None;
+    // llama.cpp's converter stores base / scaled frequency per pair of dimensions.
+    let factors: Vec<f32> = plain
+        .inv_freq()
+        .iter()
+        .zip(&scaled)
+        .map(|(b, s)| (b / s) as f32)
+        .collect();
+    assert!(factors.iter().any(|f| *f > 7.9) && factors.iter().any(|f| *f > 1.01 && *f < 7.9));
+    let w = random_weights(&c, 70);
+    let (mut tensors, reference) = to_gguf(&c, "llama", &w);
+    let freqs = Tensor::new(factors.as_slice(), &Device::Cpu).unwrap();
+    tensors.push((
+        "rope_freqs.weight".into(),
+        QTensor::quantize(&freqs, GgmlDType::F32).unwrap(),
+    ));
+    let dir = TempDir::new("llama3");
+    let gguf = dir.path("model.gguf");
+    write_gguf(&gguf, &metadata("llama", &c), &tensors);
+    let folder = dir.path("ref/x").parent().unwrap().to_path_buf();
+    std::fs::write(folder.join("config.json"), v.to_string()).unwrap();
+    candle_core::safetensors::save(&reference, folder.join("model.safetensors")).unwrap();
+    let a = load_gguf(&gguf).unwrap();
+    assert_eq!(a.config().rope_scaling, c.rope_scaling);
+    let la = a.forward(&ids(), None, false).unwrap();
+    let lb = load_folder(&folder)
+        .unwrap()
+        .forward(&ids(), None, false)
+        .unwrap();
+    assert!(max_diff(&la, &lb) < 1e-4);
+
+    // Factors of another scheme are refused by name.
+    let mut odd = factors.clone();
+    odd[1] = 3.0;
+    let (mut tensors, _) = to_gguf(&c, "llama", &w);
+    let freqs = Tensor::new(odd.as_slice(), &Device::Cpu).unwrap();
+    tensors.push((
+        "rope_freqs.weight".into(),
+        QTensor::quantize(&freqs, GgmlDType::F32).unwrap(),
+    ));
+    write_gguf(&gguf, &metadata("llama", &c), &tensors);
+    let e = load_err(&gguf);
+    assert!(e.contains("rope_freqs.weight"), "{e}");
 }
