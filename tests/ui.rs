@@ -258,6 +258,7 @@ fn fake_run(store: &Path, run: FakeRun<'_>) {
                 step: p[0] as usize,
                 loss: p[1] * 1.1,
                 accuracy: acc * (1.0 - (-(p[0]) / speed).exp() * 0.8),
+                perplexity: None,
             };
             lines += &format!("{}\n", serde_json::to_string(&MetricLine::Eval(e)).unwrap());
         }
@@ -267,6 +268,7 @@ fn fake_run(store: &Path, run: FakeRun<'_>) {
         step: 400,
         loss: 0.4,
         accuracy: acc,
+        perplexity: None,
     };
     let s = RunSummary {
         id: id.into(),

@@ -85,6 +85,7 @@ fn fake_run(
                 step: p[0] as usize,
                 loss: p[1] * 1.1,
                 accuracy: acc * (1.0 - (-p[0] / 120.0).exp() * 0.8),
+                perplexity: None,
             };
             lines += &format!("{}\n", serde_json::to_string(&MetricLine::Eval(e)).unwrap());
         }
@@ -94,6 +95,7 @@ fn fake_run(
         step: done,
         loss: 0.4,
         accuracy: acc,
+        perplexity: None,
     };
     let s = RunSummary {
         id: id.into(),
