@@ -343,3 +343,22 @@ fn interop_export() {
         .unwrap();
     eprintln!("wrote {}", out.display());
 }
+
+#[test]
+fn transformers5_rope_parameters_are_read() {
+    // transformers 5 moved `rope_theta` (and the scaling) into `rope_parameters`, as in
+    // SmolLM2's config.json; missing it would silently use RoPE base 10,000.
+    let mut v = tiny("llama", true);
+    v["rope_parameters"] = json!({"rope_theta": 100000.0, "rope_type": "default"});
+    let c = LlamaConfig::from_json(&v, "c").unwrap();
+    assert_eq!(c.rope_theta, 100000.0);
+    assert!(c.rope_scaling.is_none());
+    v["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let c = LlamaConfig::from_json(&v, "c").unwrap();
+    assert_eq!(c.rope_theta, 500000.0);
+    assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+    v["rope_parameters"] = json!({"rope_theta": -1.0});
+    let e = LlamaConfig::from_json(&v, "c").unwrap_err().to_string();
+    assert!(e.contains("rope_parameters.rope_theta"), "{e}");
+}

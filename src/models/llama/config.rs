@@ -279,8 +279,18 @@ impl LlamaConfig {
             vocab_size: f.usize("vocab_size")?,
             max_position_embeddings: max_positions,
             rms_norm_eps: f.f64_in("rms_norm_eps", 1e-6, 0.0, 1.0)?,
-            rope_theta: f.f64_in("rope_theta", 10_000.0, 0.0, f64::MAX)?,
-            rope_scaling: rope_scaling(&f)?,
+            rope_theta: rope_theta(&f)?,
+            rope_scaling: match (f.get("rope_scaling"), rope_parameters(&f)) {
+                (None, Some(rp)) => {
+                    // transformers 5 writes the scaling inside `rope_parameters`.
+                    let wrapped = serde_json::json!({ "rope_scaling": rp });
+                    rope_scaling(&Reader {
+                        v: &wrapped,
+                        path: f.path,
+                    })?
+                }
+                _ => rope_scaling(&f)?,
+            },
             tie_word_embeddings: f.bool("tie_word_embeddings", false)?,
             qkv_bias,
             o_bias,
@@ -357,6 +367,37 @@ impl LlamaConfig {
                 }
             })
             .collect()
+    }
+}
+
+/// transformers 5's `rope_parameters` object (`rope_theta`, `rope_type` and the scaling
+/// fields), if the config has one.
+fn rope_parameters<'a>(f: &Reader<'a>) -> Option<&'a Value> {
+    f.v.get("rope_parameters").filter(|x| x.is_object())
+}
+
+/// RoPE's base: `rope_theta`, or transformers 5's `rope_parameters.rope_theta`; 10,000 when
+/// neither is given.
+fn rope_theta(f: &Reader) -> Result<f64, ArchError> {
+    match rope_parameters(f) {
+        Some(rp) if f.get("rope_theta").is_none() => Reader {
+            v: rp,
+            path: f.path,
+        }
+        .f64_in("rope_theta", 10_000.0, 0.0, f64::MAX)
+        .map_err(|e| match e {
+            ArchError::Field {
+                path,
+                field,
+                problem,
+            } => ArchError::Field {
+                path,
+                field: format!("rope_parameters.{field}"),
+                problem,
+            },
+            e => e,
+        }),
+        _ => f.f64_in("rope_theta", 10_000.0, 0.0, f64::MAX),
     }
 }
 
