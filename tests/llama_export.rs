@@ -362,3 +362,32 @@ fn transformers5_rope_parameters_are_read() {
     let e = LlamaConfig::from_json(&v, "c").unwrap_err().to_string();
     assert!(e.contains("rope_parameters.rope_theta"), "{e}");
 }
+
+#[test]
+fn export_llama_writes_every_format_atomically() {
+    use peft_studio::export::{ExportFormat, export_llama};
+    let tmp = TempDir::new("export-llama");
+    let base = tmp.0.join("base");
+    let mut m = base_folder(&tiny("llama", true), &base, 21);
+    adapt(&mut m, Method::Loldu, &["q_proj", "v_proj"], 4);
+    for (format, file) in [
+        (ExportFormat::Peft, "adapter_model.safetensors"),
+        (ExportFormat::Merged, "model.safetensors"),
+        (ExportFormat::GgufLora, gguf_lora::FILE_NAME),
+    ] {
+        let out = tmp.0.join(format.name());
+        let r = export_llama(&m, Some(&base), format, &out, false).unwrap();
+        assert!(out.join(file).is_file(), "{format}: {:?}", r.notes);
+        let e = export_llama(&m, Some(&base), format, &out, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--force"), "{e}");
+        export_llama(&m, Some(&base), format, &out, true).unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "staging folders left: {left:?}");
+}

@@ -156,6 +156,73 @@ pub fn export_run_with(
     })
 }
 
+/// Exports a LLaMA-family model carrying adapters as `format` into the folder `out`
+/// (atomically, refusing a non-empty `out` unless `force`), for causal-LM runs: `base` is the
+/// Hugging Face folder the model was loaded from (PEFT's `base_model_name_or_path`; its
+/// config and tokenizer files are copied into a merged folder).
+pub fn export_llama(
+    model: &crate::models::llama::LlamaModel,
+    base: Option<&Path>,
+    format: ExportFormat,
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<ExportReport> {
+    let staging = Staging::begin(out, force)?;
+    let dir = staging.dir();
+    let notes = match format {
+        ExportFormat::Peft => {
+            let target = peft_adapter::PeftTarget {
+                task_type: Some("CAUSAL_LM".into()),
+                base_model: base.map(|p| {
+                    std::path::absolute(p)
+                        .unwrap_or_else(|_| p.to_path_buf())
+                        .display()
+                        .to_string()
+                }),
+                modules_to_save: Vec::new(),
+            };
+            let s = peft_adapter::write_peft(model, &target, dir)?;
+            vec![format!(
+                "{} modules, LoRA rank {} (lora_alpha {}), target_modules {}",
+                s.modules,
+                s.rank,
+                s.rank,
+                s.target_modules.join(",")
+            )]
+        }
+        ExportFormat::Merged => {
+            let copied = merged::write_merged_llama(model, base, dir)?;
+            vec![format!(
+                "{} with adapters merged, {}{}",
+                merged::WEIGHTS_FILE,
+                merged::CONFIG_FILE,
+                if copied.is_empty() {
+                    String::new()
+                } else {
+                    format!(", copied from the base: {}", copied.join(", "))
+                }
+            )]
+        }
+        ExportFormat::GgufLora => {
+            let s = gguf_lora::write_gguf_lora(model, &dir.join(gguf_lora::FILE_NAME))?;
+            vec![format!(
+                "{}: {} modules, rank {} (adapter.lora.alpha {}), general.architecture {}",
+                gguf_lora::FILE_NAME,
+                s.modules,
+                s.rank,
+                s.rank,
+                s.architecture
+            )]
+        }
+    };
+    staging.commit()?;
+    Ok(ExportReport {
+        out: out.to_path_buf(),
+        format,
+        notes,
+    })
+}
+
 fn write_run(t: &TrainedRun, format: ExportFormat, dir: &Path) -> anyhow::Result<Vec<String>> {
     let model = t.model.as_ref();
     let mut notes = Vec::new();
