@@ -178,9 +178,18 @@ fn llama_family_counts_give_the_papers_ratios() {
     let (t, _) = json_counts(&["--model", qwen, "--method", "lora", "--rank", "4"]);
     assert_eq!(t, 2 * (4 * (32 + 32) + 4 * (16 + 32)));
     let (ok, out, _) = inspect(&["--model", "llama-2-7b", "--method", "lora", "--rank", "8"]);
-    assert!(ok && out.contains("model.layers.31.self_attn.v_proj") && out.contains("untied lm_head"));
+    assert!(
+        ok && out.contains("model.layers.31.self_attn.v_proj") && out.contains("untied lm_head")
+    );
     let (ok, _, err) = inspect(&[
-        "--model", "smollm2-135m", "--method", "lora", "--rank", "8", "--num-labels", "2",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "lora",
+        "--rank",
+        "8",
+        "--num-labels",
+        "2",
     ]);
     assert!(!ok && err.contains("--num-labels"), "{err}");
 }
