@@ -45,6 +45,19 @@ pub enum Family {
     Roberta,
     /// Vision Transformer.
     Vit,
+    /// LLaMA-family causal language model (`model_type` llama).
+    Llama,
+    /// Mistral (LLaMA's layout).
+    Mistral,
+    /// Qwen2 (q, k, v biases).
+    Qwen2,
+}
+
+impl Family {
+    /// Whether this is a LLaMA-family causal language model.
+    pub fn is_causal_lm(self) -> bool {
+        matches!(self, Family::Llama | Family::Mistral | Family::Qwen2)
+    }
 }
 
 /// A model's shape: linear modules plus everything else.
@@ -91,7 +104,7 @@ pub enum ArchError {
     },
     /// `model_type` is not one this project reads.
     #[error(
-        "{path}: model_type `{model_type}` is not supported (bert, roberta, vit, and BERT-like encoders are)"
+        "{path}: model_type `{model_type}` is not supported (bert, roberta, vit, BERT-like encoders, and the causal language models llama, mistral, qwen2 are)"
     )]
     Unsupported {
         /// The file.
@@ -125,7 +138,7 @@ pub enum ArchError {
 
 /// Built-in model descriptions: the published `config.json` of well-known checkpoints, so a
 /// user can size an experiment offline by name.
-pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
+pub const BUILTIN_CONFIGS: [(&str, &str); 6] = [
     (
         "bert-base-uncased",
         r#"{"model_type":"bert","hidden_size":768,"num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,"vocab_size":30522,"max_position_embeddings":512,"type_vocab_size":2}"#,
@@ -141,6 +154,14 @@ pub const BUILTIN_CONFIGS: [(&str, &str); 4] = [
     (
         "vit-base-patch16-224",
         r#"{"model_type":"vit","hidden_size":768,"num_hidden_layers":12,"num_attention_heads":12,"intermediate_size":3072,"image_size":224,"patch_size":16,"num_channels":3,"qkv_bias":true}"#,
+    ),
+    (
+        "llama-2-7b",
+        r#"{"model_type":"llama","hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"vocab_size":32000,"max_position_embeddings":4096,"rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,"hidden_act":"silu"}"#,
+    ),
+    (
+        "smollm2-135m",
+        r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"vocab_size":49152,"max_position_embeddings":8192,"rms_norm_eps":1e-5,"rope_theta":100000.0,"tie_word_embeddings":true,"hidden_act":"silu"}"#,
     ),
 ];
 
@@ -252,6 +273,9 @@ impl ArchSpec {
         }
         let f = Fields { v, path };
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if matches!(model_type, "llama" | "mistral" | "qwen2") {
+            return Self::from_decoder_config(v, path, num_labels);
+        }
         let family = match model_type {
             "bert" => Family::Bert,
             "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
@@ -286,7 +310,8 @@ impl ArchSpec {
             (Family::Roberta, true) => ("roberta.", "attention.self"),
             (Family::Vit, true) => ("vit.", "attention.attention"),
             (Family::Vit, false) => ("", "attention.attention"),
-            (_, false) => ("", "attention.self"),
+            // (The LLaMA family never reaches here: see `from_decoder_config`.)
+            (_, _) => ("", "attention.self"),
         };
         let qkv_bias =
             family != Family::Vit || v.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true);
@@ -303,7 +328,7 @@ impl ArchSpec {
         // Two layer norms per block.
         let mut other = layers * 4 * h;
         let summary = match family {
-            Family::Bert | Family::Roberta => {
+            Family::Bert | Family::Roberta | Family::Llama | Family::Mistral | Family::Qwen2 => {
                 let vocab = f.usize("vocab_size")?;
                 let pos = f.usize_or("max_position_embeddings", 512)?;
                 let types = f.usize_or("type_vocab_size", 2)?;
@@ -359,6 +384,91 @@ impl ArchSpec {
         Ok(spec)
     }
 
+    /// A LLaMA-family causal language model's description: per layer `self_attn.{q,k,v,o}_proj`
+    /// and `mlp.{gate,up,down}_proj` (PEFT's `all-linear` targets); the embedding, the norms
+    /// and an untied `lm_head` (never adapted) count as other parameters. No memory check:
+    /// sizing a model needs none of its weights.
+    fn from_decoder_config(
+        v: &Value,
+        path: &str,
+        num_labels: Option<usize>,
+    ) -> Result<Self, ArchError> {
+        use crate::models::llama::{DecoderFamily, LlamaConfig};
+        let c = LlamaConfig::from_json(v, path)?;
+        if let Some(k) = num_labels {
+            return Err(ArchError::Field {
+                path: path.into(),
+                field: "model_type".into(),
+                problem: format!(
+                    "is `{}`, a causal language model: --num-labels {k} applies to encoder classifiers only",
+                    c.family.model_type()
+                ),
+            });
+        }
+        let family = match c.family {
+            DecoderFamily::Llama => Family::Llama,
+            DecoderFamily::Mistral => Family::Mistral,
+            DecoderFamily::Qwen2 => Family::Qwen2,
+        };
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let mut linears = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let a = format!("model.layers.{i}.self_attn");
+            let m = format!("model.layers.{i}.mlp");
+            let lin = |path: String, out_features, in_features, bias| LinearSpec {
+                path,
+                out_features,
+                in_features,
+                bias,
+                head: false,
+            };
+            linears.push(lin(format!("{a}.q_proj"), q, h, c.qkv_bias));
+            linears.push(lin(format!("{a}.k_proj"), kv, h, c.qkv_bias));
+            linears.push(lin(format!("{a}.v_proj"), kv, h, c.qkv_bias));
+            linears.push(lin(format!("{a}.o_proj"), h, q, c.o_bias));
+            linears.push(lin(format!("{m}.gate_proj"), inter, h, c.mlp_bias));
+            linears.push(lin(format!("{m}.up_proj"), inter, h, c.mlp_bias));
+            linears.push(lin(format!("{m}.down_proj"), h, inter, c.mlp_bias));
+        }
+        let embeddings = if c.tie_word_embeddings { 1 } else { 2 };
+        let other = c
+            .vocab_size
+            .saturating_mul(h)
+            .saturating_mul(embeddings)
+            .saturating_add((2 * c.num_hidden_layers + 1).saturating_mul(h));
+        let summary = format!(
+            "{}, {} layers, hidden {h}, {} heads ({} key/value), intermediate {inter}, vocab {}, {} lm_head",
+            c.family.model_type(),
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size,
+            if c.tie_word_embeddings {
+                "tied"
+            } else {
+                "untied"
+            }
+        );
+        Ok(ArchSpec {
+            family,
+            summary,
+            linears,
+            other_params: other,
+        })
+    }
+
+    /// PEFT's default `target_modules` for this family: `q_proj,v_proj` for the LLaMA
+    /// family, `query,value` for the encoders.
+    pub fn default_targets(&self) -> &'static str {
+        if self.family.is_causal_lm() {
+            "q_proj,v_proj"
+        } else {
+            "query,value"
+        }
+    }
+
     /// Refuses a model whose f32 weights alone exceed the machine's memory (`MemTotal`).
     fn check_fits(&self, path: &str, v: &Value) -> Result<(), ArchError> {
         let bytes = (self.total_params() as u64).saturating_mul(4);
@@ -406,6 +516,46 @@ mod tests {
         assert_eq!(minilm.total_params(), 22_713_216);
         let vit = ArchSpec::resolve("vit-base-patch16-224", None).unwrap();
         assert_eq!(vit.total_params(), 86_389_248);
+    }
+
+    #[test]
+    fn llama_family_parameter_counts() {
+        // LLaMA-2-7B as its paper and Hugging Face report it; SmolLM2-135M from its GGUF.
+        let llama = ArchSpec::resolve("llama-2-7b", None).unwrap();
+        assert_eq!(llama.total_params(), 6_738_415_616);
+        assert!(llama.family.is_causal_lm());
+        assert_eq!(llama.default_targets(), "q_proj,v_proj");
+        let smol = ArchSpec::resolve("smollm2-135m", None).unwrap();
+        assert_eq!(smol.total_params(), 134_515_008);
+        assert_eq!(smol.linears.len(), 30 * 7);
+        assert!(smol.linears.iter().all(|l| !l.path.contains("lm_head")));
+        let e = ArchSpec::resolve("smollm2-135m", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--num-labels"), "{e}");
+    }
+
+    #[test]
+    fn qwen2_biases_and_mistral_head_dim_count() {
+        let v: Value = serde_json::from_str(
+            r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,"tie_word_embeddings":true}"#,
+        )
+        .unwrap();
+        let q = ArchSpec::from_config(&v, "q", None).unwrap();
+        // per layer: q 64·64+64, k and v 64·32+32 each, o 64·64, mlp 3·64·128, norms 2·64.
+        let layer = 64 * 64 + 64 + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64;
+        assert_eq!(q.total_params(), 2 * layer + 64 + 100 * 64);
+        let v: Value = serde_json::from_str(
+            r#"{"model_type":"mistral","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,"vocab_size":100}"#,
+        )
+        .unwrap();
+        let m = ArchSpec::from_config(&v, "m", None).unwrap();
+        let qp = m
+            .linears
+            .iter()
+            .find(|l| l.path.ends_with("q_proj"))
+            .unwrap();
+        assert_eq!((qp.out_features, qp.in_features), (128, 64));
     }
 
     #[test]

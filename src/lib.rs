@@ -8,12 +8,14 @@
 //! - [`threads`]: one compute thread pool, the calling thread included.
 //! - [`train`]: the training loop and the run store; [`worker`]: the background thread.
 //! - [`fsio`]: atomic file writes, safetensors files and their checksums.
+//! - [`export`]: a run as a PEFT adapter, a merged Hugging Face folder or a llama.cpp LoRA.
 
 pub mod app;
 pub mod arch;
 pub mod bench;
 pub mod data;
 pub mod diffusion;
+pub mod export;
 pub mod fsio;
 pub mod inspect;
 pub mod memory;

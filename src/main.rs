@@ -63,7 +63,8 @@ enum Command {
     /// Per-module shapes and trainable counts of a model with an adapter (no weights needed).
     Inspect {
         /// A Hugging Face config.json, a model folder holding one, or a built-in name
-        /// (bert-base-uncased, roberta-base, all-MiniLM-L6-v2, vit-base-patch16-224).
+        /// (bert-base-uncased, roberta-base, all-MiniLM-L6-v2, vit-base-patch16-224,
+        /// llama-2-7b, smollm2-135m).
         #[arg(long)]
         model: String,
         /// lora, svfit or loldu.
@@ -75,9 +76,10 @@ enum Command {
         /// Alpha (scale = alpha / r); defaults to the rank.
         #[arg(long)]
         alpha: Option<f64>,
-        /// Target modules: `query,value` (PEFT suffix rule), `re:<regex>`, or `all-linear`.
-        #[arg(long, default_value = "query,value")]
-        targets: String,
+        /// Target modules: `query,value` (PEFT suffix rule), `re:<regex>`, or `all-linear`
+        /// (default: PEFT's, `query,value` for encoders, `q_proj,v_proj` for LLaMA-family models).
+        #[arg(long)]
+        targets: Option<String>,
         /// SVFit / LoLDU: the scale trains too.
         #[arg(long)]
         trainable_scale: bool,
@@ -195,6 +197,28 @@ enum Command {
         /// Where the table goes.
         #[arg(long, default_value = "bench-results/personalize.md")]
         out: PathBuf,
+    },
+    /// Export a finished run: a PEFT adapter folder, a merged Hugging Face model folder, or
+    /// llama.cpp's LoRA GGUF (LLaMA-family models).
+    Export {
+        /// The run folder, or a run id in `--runs`.
+        run: PathBuf,
+        /// peft, merged or gguf-lora.
+        #[arg(long)]
+        format: peft_studio::export::ExportFormat,
+        /// The output folder (created; written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace `--out` when it is a non-empty folder.
+        #[arg(long)]
+        force: bool,
+        /// The run store a run id is looked up in.
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+        /// Also write check_logits.json (a fixed input and the model's logits), for
+        /// scripts/peft_interop.py.
+        #[arg(long, hide = true)]
+        write_check_logits: bool,
     },
     /// Measure seconds per training step and peak memory (side by side with the PyTorch + PEFT
     /// peer where one is installed); writes a markdown table and JSON to `bench-results/`.
@@ -366,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let arch = ArchSpec::resolve(&model, num_labels)?;
+            let targets = targets.unwrap_or_else(|| arch.default_targets().to_string());
             let cfg = AdapterConfig {
                 method,
                 rank,
@@ -504,6 +529,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &mut |name, step, total, loss| reporter.report(name, step, total, loss),
             )?;
             println!("built {}", preset.out.display());
+            Ok(())
+        }
+        Command::Export {
+            run,
+            format,
+            out,
+            force,
+            runs,
+            write_check_logits,
+        } => {
+            let folder = peft_studio::export::run::resolve_run(&run, &runs)?;
+            let report = peft_studio::export::export_run_with(
+                &folder,
+                format,
+                &out,
+                force,
+                write_check_logits,
+            )?;
+            for n in &report.notes {
+                println!("{n}");
+            }
+            println!(
+                "exported {} as {} to {}",
+                folder.display(),
+                format,
+                out.display()
+            );
             Ok(())
         }
         Command::Bench(args) => bench::run(args),

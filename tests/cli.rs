@@ -143,3 +143,53 @@ fn bad_input_is_a_clear_error() {
     assert!(!ok && err.contains("/no/such/config.json"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn llama_family_counts_give_the_papers_ratios() {
+    const LLAMA2_7B: u64 = 6_738_415_616;
+    let lm = |extra: &[&'static str]| -> (u64, u64) {
+        let mut a = vec!["--model", "llama-2-7b"];
+        a.extend_from_slice(extra);
+        json_counts(&a)
+    };
+    // PEFT's default targets for LLaMA (q_proj, v_proj): 64 modules of 4096×4096.
+    assert_eq!(
+        lm(&["--method", "lora", "--rank", "8"]),
+        (4_194_304, LLAMA2_7B + 4_194_304)
+    );
+    // all-linear: every projection of the 32 layers, never lm_head.
+    assert_eq!(
+        lm(&["--method", "lora", "--rank", "8", "--targets", "all-linear"]).0,
+        19_988_480
+    );
+    // SVFit and LoLDU train r values per module.
+    assert_eq!(lm(&["--method", "svfit", "--rank", "8"]).0, 64 * 8);
+    assert_eq!(lm(&["--method", "loldu", "--rank", "8"]).0, 64 * 8);
+    assert_eq!(
+        json_counts(&["--model", "smollm2-135m", "--method", "lora", "--rank", "8"]),
+        (460_800, 134_515_008 + 460_800)
+    );
+    // A config.json of model_type qwen2 (written by transformers): hidden 32, 2 layers,
+    // 4 heads of 8, 2 KV heads; LoRA r4 on q (32×32) and v (16×32).
+    let qwen = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/reference/llama_tiny/qwen2_biases/config.json"
+    );
+    let (t, _) = json_counts(&["--model", qwen, "--method", "lora", "--rank", "4"]);
+    assert_eq!(t, 2 * (4 * (32 + 32) + 4 * (16 + 32)));
+    let (ok, out, _) = inspect(&["--model", "llama-2-7b", "--method", "lora", "--rank", "8"]);
+    assert!(
+        ok && out.contains("model.layers.31.self_attn.v_proj") && out.contains("untied lm_head")
+    );
+    let (ok, _, err) = inspect(&[
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "lora",
+        "--rank",
+        "8",
+        "--num-labels",
+        "2",
+    ]);
+    assert!(!ok && err.contains("--num-labels"), "{err}");
+}

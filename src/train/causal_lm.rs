@@ -25,7 +25,7 @@ use crate::models::llama::language_model::{
 };
 use crate::models::llama::tokenizer::LlmTokenizer;
 use crate::models::llama::LlamaModel;
-use crate::peft::linear::{LinearLayers, attach_adapters, trainable_vars};
+use crate::peft::linear::{attach_adapters, trainable_vars};
 use crate::peft::{Method, save_adapter};
 
 /// A held-out question and the answer the task expects (scored by exact match).
@@ -117,7 +117,7 @@ impl CausalLm {
             TrainMode::Full => {
                 let dir = layout.model();
                 fsio::create_dir_all(&dir)?;
-                let tensors = self.named_tensors()?;
+                let tensors = crate::export::merged::llama_tensors(&self.model)?;
                 fsio::write_safetensors(&dir.join(MODEL_WEIGHTS_FILE), &tensors, HashMap::new())?;
                 fsio::write_atomic(
                     &dir.join(MODEL_CONFIG_FILE),
@@ -129,25 +129,6 @@ impl CausalLm {
             }
         }
         Ok(())
-    }
-
-    /// Every weight by Hugging Face name (adapters merged; a tied `lm_head` stored once, as
-    /// the embedding).
-    pub fn named_tensors(&self) -> anyhow::Result<Vec<(String, candle_core::Tensor)>> {
-        let mut out: Vec<(String, candle_core::Tensor)> = self
-            .model
-            .other_params()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect();
-        let head = (!self.model.config().tie_word_embeddings).then(|| self.model.lm_head());
-        for l in self.model.linears().into_iter().chain(head) {
-            out.push((format!("{}.weight", l.path()), l.effective_weight()?));
-            if let Some(b) = l.bias() {
-                out.push((format!("{}.bias", l.path()), b.detach()));
-            }
-        }
-        Ok(out)
     }
 
     /// A one-line description.
@@ -374,7 +355,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         c.vocab_size,
         crate::inspect::thousands(base_total)
     );
-    let config_json = c.to_hf_json();
+    let config_json = crate::export::merged::llama_config_json(&model, path.is_dir().then_some(path.as_path()))?;
     let pad_id = tokenizer.eos.unwrap_or(0);
     let scorer = (!questions.is_empty())
         .then(|| exact_match_scorer(tokenizer.clone(), cfg.generation.max_new_tokens));

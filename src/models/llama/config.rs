@@ -292,61 +292,6 @@ impl LlamaConfig {
         })
     }
 
-    /// The Hugging Face `config.json` of this shape (for a model loaded from a GGUF file, which
-    /// has none), as transformers writes it for `LlamaForCausalLM` / `Qwen2ForCausalLM` /
-    /// `MistralForCausalLM`.
-    pub fn to_hf_json(&self) -> Value {
-        let architecture = match self.family {
-            DecoderFamily::Llama => "LlamaForCausalLM",
-            DecoderFamily::Mistral => "MistralForCausalLM",
-            DecoderFamily::Qwen2 => "Qwen2ForCausalLM",
-        };
-        let mut v = serde_json::json!({
-            "architectures": [architecture],
-            "model_type": self.family.model_type(),
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "initializer_range": self.initializer_range,
-            "torch_dtype": "float32",
-        });
-        if self.family == DecoderFamily::Llama {
-            v["attention_bias"] = self.qkv_bias.into();
-            v["mlp_bias"] = self.mlp_bias.into();
-        }
-        if let Some(w) = self.sliding_window {
-            v["sliding_window"] = w.into();
-            v["use_sliding_window"] = true.into();
-        }
-        if let Some(r) = self.rope_scaling {
-            v["rope_scaling"] = serde_json::json!({
-                "rope_type": "llama3",
-                "factor": r.factor,
-                "low_freq_factor": r.low_freq_factor,
-                "high_freq_factor": r.high_freq_factor,
-                "original_max_position_embeddings": r.original_max_position_embeddings,
-            });
-        }
-        if let Some(b) = self.bos_token_id {
-            v["bos_token_id"] = b.into();
-        }
-        match self.eos_token_ids.as_slice() {
-            [] => {}
-            [one] => v["eos_token_id"] = (*one).into(),
-            many => v["eos_token_id"] = many.into(),
-        }
-        v
-    }
-
     /// Reads a `config.json` file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ArchError> {
         let shown = path.display().to_string();
