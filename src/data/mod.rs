@@ -336,7 +336,7 @@ pub enum DataError {
     BadItem {
         /// The file.
         path: PathBuf,
-        /// "line 3" (JSONL) or "record [3]" (JSON array, 0-based).
+        /// `line 3` (JSONL) or `record [3]` (JSON array, 0-based).
         at: String,
         /// What is wrong, naming the field.
         message: String,
