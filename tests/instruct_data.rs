@@ -757,6 +757,74 @@ fn reference_cases() -> Vec<serde_json::Value> {
     doc["cases"].as_array().unwrap().clone()
 }
 
+/// The engine against transformers' jinja2 environment, on committed renderings: SmolLM2's
+/// own template and templates in the styles of Llama 3 and Mistral, plus one exercising
+/// namespaces, loop controls, tojson and Python string methods. Needs no model files.
+#[test]
+fn engine_renders_like_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/chat_smollm2.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let token = |k: &str| doc[k].as_str().map(str::to_string);
+    let (bos, eos) = (token("bos_token"), token("eos_token"));
+    let smollm2 = ChatTemplate::new(
+        doc["smollm2_chat_template"].as_str().unwrap(),
+        "SmolLM2 chat_template.jinja",
+        bos.clone(),
+        eos.clone(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for case in doc["cases"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        assert_eq!(
+            smollm2.render(&messages, false).unwrap(),
+            case["text"].as_str().unwrap()
+        );
+        assert_eq!(
+            smollm2
+                .render(&messages[..messages.len() - 1], true)
+                .unwrap(),
+            case["prompt_text"].as_str().unwrap()
+        );
+        checked += 2;
+    }
+    let cases: Vec<Vec<Message>> = serde_json::from_value(doc["style_cases"].clone()).unwrap();
+    for r in doc["style_renderings"].as_array().unwrap() {
+        let name = r["template"].as_str().unwrap();
+        let source = doc["style_templates"][name].as_str().unwrap();
+        let tpl = ChatTemplate::new(source, name, bos.clone(), eos.clone()).unwrap();
+        let messages = &cases[r["case"].as_u64().unwrap() as usize];
+        let add_gen = r["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(
+            tpl.render(messages, add_gen).unwrap(),
+            r["text"].as_str().unwrap(),
+            "{name}, case {}, add_generation_prompt {add_gen}",
+            r["case"]
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 8 + 12);
+    // The Mistral-style template refuses roles that do not alternate, naming its line.
+    let tpl = ChatTemplate::new(
+        doc["style_templates"]["mistral_style"].as_str().unwrap(),
+        "mistral_style",
+        bos,
+        eos,
+    )
+    .unwrap();
+    let err = tpl
+        .render(
+            &[Message::new("user", "a"), Message::new("user", "b")],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mistral_style, line 11") && err.contains("must alternate"),
+        "{err}"
+    );
+}
+
 #[test]
 fn smollm2_renders_and_masks_like_transformers_and_trl() {
     let cases = reference_cases();

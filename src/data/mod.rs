@@ -26,7 +26,11 @@ pub use chat_template::{CHATML, ChatTemplate, Message};
 pub use idx::{IDX1_UBYTE_MAGIC, IDX3_UBYTE_MAGIC, IdxImages, read_idx_images, read_idx_labels};
 pub use image_folder::IMAGE_EXTENSIONS;
 pub(crate) use image_folder::{TRUNCATED_JPEG, jpeg_is_truncated};
-pub use instruct::*;
+pub use instruct::{
+    InstructEncoder, InstructFile, InstructFormat, InstructRecord, InstructReport, InstructSet,
+    Preview, PreviewSpan, RecordBody, SpanKind, TokenizedExample, exact_match, exact_match_rate,
+    normalize_answer, parse_instruct, read_instruct_file,
+};
 pub use text::MAX_INT_LABEL;
 
 /// Labelled images, pixels as bytes in N×C×H×W order.
@@ -346,7 +350,7 @@ pub enum DataError {
     BadItem {
         /// The file.
         path: PathBuf,
-        /// "line 3" (JSONL) or "record [3]" (JSON array, 0-based).
+        /// `line 3` (JSONL) or `record [3]` (JSON array, 0-based).
         at: String,
         /// What is wrong, naming the field.
         message: String,

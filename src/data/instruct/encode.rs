@@ -29,7 +29,11 @@ const NOTE_EXAMPLES: usize = 5;
 pub struct TokenizedExample {
     /// Token ids, at most `max_length`.
     pub ids: Vec<u32>,
-    /// Per token: whether the loss covers it (the assistant's tokens; all of a plain text).
+    /// Per token: whether the loss covers it as a target (the assistant's tokens; all of a
+    /// plain text). Token `t` is predicted from the logits at position `t - 1`, so a causal-LM
+    /// loss uses `logits[..n-1]` against `ids[1..]` where `loss_mask[1..]` holds (HF's
+    /// `labels` with -100 where the mask is false, shifted inside the model); `loss_mask[0]`
+    /// can never be a target.
     pub loss_mask: Vec<bool>,
     /// The conversation before the last assistant turn, for generation-based evaluation
     /// (render it with `add_generation_prompt = true`); empty for plain text.
@@ -38,7 +42,7 @@ pub struct TokenizedExample {
     pub reference: Option<String>,
     /// Whether the example was cut at `max_length`.
     pub truncated: bool,
-    /// Where the record is in its file ("line 3", "record [3]").
+    /// Where the record is in its file (`line 3`, `record [3]`).
     pub at: String,
 }
 

@@ -76,7 +76,7 @@ pub enum RecordBody {
 /// One record and where it is in its file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstructRecord {
-    /// "line 3" (JSONL, 1-based) or "record [3]" (JSON array, 0-based).
+    /// `line 3` (JSONL, 1-based) or `record [3]` (JSON array, 0-based).
     pub at: String,
     /// Its content.
     pub body: RecordBody,
