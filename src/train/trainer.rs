@@ -291,6 +291,10 @@ impl Loop<'_, '_, '_> {
         for _ in 0..start * o.grad_accum {
             sampler.next_batch(o.batch_size);
         }
+        // A language model's curves start from the base model's answers.
+        if start == 0 && matches!(self.p.work, Work::CausalLm(_)) && self.evals.is_empty() {
+            self.eval(0)?;
+        }
         (self.emit)(Event::Phase(Phase::Training));
         for step in start + 1..=self.total_steps {
             if ctl.check() == Control::Stop {
@@ -534,6 +538,7 @@ pub(super) fn drive(
     summary.best_eval = evals
         .iter()
         .copied()
+        .filter(|e| e.step > 0)
         .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy).then(b.step.cmp(&a.step)));
     summary.steps_done = steps_done;
     summary.secs_per_step = if steps_done > 0 {
