@@ -401,3 +401,64 @@ fn snapshots_of_both_tabs() {
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn choosing_smollm2_sets_up_a_language_model_run() {
+    use peft_studio::data::DataSource;
+    use peft_studio::models::ModelSource;
+    let dir = temp("smollm2");
+    let chat = dir.join("chat.jsonl");
+    std::fs::write(
+        &chat,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Spam or ham? Win a prize"}, {"role": "assistant", "content": "spam"}]}"#,
+            "\n",
+            r#"{"messages": [{"role": "user", "content": "Spam or ham? Lunch at noon"}, {"role": "assistant", "content": "ham"}]}"#,
+            "\n",
+            r#"{"messages": [{"role": "user", "content": "Spam or ham? Cheap pills"}, {"role": "assistant", "content": "spam"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let mut h = harness(&dir, vec![Some(chat.clone())]);
+    run_until(&mut h, 30, "the dataset preview", |a| {
+        a.form_preview_ready()
+    });
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Base model")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("smollm2-135m-instruct").click();
+    h.run_steps(3);
+    let cfg = h.state().settings.config.clone();
+    assert_eq!(
+        cfg.model.source,
+        ModelSource::Builtin {
+            name: "smollm2-135m-instruct".into()
+        }
+    );
+    assert_eq!(
+        cfg.adapter.targets,
+        peft_studio::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()])
+    );
+    assert_eq!(cfg.model.max_length, 256);
+    // The model line: its size once fetched, else how to fetch it.
+    if peft_studio::models::llama::language_model::smollm2_path().is_some() {
+        h.get_by_label_contains("134,515,008 parameters");
+    } else {
+        h.get_by_label_contains("scripts/fetch-models.sh");
+    }
+    // A JSONL picked for a language model is instruction data, previewed as turns.
+    h.get_by_label("Open dataset file…").click();
+    run_until(&mut h, 30, "the instruction preview", |a| {
+        a.form_preview_ready()
+            && matches!(
+                &a.settings.config.data.source,
+                DataSource::Instruct { path, .. } if *path == chat
+            )
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("3 records (chat)");
+    h.get_by_label_contains("[assistant] spam");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}

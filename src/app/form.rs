@@ -226,7 +226,7 @@ pub fn targets_for(groups: &[TargetGroup], ticked: &[bool]) -> Targets {
 }
 
 /// What the form shows of a dataset.
-#[derive(Debug, Clone)]
+#[derive(Default, Debug, Clone)]
 pub struct DataPreview {
     /// Name and split sizes.
     pub summary: String,
@@ -242,7 +242,59 @@ pub struct DataPreview {
     pub rows: Vec<(String, String)>,
 }
 
+/// The preview of instruction data: its format, size and the first conversations' turns.
+fn instruct_preview(cfg: &data::DataConfig) -> Option<Result<DataPreview, String>> {
+    let data::DataSource::Instruct { path, eval_path } = &cfg.source else {
+        return None;
+    };
+    let read = || -> Result<DataPreview, String> {
+        let file = data::read_instruct_file(path).map_err(|e| e.to_string())?;
+        let held_out = match eval_path {
+            Some(p) => format!(
+                ", {} held out in {}",
+                data::read_instruct_file(p)
+                    .map_err(|e| e.to_string())?
+                    .records
+                    .len(),
+                p.display()
+            ),
+            None => format!(", {:.0}% held out", cfg.eval_fraction * 100.0),
+        };
+        let mut rows = Vec::new();
+        for r in file.records.iter().take(2) {
+            match &r.body {
+                data::RecordBody::Chat(messages) => {
+                    for m in messages {
+                        rows.push((m.content.chars().take(160).collect(), m.role.clone()));
+                    }
+                }
+                data::RecordBody::Text(t) => rows.push((t.chars().take(160).collect(), "text".into())),
+            }
+        }
+        Ok(DataPreview {
+            summary: format!(
+                "{}: {} records ({}){held_out}; the loss covers the assistant's turns",
+                stem_of(path),
+                file.records.len(),
+                file.format.name()
+            ),
+            rows,
+            ..DataPreview::default()
+        })
+    };
+    Some(read())
+}
+
+fn stem_of(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 fn build_preview(cfg: &data::DataConfig) -> Result<DataPreview, String> {
+    if let Some(p) = instruct_preview(cfg) {
+        return p;
+    }
     let d = data::load(cfg).map_err(|e| e.to_string())?;
     let (train_counts, eval_counts) = d.class_counts();
     let mut images = Vec::new();
@@ -343,12 +395,16 @@ impl FormState {
         {
             return v.clone();
         }
-        let v = config_path(source)
-            .map_err(|e| e.to_string())
-            .and_then(|p| {
-                ArchSpec::resolve(&p.display().to_string(), Some(num_labels))
-                    .map_err(|e| e.to_string())
-            });
+        let v = if is_language_model(source) {
+            language_model_arch(source)
+        } else {
+            config_path(source)
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    ArchSpec::resolve(&p.display().to_string(), Some(num_labels))
+                        .map_err(|e| e.to_string())
+                })
+        };
         self.arch = Some((key, v.clone()));
         v
     }
@@ -364,6 +420,60 @@ impl FormState {
             crate::inspect::inspect(&arch, &cfg.adapter).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// Whether `source` is a causal language model (unreadable sources count as classifiers:
+/// their own error is shown).
+pub fn is_language_model(source: &ModelSource) -> bool {
+    crate::train::causal_lm::is_language_model(source).unwrap_or(false)
+}
+
+/// A language model's description: the built-in SmolLM2's known shape (once fetched), or a
+/// folder's `config.json`.
+fn language_model_arch(source: &ModelSource) -> Result<ArchSpec, String> {
+    use crate::models::llama::language_model::{SMOLLM2_NAME, smollm2_fetch_hint, smollm2_path};
+    match source {
+        ModelSource::Builtin { name } if name == SMOLLM2_NAME => {
+            if smollm2_path().is_none() {
+                return Err(smollm2_fetch_hint());
+            }
+            ArchSpec::resolve("smollm2-135m", None).map_err(|e| e.to_string())
+        }
+        ModelSource::Folder { path } => {
+            ArchSpec::resolve(&path.display().to_string(), None).map_err(|e| e.to_string())
+        }
+        ModelSource::Gguf { path } => Err(format!(
+            "{}: a GGUF model's shape is read when training starts",
+            path.display()
+        )),
+        _ => Err("not a language model".into()),
+    }
+}
+
+/// Settings that suit a language model on instruction data: LoRA r8 on q_proj/v_proj (PEFT's
+/// default), the built-in spam-or-ham task when fetched, 256 tokens, short runs.
+pub fn use_language_model_defaults(cfg: &mut TrainConfig) {
+    cfg.mode = TrainMode::Adapter;
+    cfg.adapter.targets = crate::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()]);
+    cfg.adapter.rank = cfg.adapter.rank.min(64);
+    cfg.model.max_length = 256;
+    cfg.optim.lr = 1e-3;
+    cfg.optim.batch_size = 8;
+    cfg.optim.eval_batch_size = 8;
+    cfg.optim.steps = Some(40);
+    cfg.optim.epochs = None;
+    cfg.optim.eval_every = 20;
+    cfg.optim.warmup_steps = 4;
+    cfg.data.max_eval = Some(64);
+    let train = crate::data::assets_dir()
+        .parent()
+        .map(|root| root.join("downloads/spam-chat-train.jsonl"));
+    if let Some(train) = train.filter(|p| p.is_file()) {
+        cfg.data.source = DataSource::Instruct {
+            eval_path: Some(train.with_file_name("spam-chat-eval.jsonl")),
+            path: train,
+        };
     }
 }
 
@@ -416,6 +526,11 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
                     labels,
                     eval_images: None,
                     eval_labels: None,
+                }
+            } else if is_language_model(&cfg.model.source) {
+                DataSource::Instruct {
+                    path,
+                    eval_path: None,
                 }
             } else {
                 DataSource::Text {

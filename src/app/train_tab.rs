@@ -12,6 +12,7 @@ use crate::data::{BUILTIN_DATASETS, DataSource};
 use crate::inspect::thousands;
 use crate::models::ModelSource;
 use crate::models::hub::BUILTIN_MODELS;
+use crate::models::llama::language_model::{SMOLLM2_NAME, smollm2_fetch_hint, smollm2_path};
 use crate::train::{Schedule, TrainMode};
 
 /// Draws the tab.
@@ -54,6 +55,25 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
                 {
                     app.settings.config.model.source = src;
                 }
+            }
+            let smol = ModelSource::Builtin {
+                name: SMOLLM2_NAME.to_string(),
+            };
+            let selected = app.settings.config.model.source == smol;
+            let help = match smollm2_path() {
+                Some(_) => "SmolLM2-135M-Instruct (Apache-2.0), a chat model: instruction-tune it on chat data".to_string(),
+                None => smollm2_fetch_hint(),
+            };
+            if ui
+                .selectable_label(selected, SMOLLM2_NAME)
+                .on_hover_text(help)
+                .clicked()
+                && !selected
+            {
+                app.settings.config.model.source = smol;
+                form::use_language_model_defaults(&mut app.settings.config);
+                app.form
+                    .request_preview(&app.background, &app.settings.config);
             }
         })
         .response
@@ -118,7 +138,9 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
     ui.horizontal_wrapped(|ui| {
         if ui
             .button("Open dataset file…")
-            .on_hover_text("CSV or JSONL text, or IDX images")
+            .on_hover_text(
+                "CSV or JSONL text, or IDX images; for a language model, instruction data (JSON or JSONL: messages, conversations, instruction/output or text)",
+            )
             .clicked()
         {
             app.pick(PickPurpose::DatasetFile);
