@@ -96,7 +96,7 @@ pub fn trained_logits(
 /// Mean next-token cross-entropy over the batch's trained tokens.
 pub fn lm_loss(model: &LlamaModel, batch: &LmBatch, train: bool) -> candle_core::Result<Tensor> {
     let logits = trained_logits(model, batch, train)?;
-    candle_nn::loss::cross_entropy(&logits, &batch.targets)
+    crate::models::lm_ops::cross_entropy(&logits, &batch.targets)
 }
 
 /// Summed loss and correct next-token predictions over a batch (for evaluation).
