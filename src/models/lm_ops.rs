@@ -585,6 +585,193 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Rows of the fused head per task: a 128 × vocabulary logits block (25 MB for 49,152 words)
+/// per worker, enough rows that packing the head's weight is paid once per block.
+const HEAD_ROWS: usize = 128;
+
+/// Mean cross-entropy of `hidden·Wᵀ` against the targets for a frozen output projection `W`
+/// (V, h), computed block by block so that the (N, V) logits never exist whole. With a
+/// tracked `hidden` the forward also forms the hidden states' gradient (N, h) block by block
+/// (`(softmax − onehot)/N · W`) and keeps only that: arg1 = hidden, arg2 = W.
+struct FrozenHeadCrossEntropy {
+    targets: Arc<Vec<u32>>,
+    with_grad: bool,
+    dhidden: OnceLock<Arc<Vec<f32>>>,
+}
+
+impl CustomOp2 for FrozenHeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "peft-frozen-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_rows(s1, l1, "output projection")?;
+        let w = f32_rows(s2, l2, "output projection")?;
+        let (n, h) = l1.shape().dims2()?;
+        let (v, h2) = l2.shape().dims2()?;
+        if h != h2 || n == 0 || self.targets.len() != n {
+            candle_core::bail!(
+                "output projection: {n}×{h} hidden states, a {v}×{h2} weight, {} targets",
+                self.targets.len()
+            );
+        }
+        if let Some(&bad) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("cross-entropy: target {bad} is outside the {v} classes");
+        }
+        let with_grad = self.with_grad;
+        let mut dx: Vec<f32> = Vec::with_capacity(if with_grad { n * h } else { 0 });
+        let dst = SharedOut(dx.as_mut_ptr());
+        let scale = 1.0 / n as f32;
+        let losses: Vec<f64> = (0..n.div_ceil(HEAD_ROWS))
+            .into_par_iter()
+            .map(|blk| {
+                let dst = dst;
+                let first = blk * HEAD_ROWS;
+                let rows = HEAD_ROWS.min(n - first);
+                let mut z = vec![0f32; rows * v];
+                // SAFETY: z is rows×V; x's block is rows×h; W read as Wᵀ (h×V) with strides
+                // (1, h) stays inside the V×h weight.
+                unsafe {
+                    gemm_1t(
+                        (rows, v, h),
+                        z.as_mut_ptr(),
+                        v,
+                        x[first * h..].as_ptr(),
+                        (h, 1),
+                        w.as_ptr(),
+                        (1, h),
+                    );
+                }
+                let mut loss = 0f64;
+                for (r, row) in z.chunks_mut(v).enumerate() {
+                    let t = self.targets[first + r] as usize;
+                    let lse = row_lse(row);
+                    loss += (lse - row[t]) as f64;
+                    if with_grad {
+                        vmath::exp_shifted_in_place(row, lse);
+                        row.iter_mut().for_each(|p| *p *= scale);
+                        row[t] -= scale;
+                    }
+                }
+                if with_grad {
+                    // SAFETY: this block writes rows first…first+rows of the N×h gradient,
+                    // disjoint from every other block's; W is read V×h with strides (h, 1).
+                    unsafe {
+                        gemm_1t(
+                            (rows, h, v),
+                            dst.0.add(first * h),
+                            h,
+                            z.as_ptr(),
+                            (v, 1),
+                            w.as_ptr(),
+                            (h, 1),
+                        );
+                    }
+                }
+                loss
+            })
+            .collect();
+        if with_grad {
+            // SAFETY: the blocks wrote all N·h gradient values.
+            unsafe { dx.set_len(n * h) };
+            let _ = self.dhidden.set(Arc::new(dx));
+        }
+        let total: f64 = losses.iter().sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(dx) = self.dhidden.get() else {
+            candle_core::bail!("output projection backward without the forward's gradient");
+        };
+        let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let dx = Tensor::from_slice(dx.as_slice(), hidden.shape(), hidden.device())?;
+        Ok((Some((dx * g)?), None))
+    }
+}
+
+/// A raw pointer shared by rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task that receives it writes a disjoint index range (see its uses).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// `dst = a·b` single-threaded (inside a rayon task), `a` m×k and `b` k×n given by
+/// (row stride, column stride), `dst` rows of stride `dst_rs`.
+///
+/// # Safety
+/// Every pointer must reach all the elements its strides and sizes address.
+unsafe fn gemm_1t(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+) {
+    // SAFETY: the caller vouches for the pointers; dst is written before it is read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Mean cross-entropy of `hidden·Wᵀ` (hidden (N, h), a frozen output projection `w` (V, h))
+/// against `targets` (N, u32), without materialising the (N, V) logits: the forward forms the
+/// hidden states' gradient block by block when `hidden` is tracked, and the backward only
+/// scales it. `w`'s gradient is never computed: use it for a frozen head (f32, CPU).
+pub fn frozen_head_cross_entropy(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !(fast(hidden) && fast(w)) {
+        return cross_entropy(&hidden.matmul(&w.t()?)?, targets);
+    }
+    let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    hidden.contiguous()?.apply_op2(
+        &w.contiguous()?.detach(),
+        FrozenHeadCrossEntropy {
+            targets: Arc::new(targets),
+            with_grad: hidden.track_op(),
+            dhidden: OnceLock::new(),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -752,6 +939,35 @@ mod tests {
         let bad = Tensor::new(&[0u32, 41, 0, 0, 0, 0], &Device::Cpu).unwrap();
         let e = cross_entropy(logits.as_tensor(), &bad).unwrap_err().to_string();
         assert!(e.contains("target 41 is outside the 41 classes"), "{e}");
+    }
+
+    #[test]
+    fn frozen_head_cross_entropy_matches_logits_then_cross_entropy() {
+        // 300 rows: three blocks, the last one partial.
+        let (n, h, v) = (300, 12, 37);
+        let x = var(randn(&[n, h], 1.0));
+        let w = randn(&[v, h], 0.5);
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let targets = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+        let ours = frozen_head_cross_entropy(x.as_tensor(), &w, &targets).unwrap();
+        let logits = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let theirs = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        close(&ours, &theirs, 1e-5);
+        let ga = (&ours * 2.0).unwrap().backward().unwrap();
+        let gb = (&theirs * 2.0).unwrap().backward().unwrap();
+        close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-6);
+        let gx = (ga.get(&x).unwrap() / 2.0).unwrap();
+        check_fd(x.as_tensor(), &gx, |x| {
+            frozen_head_cross_entropy(x, &w, &targets)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        });
+        let bad = Tensor::from_vec(vec![37u32; n], n, &Device::Cpu).unwrap();
+        let e = frozen_head_cross_entropy(x.as_tensor(), &w, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target 37 is outside the 37 classes"), "{e}");
     }
 
     #[test]
