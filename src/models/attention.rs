@@ -23,7 +23,14 @@ pub const MASKED: f32 = -1e9;
 
 /// A raw pointer that rayon tasks share; each task writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: the tasks that receive it write disjoint index ranges (see each use).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
@@ -35,7 +42,7 @@ unsafe impl Sync for SharedOut {}
 /// # Safety
 /// Every pointer must reach all the elements its strides and sizes address.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
+pub(crate) unsafe fn gemm_into(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -198,13 +205,12 @@ impl CustomOp3 for CausalAttention {
                 row.iter_mut().for_each(|p| *p *= inv);
                 *l = max + sum.ln();
             }
-            let dst = dst;
             // SAFETY: head (bi, hi) writes rows ((bi·T + i)·H + hi)·d … +d of the (B, T, H, d)
             // output, disjoint from every other head's; v's head is T×d.
             unsafe {
                 gemm_into(
                     (t, d, t),
-                    dst.0.add((bi * t * h + hi) * d),
+                    dst.ptr().add((bi * t * h + hi) * d),
                     h * d,
                     false,
                     s.as_ptr(),
@@ -271,7 +277,6 @@ impl CausalAttention {
         let dst = SharedOut(all.as_mut_ptr());
         let scale = self.scale;
         (0..b * hkv).into_par_iter().for_each(|bk| {
-            let dst = dst;
             let bi = bk / hkv;
             let kv = bk * t * d;
             let (kh, vh) = (&k[kv..][..t * d], &v[kv..][..t * d]);
@@ -299,7 +304,7 @@ impl CausalAttention {
                     // dv (+)= pᵀ·g
                     gemm_into(
                         (t, d, t),
-                        dst.0.add(nq + nk + kv),
+                        dst.ptr().add(nq + nk + kv),
                         d,
                         r > 0,
                         p.as_ptr(),
@@ -330,7 +335,7 @@ impl CausalAttention {
                     // dq = ds·k
                     gemm_into(
                         (t, d, t),
-                        dst.0.add(bh * t * d),
+                        dst.ptr().add(bh * t * d),
                         d,
                         false,
                         dp.as_ptr(),
@@ -341,7 +346,7 @@ impl CausalAttention {
                     // dk (+)= dsᵀ·q
                     gemm_into(
                         (t, d, t),
-                        dst.0.add(nq + kv),
+                        dst.ptr().add(nq + kv),
                         d,
                         r > 0,
                         dp.as_ptr(),
@@ -430,7 +435,11 @@ mod tests {
         let mut m = Vec::new();
         for i in 0..t {
             for j in 0..t {
-                m.push(if j <= i && i - j < window { 0f32 } else { MASKED });
+                m.push(if j <= i && i - j < window {
+                    0f32
+                } else {
+                    MASKED
+                });
             }
         }
         let mut bias = Tensor::from_vec(m, (1, 1, t, t), &Device::Cpu).unwrap();
@@ -469,21 +478,34 @@ mod tests {
         let dev = Device::Cpu;
         let (b, h, hkv, t, d) = (2, 6, 2, 7, 8);
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
-        let k =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap()).unwrap();
-        let v =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap()).unwrap();
         let r = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
         let pad = Tensor::new(&[[1f32, 1., 1., 1., 1., 0., 0.], [1.; 7]], &dev).unwrap();
-        for (mask, window) in [(None, usize::MAX), (Some(&pad), usize::MAX), (Some(&pad), 3)] {
+        for (mask, window) in [
+            (None, usize::MAX),
+            (Some(&pad), usize::MAX),
+            (Some(&pad), 3),
+        ] {
             let w = (window < usize::MAX).then_some(window);
-            let ours =
-                causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, 0.35, w)
-                    .unwrap();
-            let theirs = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, 0.35, window);
+            let ours = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, 0.35, w)
+                .unwrap();
+            let theirs = reference(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                mask,
+                0.35,
+                window,
+            );
             assert!(max_diff(&ours, &theirs) < 1e-5);
             let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gb = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for x in [&q, &k, &v] {
                 let e = max_diff(ga.get(x).unwrap(), gb.get(x).unwrap());
                 assert!(e < 1e-4, "gradient differs by {e} (window {window})");
@@ -519,8 +541,19 @@ mod tests {
             .backward()
             .unwrap();
         for (which, x) in [(0, &q), (1, &v)] {
-            let x0 = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let g = grads.get(x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let x0 = x
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let g = grads
+                .get(x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for i in 0..x0.len() {
                 let at = |delta: f32| {
                     let mut p = x0.clone();
@@ -534,7 +567,11 @@ mod tests {
                 };
                 let fd = (at(1e-2) - at(-1e-2)) / 2e-2;
                 let err = (fd - g[i] as f64).abs();
-                assert!(err <= 2e-3 + 1e-2 * fd.abs(), "{which}/{i}: {} vs {fd}", g[i]);
+                assert!(
+                    err <= 2e-3 + 1e-2 * fd.abs(),
+                    "{which}/{i}: {} vs {fd}",
+                    g[i]
+                );
             }
         }
     }

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::attention::{SharedOut, gemm_into};
 use super::ops::{GRAIN, f32_rows, last_dim, par_fill, rows_per_task};
 use super::vmath;
 
@@ -105,13 +106,7 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms norm backward before its forward");
         };
         let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(
-            w,
-            &grad,
-            &RmsNormBackward {
-                rstd: rstd.clone(),
-            },
-        )?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormBackward { rstd: rstd.clone() })?;
         let dw = if w.track_op() {
             Some(x.apply_op2_no_bwd(&grad, &RmsNormWeightGrad { rstd })?)
         } else {
@@ -152,7 +147,12 @@ impl CustomOp3 for RmsNormBackward {
         let out = par_fill(x.len(), rows * d, |i, o| {
             let first = i * rows;
             let (x, g) = (&x[first * d..][..o.len()], &g[first * d..][..o.len()]);
-            for (r, ((o, x), g)) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)).enumerate() {
+            for (r, ((o, x), g)) in o
+                .chunks_mut(d)
+                .zip(x.chunks(d))
+                .zip(g.chunks(d))
+                .enumerate()
+            {
                 let s = rstd[first + r];
                 let m: f32 = x
                     .iter()
@@ -327,8 +327,7 @@ impl CustomOp3 for Rope {
 /// laid out as a linear layer writes them, `x` (B, T, H, d), returning (B, H, T, d) — the
 /// transpose comes free with the rotation. `cos` and `sin` are (T, d/2).
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fast(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.device().is_cpu()
-    {
+    if fast(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.device().is_cpu() {
         x.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
@@ -414,13 +413,7 @@ impl CustomOp3 for SwiGluBackward {
             .for_each(|(i, (dg, du))| {
                 let at = i * GRAIN;
                 let m = dg.len();
-                vmath::silu_mul_backward_slice(
-                    &a[at..][..m],
-                    &b[at..][..m],
-                    &g[at..][..m],
-                    dg,
-                    du,
-                );
+                vmath::silu_mul_backward_slice(&a[at..][..m], &b[at..][..m], &g[at..][..m], dg, du);
             });
         // SAFETY: the two halves cover `0..2n` and the kernel wrote every element of both.
         unsafe { out.set_len(2 * n) };
@@ -459,7 +452,10 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, vocab: usize) -> R
     };
     let t = &v[a..b];
     if t.len() != rows {
-        candle_core::bail!("cross-entropy: {} targets for {rows} rows of logits", t.len());
+        candle_core::bail!(
+            "cross-entropy: {} targets for {rows} rows of logits",
+            t.len()
+        );
     }
     if let Some(&bad) = t.iter().find(|&&t| t as usize >= vocab) {
         candle_core::bail!("cross-entropy: target {bad} is outside the {vocab} classes");
@@ -631,17 +627,17 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
         let losses: Vec<f64> = (0..n.div_ceil(HEAD_ROWS))
             .into_par_iter()
             .map(|blk| {
-                let dst = dst;
                 let first = blk * HEAD_ROWS;
                 let rows = HEAD_ROWS.min(n - first);
                 let mut z = vec![0f32; rows * v];
                 // SAFETY: z is rows×V; x's block is rows×h; W read as Wᵀ (h×V) with strides
                 // (1, h) stays inside the V×h weight.
                 unsafe {
-                    gemm_1t(
+                    gemm_into(
                         (rows, v, h),
                         z.as_mut_ptr(),
                         v,
+                        false,
                         x[first * h..].as_ptr(),
                         (h, 1),
                         w.as_ptr(),
@@ -663,10 +659,11 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
                     // SAFETY: this block writes rows first…first+rows of the N×h gradient,
                     // disjoint from every other block's; W is read V×h with strides (h, 1).
                     unsafe {
-                        gemm_1t(
+                        gemm_into(
                             (rows, h, v),
-                            dst.0.add(first * h),
+                            dst.ptr().add(first * h),
                             h,
+                            false,
                             z.as_ptr(),
                             (v, 1),
                             w.as_ptr(),
@@ -702,54 +699,6 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let dx = Tensor::from_slice(dx.as_slice(), hidden.shape(), hidden.device())?;
         Ok((Some((dx * g)?), None))
-    }
-}
-
-/// A raw pointer shared by rayon tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task that receives it writes a disjoint index range (see its uses).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-/// `dst = a·b` single-threaded (inside a rayon task), `a` m×k and `b` k×n given by
-/// (row stride, column stride), `dst` rows of stride `dst_rs`.
-///
-/// # Safety
-/// Every pointer must reach all the elements its strides and sizes address.
-unsafe fn gemm_1t(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    a: *const f32,
-    (a_rs, a_cs): (usize, usize),
-    b: *const f32,
-    (b_rs, b_cs): (usize, usize),
-) {
-    // SAFETY: the caller vouches for the pointers; dst is written before it is read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -849,7 +798,12 @@ mod tests {
         let theirs = rms_norm_composite(x.as_tensor(), w.as_tensor(), eps).unwrap();
         close(&ours, &theirs, 1e-5);
         let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&x, &w] {
             close(ga.get(v).unwrap(), gb.get(v).unwrap(), 1e-4);
         }
@@ -885,13 +839,25 @@ mod tests {
         .unwrap();
         close(&ours, &theirs, 1e-6);
         let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         close(ga.get(&x).unwrap(), gb.get(&x).unwrap(), 1e-5);
         check_fd(x.as_tensor(), ga.get(&x).unwrap(), |x| {
             weighted_sum(&rope_heads(x, &cos, &sin).unwrap(), &r)
         });
         // A rotation keeps norms: ‖rope(x)‖ = ‖x‖.
-        let n = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let n = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         assert!((n(&ours) - n(x.as_tensor())).abs() < 1e-3);
     }
 
@@ -904,7 +870,12 @@ mod tests {
         let theirs = (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
         close(&ours, &theirs, 1e-5);
         let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&gate, &up] {
             close(ga.get(v).unwrap(), gb.get(v).unwrap(), 1e-4);
         }
@@ -931,13 +902,18 @@ mod tests {
         close(ga.get(&logits).unwrap(), gb.get(&logits).unwrap(), 1e-6);
         let gl = ga.get(&logits).unwrap();
         check_fd(logits.as_tensor(), &(gl / 3.0).unwrap(), |x| {
-            cross_entropy(x, &targets).unwrap().to_scalar::<f32>().unwrap() as f64
+            cross_entropy(x, &targets)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
         });
         // Every row of the gradient sums to zero (softmax − onehot).
         let rows = gl.sum(1).unwrap().abs().unwrap().max(0).unwrap();
         assert!(rows.to_scalar::<f32>().unwrap() < 1e-6);
         let bad = Tensor::new(&[0u32, 41, 0, 0, 0, 0], &Device::Cpu).unwrap();
-        let e = cross_entropy(logits.as_tensor(), &bad).unwrap_err().to_string();
+        let e = cross_entropy(logits.as_tensor(), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("target 41 is outside the 41 classes"), "{e}");
     }
 
@@ -984,9 +960,12 @@ mod tests {
         let ang = randn(&[300, 16], 2.0);
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         let ours = rope_heads(&q, &cos, &sin).unwrap();
-        let theirs =
-            rope_composite(&q.transpose(1, 2).unwrap().contiguous().unwrap(), &cos, &sin)
-                .unwrap();
+        let theirs = rope_composite(
+            &q.transpose(1, 2).unwrap().contiguous().unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
         close(&ours, &theirs, 1e-5);
         let g = randn(&[5, 20000], 4.0);
         let u = randn(&[5, 20000], 1.0);
