@@ -491,3 +491,39 @@ fn parameter_counts_match_the_published_ones() {
     assert_eq!(m.parameter_count(), stored);
     assert_eq!(cfg.parameter_count(), stored);
 }
+
+#[test]
+fn lm_loss_through_the_fused_head_equals_logits_then_cross_entropy() {
+    use peft_studio::peft::linear::trainable_vars;
+    use peft_studio::train::lm_batches::{LmExample, lm_batch, lm_loss, trained_logits};
+    let dir = TempDir::new("lmloss");
+    write_model(&dir.0, &tiny("llama", true), 13);
+    let mut m = load_folder(&dir.0).unwrap();
+    let mut cfg = AdapterConfig::new(Method::Lora, 4);
+    cfg.targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
+    attach_adapters(&mut m, &cfg).unwrap();
+    // Uneven lengths: padded keys, and a prompt that is not trained.
+    let a = LmExample {
+        ids: vec![3, 17, 42, 0, 8, 49, 21],
+        loss_mask: vec![false, false, true, true, true, true, true],
+    };
+    let b = LmExample {
+        ids: vec![1, 30, 12, 5],
+        loss_mask: vec![true; 4],
+    };
+    let batch = lm_batch(&[&a, &b], 0, &Device::Cpu).unwrap().unwrap();
+    let fused = lm_loss(&m, &batch, true).unwrap();
+    let logits = trained_logits(&m, &batch, true).unwrap();
+    let plain = candle_nn::loss::cross_entropy(&logits, &batch.targets).unwrap();
+    assert!(max_diff(&fused, &plain) < 1e-5);
+    let (ga, gb) = (fused.backward().unwrap(), plain.backward().unwrap());
+    let vars = trainable_vars(&m);
+    assert!(!vars.is_empty());
+    let mut largest = 0f32;
+    for (name, v) in &vars {
+        let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+        assert!(max_diff(x, y) < 1e-5, "{name}: {}", max_diff(x, y));
+        largest = largest.max(max_abs(y));
+    }
+    assert!(largest > 1e-4, "gradients too small to compare");
+}

@@ -5,6 +5,8 @@
 //! - [`vit`]: the Vision Transformer with an image-classification head.
 //! - [`llama`]: LLaMA, Mistral and Qwen2 causal language models.
 //! - [`ops`]: fused CPU kernels with a backward (softmax, layer norm, exact GELU).
+//! - [`attention`]: fused causal self-attention (grouped-query) with a backward.
+//! - [`lm_ops`]: the LLaMA family's fused kernels (RMSNorm, RoPE, SwiGLU, cross-entropy).
 //! - [`vmath`]: the vectorised `erf`/`exp` those kernels use.
 //!
 //! The classifiers implement [`Classifier`]; the causal language models have their own
@@ -12,10 +14,12 @@
 //! names (`bert.encoder.layer.0.attention.self.query`, `vit.…`, `roberta.…`), whatever prefix the
 //! checkpoint used.
 
+pub mod attention;
 pub mod bert;
 pub mod encoder;
 pub mod hub;
 pub mod llama;
+pub mod lm_ops;
 pub mod ops;
 pub mod unet;
 pub mod vit;

@@ -16,11 +16,11 @@ use super::vmath;
 
 /// Elements per parallel task of the element-wise kernels: large enough that scheduling costs
 /// nothing next to the work, small enough to split a (16·64·1536) activation evenly.
-const GRAIN: usize = 16 * 1024;
+pub(crate) const GRAIN: usize = 16 * 1024;
 
 /// A vector of `n` values produced chunk by chunk (`chunk` elements, in parallel), never zeroed
 /// first: `fill(i, out)` must write every element of chunk `i`.
-fn par_fill(
+pub(crate) fn par_fill(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
@@ -36,11 +36,11 @@ fn par_fill(
 }
 
 /// Rows of length `d` per parallel task: about [`GRAIN`] elements.
-fn rows_per_task(d: usize) -> usize {
+pub(crate) fn rows_per_task(d: usize) -> usize {
     (GRAIN / d.max(1)).max(1)
 }
 
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: only f32 is supported");
     };
@@ -50,7 +50,7 @@ fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     Ok(&v[a..b])
 }
 
-fn last_dim(l: &Layout) -> Result<usize> {
+pub(crate) fn last_dim(l: &Layout) -> Result<usize> {
     l.dims()
         .last()
         .copied()

@@ -148,6 +148,71 @@ simd_kernel! {
     }
 }
 
+/// The logistic sigmoid `1/(1 + e^−x)` (0 and 1 in the far tails, never NaN for finite x).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+simd_kernel! {
+    /// SwiGLU: `out[i] = silu(gate[i])·up[i]` with `silu(x) = x·σ(x)`, over the common length.
+    fn silu_mul_slice(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
+        for ((o, &a), &b) in out.iter_mut().zip(gate).zip(up) {
+            o.write(a * sigmoid(a) * b);
+        }
+    }
+}
+
+simd_kernel! {
+    /// SwiGLU's backward for incoming gradient `g`: `d_gate = g·up·σ(a)·(1 + a·(1 − σ(a)))`
+    /// and `d_up = g·silu(a)`, where `a = gate[i]`.
+    fn silu_mul_backward_slice(
+        gate: &[f32],
+        up: &[f32],
+        g: &[f32],
+        d_gate: &mut [MaybeUninit<f32>],
+        d_up: &mut [MaybeUninit<f32>]
+    ) {
+        let n = gate.len().min(up.len()).min(g.len()).min(d_gate.len()).min(d_up.len());
+        for i in 0..n {
+            let a = gate[i];
+            let s = sigmoid(a);
+            d_gate[i].write(g[i] * up[i] * (s * (1.0 + a * (1.0 - s))));
+            d_up[i].write(g[i] * a * s);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `*max = max(x)` (−∞ for an empty slice), in 16 lanes so that it vectorises.
+    fn max_slice(x: &[f32], max: &mut f32) {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for j in 0..16 {
+                acc[j] = acc[j].max(c[j]);
+            }
+        }
+        let m = it.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        *max = acc.iter().copied().fold(m, f32::max);
+    }
+}
+
+simd_kernel! {
+    /// `*sum = Σ exp(x[i] − shift)`, in 16 lanes so that it vectorises.
+    fn sum_exp_shifted(x: &[f32], shift: f32, sum: &mut f32) {
+        let mut acc = [0f32; 16];
+        let mut it = x.chunks_exact(16);
+        for c in &mut it {
+            for j in 0..16 {
+                acc[j] += exp(c[j] - shift);
+            }
+        }
+        let s: f32 = it.remainder().iter().map(|&v| exp(v - shift)).sum();
+        *sum = s + acc.iter().sum::<f32>();
+    }
+}
+
 /// A slice whose every element has been written, as plain values.
 ///
 /// # Safety

@@ -93,10 +93,26 @@ pub fn trained_logits(
         .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
-/// Mean next-token cross-entropy over the batch's trained tokens.
+/// Mean next-token cross-entropy over the batch's trained tokens. A frozen, plain `lm_head`
+/// (every adapter run) goes through the fused head-and-loss kernel, which never holds the
+/// (tokens × vocabulary) logits.
 pub fn lm_loss(model: &LlamaModel, batch: &LmBatch, train: bool) -> candle_core::Result<Tensor> {
+    let head = model.lm_head();
+    let w = head.base_weight();
+    if head.adapter().is_none()
+        && head.bias().is_none()
+        && head.trainable_count() == 0
+        && !w.track_op()
+        && w.dtype() == DType::F32
+        && w.device().is_cpu()
+    {
+        let hidden = model.hidden_states(&batch.ids, Some(&batch.mask), train)?;
+        let (b, t, h) = hidden.dims3()?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&batch.rows, 0)?;
+        return crate::models::lm_ops::frozen_head_cross_entropy(&picked, w, &batch.targets);
+    }
     let logits = trained_logits(model, batch, train)?;
-    candle_nn::loss::cross_entropy(&logits, &batch.targets)
+    crate::models::lm_ops::cross_entropy(&logits, &batch.targets)
 }
 
 /// Summed loss and correct next-token predictions over a batch (for evaluation).

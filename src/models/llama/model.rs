@@ -2,10 +2,12 @@
 //! (grouped-query attention with RoPE, SwiGLU), final RMSNorm and `lm_head`, with Hugging
 //! Face module paths so adapters target `model.layers.N.self_attn.q_proj` and friends.
 
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::config::LlamaConfig;
 use crate::models::ModelError;
+use crate::models::attention::{causal_attention, fused_attention_applies};
+use crate::models::lm_ops::{rms_norm, rope_heads, swiglu};
 use crate::models::ops::softmax_last_dim;
 use crate::models::weights::{Fill, WeightReader};
 use crate::peft::{AdaptedLinear, PeftError, linear::LinearLayers};
@@ -46,25 +48,6 @@ impl KvCache {
         self.layers.clear();
         self.len = 0;
     }
-}
-
-/// RMSNorm over the last dimension: `x / √(mean(x²) + eps) · w`, computed in f32.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)
-}
-
-/// Hugging Face's rotary embedding (`rotate_half` convention) on (B, H, T, d), with `cos`
-/// and `sin` of shape (T, d / 2).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// One decoder layer.
@@ -154,8 +137,10 @@ impl DecoderLayer {
 struct Step<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
-    /// (B or 1, 1, T, T_total) additive mask.
-    bias: &'a Tensor,
+    /// (B or 1, 1, T, T_total) additive mask; `None` when the fused attention runs.
+    bias: Option<&'a Tensor>,
+    /// (B, T) 1 for tokens, 0 for padding (the fused attention's mask).
+    pad: Option<&'a Tensor>,
     train: bool,
 }
 
@@ -275,11 +260,22 @@ impl LlamaModel {
         }
         let dev = self.device();
         let (cos, sin) = self.rope_tables(offset, t, dev)?;
-        let bias = self.mask_bias(b, t, offset, mask, dev)?;
+        // The fused attention covers whole sequences (no cache); cached decoding keeps the
+        // composite path. PEFT_STUDIO_COMPOSITE_ATTENTION forces it, for benchmarks.
+        let fused = cache.is_none()
+            && offset == 0
+            && self.embed.device().is_cpu()
+            && std::env::var_os("PEFT_STUDIO_COMPOSITE_ATTENTION").is_none();
+        let bias = if fused {
+            None
+        } else {
+            Some(self.mask_bias(b, t, offset, mask, dev)?)
+        };
         let step = Step {
             cos: &cos,
             sin: &sin,
-            bias: &bias,
+            bias: bias.as_ref(),
+            pad: mask,
             train,
         };
         if let Some(cache) = cache.as_deref_mut() {
@@ -365,16 +361,15 @@ impl LlamaModel {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let hn = rms_norm(x, &l.input_norm.1, c.rms_norm_eps)?;
-        let heads = |lin: &AdaptedLinear, n: usize| -> Result<Tensor> {
+        // (B, T, n, d) as the projection writes it; the rotary kernel transposes for free.
+        let proj = |lin: &AdaptedLinear, n: usize| -> Result<Tensor> {
             lin.forward_t(&hn, s.train)
                 .map_err(peft_err)?
-                .reshape((b, t, n, d))?
-                .transpose(1, 2)?
-                .contiguous()
+                .reshape((b, t, n, d))
         };
-        let q = rope(&heads(&l.q, nh)?, s.cos, s.sin)?;
-        let mut k = rope(&heads(&l.k, nkv)?, s.cos, s.sin)?;
-        let mut v = heads(&l.v, nkv)?;
+        let q = rope_heads(&proj(&l.q, nh)?, s.cos, s.sin)?;
+        let mut k = rope_heads(&proj(&l.k, nkv)?, s.cos, s.sin)?;
+        let mut v = proj(&l.v, nkv)?.transpose(1, 2)?.contiguous()?;
         if let Some(slot) = kv {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -382,18 +377,31 @@ impl LlamaModel {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let k = repeat_kv(&k, nh / nkv)?;
-        let v = repeat_kv(&v, nh / nkv)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let probs = softmax_last_dim(&scores.broadcast_add(s.bias)?.contiguous()?)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = match s.bias {
+            None if fused_attention_applies(&q) => {
+                let window = c.sliding_window;
+                causal_attention(&q, &k, &v, s.pad, scale, window)?
+            }
+            bias => {
+                let bias = match bias {
+                    Some(bias) => bias.clone(),
+                    None => self.mask_bias(b, t, 0, s.pad, x.device())?,
+                };
+                let k = repeat_kv(&k, nh / nkv)?;
+                let v = repeat_kv(&v, nh / nkv)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let probs = softmax_last_dim(&scores.broadcast_add(&bias)?.contiguous()?)?;
+                probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?
+            }
+        };
         let x = (x + l.o.forward_t(&ctx, s.train).map_err(peft_err)?)?;
         let hn = rms_norm(&x, &l.post_norm.1, c.rms_norm_eps)?;
         let gate = l.gate.forward_t(&hn, s.train).map_err(peft_err)?;
         let up = l.up.forward_t(&hn, s.train).map_err(peft_err)?;
         let ff = l
             .down
-            .forward_t(&(candle_nn::ops::silu(&gate)? * up)?, s.train)
+            .forward_t(&swiglu(&gate, &up)?, s.train)
             .map_err(peft_err)?;
         x + ff
     }
