@@ -827,10 +827,18 @@ fn smollm2_streams_whole_characters_and_stops_at_im_end() {
     };
     let lm = load_language_model(&gguf).unwrap();
     let tok = &lm.tokenizer;
-    let prompt = peft_studio::models::llama::chat::render_user_prompt(
-        tok.chat_template.as_deref(),
-        "What is the capital of France?",
-    );
+    let template = peft_studio::train::causal_lm::chat_template(tok, &gguf)
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
+    let prompt = template
+        .render(
+            &[peft_studio::data::Message::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
     let ids = tok.encode(&prompt, false).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 24,

@@ -268,7 +268,9 @@ fn instruct_preview(cfg: &data::DataConfig) -> Option<Result<DataPreview, String
                         rows.push((m.content.chars().take(160).collect(), m.role.clone()));
                     }
                 }
-                data::RecordBody::Text(t) => rows.push((t.chars().take(160).collect(), "text".into())),
+                data::RecordBody::Text(t) => {
+                    rows.push((t.chars().take(160).collect(), "text".into()))
+                }
             }
         }
         Ok(DataPreview {

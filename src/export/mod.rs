@@ -167,7 +167,9 @@ fn export_language_model_run(
     out: &Path,
     force: bool,
 ) -> anyhow::Result<Option<ExportReport>> {
-    use crate::train::causal_lm::{Trained, apply_trained, is_language_model, model_path, trained_at};
+    use crate::train::causal_lm::{
+        Trained, apply_trained, is_language_model, model_path, trained_at,
+    };
     let layout = crate::train::RunLayout::new(run_folder);
     let cfg = crate::train::TrainConfig::from_preset(&layout.config(), &[])?;
     if !is_language_model(&cfg.model.source)? {
@@ -183,7 +185,13 @@ fn export_language_model_run(
     let base = model_path(&cfg.model.source)?;
     let mut lm = crate::models::llama::load_language_model(&base)?;
     apply_trained(&mut lm, &trained)?;
-    let report = export_llama(&lm.model, base.is_dir().then_some(base.as_path()), format, out, force)?;
+    let report = export_llama(
+        &lm.model,
+        base.is_dir().then_some(base.as_path()),
+        format,
+        out,
+        force,
+    )?;
     Ok(Some(report))
 }
 

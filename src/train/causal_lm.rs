@@ -7,24 +7,24 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Var};
 
 use super::config::{TrainConfig, TrainMode};
-use super::limits;
-use super::trainer::Prepared;
-use super::work::Work;
 use super::layout::{MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout};
+use super::limits;
 use super::lm_batches::{LmExample, lm_batch, lm_eval_sums, lm_loss};
 use super::store::EvalPoint;
-use crate::fsio;
+use super::trainer::Prepared;
+use super::work::Work;
 use crate::data::{
     ChatTemplate, DataSource, InstructEncoder, TokenizedExample, exact_match_rate,
     read_instruct_file, split,
 };
+use crate::fsio;
 use crate::models::ModelSource;
+use crate::models::llama::LlamaModel;
 use crate::models::llama::generate::{GenerateOptions, Sampling, generate_tokens};
 use crate::models::llama::language_model::{
     LanguageModel, SMOLLM2_NAME, load_language_model, smollm2_fetch_hint, smollm2_path,
 };
 use crate::models::llama::tokenizer::LlmTokenizer;
-use crate::models::llama::LlamaModel;
 use crate::peft::linear::{attach_adapters, trainable_vars};
 use crate::peft::{Method, save_adapter};
 
@@ -222,10 +222,7 @@ fn to_example(e: &TokenizedExample) -> LmExample {
 }
 
 /// Scores greedy answers by exact match (trimmed, case- and end-punctuation-insensitive).
-fn exact_match_scorer(
-    tokenizer: LlmTokenizer,
-    max_new_tokens: usize,
-) -> Box<AnswerScorer> {
+fn exact_match_scorer(tokenizer: LlmTokenizer, max_new_tokens: usize) -> Box<AnswerScorer> {
     Box::new(move |model: &LlamaModel, cases: &[GenerationCase]| {
         let opts = GenerateOptions {
             max_new_tokens,
@@ -256,7 +253,11 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         ..
     } = load_language_model(&path)?;
     let template = chat_template(&tokenizer, &path)?;
-    let encoder = InstructEncoder::new(&tokenizer.tokenizer, template.as_ref(), cfg.model.max_length)?;
+    let encoder = InstructEncoder::new(
+        &tokenizer.tokenizer,
+        template.as_ref(),
+        cfg.model.max_length,
+    )?;
     let train_set = encoder.encode_file(&read_instruct_file(&train_path)?)?;
     let mut notes = train_set.report.notes.clone();
     notes.push(format!(
@@ -355,7 +356,8 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         c.vocab_size,
         crate::inspect::thousands(base_total)
     );
-    let config_json = crate::export::merged::llama_config_json(&model, path.is_dir().then_some(path.as_path()))?;
+    let config_json =
+        crate::export::merged::llama_config_json(&model, path.is_dir().then_some(path.as_path()))?;
     let pad_id = tokenizer.eos.unwrap_or(0);
     let scorer = (!questions.is_empty())
         .then(|| exact_match_scorer(tokenizer.clone(), cfg.generation.max_new_tokens));
