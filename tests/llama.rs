@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2};
-use common::{TempDir, randn};
+use common::{TempDir, ids, max_diff, randn, random_weights};
 use peft_studio::models::llama::{KvCache, LlamaConfig, LlamaModel, load_folder};
 use peft_studio::peft::linear::{LinearLayers, attach_adapters};
 use peft_studio::peft::{AdapterConfig, Method, Targets};
@@ -40,54 +40,6 @@ fn tiny(model_type: &str, tied: bool) -> Value {
     })
 }
 
-/// Random weights for `cfg` under Hugging Face names (biases when `qkv_bias`).
-fn random_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
-    let (h, d) = (cfg.hidden_size, cfg.head_dim);
-    let (q, kv, i) = (
-        cfg.num_attention_heads * d,
-        cfg.num_key_value_heads * d,
-        cfg.intermediate_size,
-    );
-    let mut n = seed;
-    let mut rnd = |dims: &[usize], std: f32| {
-        n += 1;
-        randn(dims, std, n)
-    };
-    let mut w = HashMap::new();
-    w.insert(
-        "model.embed_tokens.weight".into(),
-        rnd(&[cfg.vocab_size, h], 1.0),
-    );
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (name, out, inp) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            let std = 1.0 / (inp as f32).sqrt();
-            w.insert(format!("{p}.{name}.weight"), rnd(&[out, inp], std));
-            let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
-            if cfg.qkv_bias && qkv.contains(&name) {
-                w.insert(format!("{p}.{name}.bias"), rnd(&[out], 0.5));
-            }
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            let g = (rnd(&[h], 0.1) + 1.0).unwrap();
-            w.insert(format!("{p}.{norm}.weight"), g);
-        }
-    }
-    w.insert("model.norm.weight".into(), (rnd(&[h], 0.1) + 1.0).unwrap());
-    if !cfg.tie_word_embeddings {
-        w.insert("lm_head.weight".into(), rnd(&[cfg.vocab_size, h], 0.2));
-    }
-    w
-}
-
 /// Writes `config.json` and `model.safetensors` for `v`; returns the parsed config and weights.
 fn write_model(dir: &Path, v: &Value, seed: u64) -> (LlamaConfig, HashMap<String, Tensor>) {
     let cfg = LlamaConfig::from_json(v, "config.json").unwrap();
@@ -95,25 +47,6 @@ fn write_model(dir: &Path, v: &Value, seed: u64) -> (LlamaConfig, HashMap<String
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     (cfg, w)
-}
-
-fn ids() -> Tensor {
-    Tensor::new(
-        &[[3u32, 17, 42, 0, 8, 49, 21], [1, 1, 30, 12, 5, 44, 9]],
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {

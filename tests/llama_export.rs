@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use common::{TempDir, randn};
+use common::{TempDir, ids, max_diff, randn};
 use peft_studio::export::gguf_lora::{self, write_gguf_lora};
 use peft_studio::export::merged::write_merged_llama;
 use peft_studio::export::peft_adapter::{PeftTarget, write_peft};
@@ -77,25 +77,6 @@ fn adapt(m: &mut LlamaModel, method: Method, targets: &[&str], seed: u64) {
             None => {}
         }
     }
-}
-
-fn ids() -> Tensor {
-    Tensor::new(
-        &[[3u32, 17, 42, 0, 8, 49, 21], [1, 1, 30, 12, 5, 44, 9]],
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn logits(m: &LlamaModel) -> Tensor {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{TempDir, randn};
+use common::{TempDir, ids, max_diff, randn, random_weights};
 use peft_studio::models::llama::generate::{Sampler, full_logits};
 use peft_studio::models::llama::gguf::load_gguf;
 use peft_studio::models::llama::{
@@ -39,51 +39,6 @@ fn tiny(model_type: &str, tied: bool) -> Value {
         "bos_token_id": 1,
         "eos_token_id": 2,
     })
-}
-
-/// Random weights under Hugging Face names.
-fn random_weights(c: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
-    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-    let mut n = seed;
-    let mut rnd = |dims: &[usize], std: f32| {
-        n += 1;
-        randn(dims, std, n)
-    };
-    let mut w = HashMap::new();
-    w.insert(
-        "model.embed_tokens.weight".into(),
-        rnd(&[c.vocab_size, h], 1.0),
-    );
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (name, out, inp) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            let std = 1.0 / (inp as f32).sqrt();
-            w.insert(format!("{p}.{name}.weight"), rnd(&[out, inp], std));
-            if c.qkv_bias && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
-                w.insert(format!("{p}.{name}.bias"), rnd(&[out], 0.5));
-            }
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            w.insert(
-                format!("{p}.{norm}.weight"),
-                (rnd(&[h], 0.1) + 1.0).unwrap(),
-            );
-        }
-    }
-    w.insert("model.norm.weight".into(), (rnd(&[h], 0.1) + 1.0).unwrap());
-    if !c.tie_word_embeddings {
-        w.insert("lm_head.weight".into(), rnd(&[c.vocab_size, h], 0.2));
-    }
-    w
 }
 
 /// llama.cpp's `permute` (convert_hf_to_gguf.py), written out index by index: within each
@@ -244,21 +199,6 @@ fn tiny_pair(dir: &TempDir, v: &Value, arch: &str, seed: u64) -> (PathBuf, PathB
     std::fs::write(folder.join("config.json"), v.to_string()).unwrap();
     candle_core::safetensors::save(&reference, folder.join("model.safetensors")).unwrap();
     (gguf, folder)
-}
-
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 17, 42, 0, 8, 49, 21]], &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn assert_same_logits(v: &Value, arch: &str, seed: u64) {

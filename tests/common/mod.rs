@@ -103,3 +103,73 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Random weights for a LLaMA-family `c` under Hugging Face names (q/k/v biases when
+/// `qkv_bias`), seeded.
+pub fn random_weights(
+    c: &peft_studio::models::llama::LlamaConfig,
+    seed: u64,
+) -> std::collections::HashMap<String, Tensor> {
+    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let mut n = seed;
+    let mut rnd = |dims: &[usize], std: f32| {
+        n += 1;
+        randn(dims, std, n)
+    };
+    let mut w = std::collections::HashMap::new();
+    w.insert(
+        "model.embed_tokens.weight".into(),
+        rnd(&[c.vocab_size, h], 1.0),
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            let std = 1.0 / (inp as f32).sqrt();
+            w.insert(format!("{p}.{name}.weight"), rnd(&[out, inp], std));
+            if c.qkv_bias && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
+                w.insert(format!("{p}.{name}.bias"), rnd(&[out], 0.5));
+            }
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(
+                format!("{p}.{norm}.weight"),
+                (rnd(&[h], 0.1) + 1.0).unwrap(),
+            );
+        }
+    }
+    w.insert("model.norm.weight".into(), (rnd(&[h], 0.1) + 1.0).unwrap());
+    if !c.tie_word_embeddings {
+        w.insert("lm_head.weight".into(), rnd(&[c.vocab_size, h], 0.2));
+    }
+    w
+}
+
+/// Two sequences of token ids below 50 (the tiny LLaMA configs' vocabulary).
+pub fn ids() -> Tensor {
+    Tensor::new(
+        &[[3u32, 17, 42, 0, 8, 49, 21], [1, 1, 30, 12, 5, 44, 9]],
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Largest |a − b|.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
