@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{TempDir, ids, max_diff, randn, random_weights};
+use common::{TempDir, ids, max_diff, random_weights};
 use peft_studio::models::llama::generate::{Sampler, full_logits};
 use peft_studio::models::llama::gguf::load_gguf;
 use peft_studio::models::llama::{
