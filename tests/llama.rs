@@ -10,35 +10,13 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2};
-use common::{TempDir, ids, max_diff, randn, random_weights};
+use common::{TempDir, ids, max_diff, randn, random_weights, tiny_llama};
 use peft_studio::models::llama::{KvCache, LlamaConfig, LlamaModel, load_folder};
 use peft_studio::peft::linear::{LinearLayers, attach_adapters};
 use peft_studio::peft::{AdapterConfig, Method, Targets};
 use serde_json::{Value, json};
 
 const TOL: f32 = 1e-4;
-
-/// A tiny config: hidden 32, 2 layers, 4 heads, 2 KV heads, vocab 50.
-fn tiny(model_type: &str, tied: bool) -> Value {
-    json!({
-        "model_type": model_type,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 50,
-        "max_position_embeddings": 64,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-        // qwen2's reference config needs these.
-        "sliding_window": 4096,
-        "max_window_layers": 2,
-        "use_sliding_window": false,
-    })
-}
 
 /// Writes `config.json` and `model.safetensors` for `v`; returns the parsed config and weights.
 fn write_model(dir: &Path, v: &Value, seed: u64) -> (LlamaConfig, HashMap<String, Tensor>) {
@@ -93,14 +71,14 @@ fn check_llama(v: Value, seed: u64) -> LlamaModel {
 
 #[test]
 fn llama_gqa_untied_matches_candle_transformers() {
-    let m = check_llama(tiny("llama", false), 1);
+    let m = check_llama(tiny_llama("llama", false), 1);
     assert_eq!(m.linears().len(), 14);
     assert!(!m.config().tie_word_embeddings);
 }
 
 #[test]
 fn llama_tied_multi_head_matches_candle_transformers() {
-    let mut v = tiny("llama", true);
+    let mut v = tiny_llama("llama", true);
     v["num_key_value_heads"] = json!(4);
     let m = check_llama(v, 2);
     // Tied: lm_head reads the embedding.
@@ -111,7 +89,7 @@ fn llama_tied_multi_head_matches_candle_transformers() {
 #[test]
 fn llama3_rope_scaling_matches_candle_transformers() {
     // head_dim 8: wavelengths 6.3, 63, 628, 6283 against 64/4 and 64/1 → every branch.
-    let mut v = tiny("llama", false);
+    let mut v = tiny_llama("llama", false);
     v["rope_scaling"] = json!({
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64
@@ -129,7 +107,7 @@ fn llama3_rope_scaling_matches_candle_transformers() {
 
 fn qwen2_check(tied: bool, seed: u64) {
     let dir = TempDir::new("qwen2");
-    let v = tiny("qwen2", tied);
+    let v = tiny_llama("qwen2", tied);
     let (cfg, w) = write_model(&dir.0, &v, seed);
     assert!(cfg.qkv_bias && !cfg.o_bias);
     assert!(w.contains_key("model.layers.1.self_attn.q_proj.bias"));
@@ -158,7 +136,7 @@ fn qwen2_biases_match_candle_transformers() {
 fn mistral_with_explicit_head_dim_matches_candle_transformers() {
     // head_dim 16 ≠ hidden / heads = 8: q_proj is 64×32.
     let dir = TempDir::new("mistral");
-    let mut v = tiny("mistral", false);
+    let mut v = tiny_llama("mistral", false);
     v["head_dim"] = json!(16);
     let (cfg, w) = write_model(&dir.0, &v, 6);
     assert_eq!(cfg.head_dim, 16);
@@ -182,7 +160,7 @@ fn mistral_with_explicit_head_dim_matches_candle_transformers() {
 #[test]
 fn kv_cache_decoding_equals_the_full_forward() {
     let dir = TempDir::new("kv");
-    write_model(&dir.0, &tiny("qwen2", false), 7);
+    write_model(&dir.0, &tiny_llama("qwen2", false), 7);
     let m = load_folder(&dir.0).unwrap();
     let full = m.forward(&ids(), None, false).unwrap();
     let mut cache = KvCache::new();
@@ -205,7 +183,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
 #[test]
 fn padded_keys_are_hidden_and_bad_ids_are_errors() {
     let dir = TempDir::new("pad");
-    write_model(&dir.0, &tiny("llama", false), 8);
+    write_model(&dir.0, &tiny_llama("llama", false), 8);
     let m = load_folder(&dir.0).unwrap();
     let short = Tensor::new(&[[3u32, 17, 42, 0]], &Device::Cpu).unwrap();
     let alone = m.forward(&short, None, false).unwrap();
@@ -226,7 +204,7 @@ fn padded_keys_are_hidden_and_bad_ids_are_errors() {
 #[test]
 fn adapters_target_hugging_face_module_paths() {
     let dir = TempDir::new("adapt");
-    write_model(&dir.0, &tiny("llama", false), 9);
+    write_model(&dir.0, &tiny_llama("llama", false), 9);
     let mut m = load_folder(&dir.0).unwrap();
     let before = m.forward(&ids(), None, false).unwrap();
     let mut cfg = AdapterConfig::new(Method::Lora, 4);
@@ -256,7 +234,7 @@ fn adapters_target_hugging_face_module_paths() {
 #[test]
 fn sharded_f16_checkpoint_loads() {
     let dir = TempDir::new("shard");
-    let v = tiny("llama", false);
+    let v = tiny_llama("llama", false);
     let (_, w) = write_model(&dir.0, &v, 10);
     std::fs::remove_file(dir.0.join("model.safetensors")).unwrap();
     let half: HashMap<String, Tensor> = w
@@ -304,7 +282,7 @@ fn sharded_f16_checkpoint_loads() {
 #[test]
 fn missing_and_misshapen_tensors_are_named() {
     let dir = TempDir::new("missing");
-    let v = tiny("llama", false);
+    let v = tiny_llama("llama", false);
     let (_, mut w) = write_model(&dir.0, &v, 11);
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, dir.0.join("model.safetensors")).unwrap();
@@ -365,7 +343,7 @@ fn bad_config_fields_are_named() {
         ),
     ];
     for (field, value, expect) in cases {
-        let mut v = tiny("llama", false);
+        let mut v = tiny_llama("llama", false);
         let key = field.split('.').next().unwrap();
         if value.is_null() {
             v.as_object_mut().unwrap().remove(key);
@@ -418,7 +396,7 @@ fn parameter_counts_match_the_published_ones() {
     assert_eq!(c.parameter_count(), 6_738_415_616);
     // The loaded model counts the same, biases included (qwen2, untied).
     let dir = TempDir::new("count");
-    let (cfg, w) = write_model(&dir.0, &tiny("qwen2", false), 12);
+    let (cfg, w) = write_model(&dir.0, &tiny_llama("qwen2", false), 12);
     let m = load_folder(&dir.0).unwrap();
     let stored: usize = w.values().map(Tensor::elem_count).sum();
     assert_eq!(m.parameter_count(), stored);
@@ -430,7 +408,7 @@ fn lm_loss_through_the_fused_head_equals_logits_then_cross_entropy() {
     use peft_studio::peft::linear::trainable_vars;
     use peft_studio::train::lm_batches::{LmExample, lm_batch, lm_loss, trained_logits};
     let dir = TempDir::new("lmloss");
-    write_model(&dir.0, &tiny("llama", true), 13);
+    write_model(&dir.0, &tiny_llama("llama", true), 13);
     let mut m = load_folder(&dir.0).unwrap();
     let mut cfg = AdapterConfig::new(Method::Lora, 4);
     cfg.targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use common::{TempDir, ids, max_diff, randn};
+use common::{TempDir, ids, max_diff, randn, tiny_llama};
 use peft_studio::export::gguf_lora::{self, write_gguf_lora};
 use peft_studio::export::merged::write_merged_llama;
 use peft_studio::export::peft_adapter::{PeftTarget, write_peft};
@@ -21,23 +21,6 @@ use peft_studio::peft::{AdapterConfig, Method, Targets, load_adapter};
 use serde_json::{Value, json};
 
 const TOL: f32 = 1e-4;
-
-/// hidden 32, 2 layers, 4 heads of 8, 2 KV heads (GQA), vocab 50.
-fn tiny(model_type: &str, tied: bool) -> Value {
-    json!({
-        "model_type": model_type,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 50,
-        "max_position_embeddings": 64,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-    })
-}
 
 /// A random model of config `v`, as a Hugging Face folder in `dir` (written by the merged
 /// exporter from a model without adapters), loaded back from it.
@@ -100,7 +83,7 @@ fn peft_export_of_lora_and_svfit_reads_back_with_the_same_logits() {
     ] {
         let tmp = TempDir::new("peft");
         let base = tmp.0.join("base");
-        let mut m = base_folder(&tiny("llama", tied), &base, 7);
+        let mut m = base_folder(&tiny_llama("llama", tied), &base, 7);
         let before = logits(&m);
         adapt(&mut m, method, &["q_proj", "v_proj"], 100);
         let want = logits(&m);
@@ -142,7 +125,7 @@ fn merged_export_loads_as_a_plain_model_with_the_same_logits() {
     for (family, tied) in [("llama", true), ("qwen2", false), ("mistral", false)] {
         let tmp = TempDir::new("merged");
         let base = tmp.0.join("base");
-        let mut m = base_folder(&tiny(family, tied), &base, 11);
+        let mut m = base_folder(&tiny_llama(family, tied), &base, 11);
         adapt(
             &mut m,
             Method::Lora,
@@ -209,7 +192,7 @@ fn gguf_lora_has_llama_cpp_names_shapes_metadata_and_permutation() {
     ] {
         let tmp = TempDir::new("gguf");
         let base = tmp.0.join("base");
-        let mut m = base_folder(&tiny(family, false), &base, 3);
+        let mut m = base_folder(&tiny_llama(family, false), &base, 3);
         adapt(
             &mut m,
             Method::Lora,
@@ -273,7 +256,7 @@ fn gguf_lora_has_llama_cpp_names_shapes_metadata_and_permutation() {
 #[test]
 fn gguf_lora_refuses_a_model_without_adapters() {
     let tmp = TempDir::new("gguf-none");
-    let m = base_folder(&tiny("llama", true), &tmp.0.join("base"), 1);
+    let m = base_folder(&tiny_llama("llama", true), &tmp.0.join("base"), 1);
     let e = write_gguf_lora(&m, &tmp.0.join("x.gguf"))
         .unwrap_err()
         .to_string();
@@ -329,7 +312,10 @@ fn interop_export() {
 fn transformers5_rope_parameters_are_read() {
     // transformers 5 moved `rope_theta` (and the scaling) into `rope_parameters`, as in
     // SmolLM2's config.json; missing it would silently use RoPE base 10,000.
-    let mut v = tiny("llama", true);
+    let mut v = tiny_llama("llama", true);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("rope_theta");
+    }
     v["rope_parameters"] = json!({"rope_theta": 100000.0, "rope_type": "default"});
     let c = LlamaConfig::from_json(&v, "c").unwrap();
     assert_eq!(c.rope_theta, 100000.0);
@@ -349,7 +335,7 @@ fn export_llama_writes_every_format_atomically() {
     use peft_studio::export::{ExportFormat, export_llama};
     let tmp = TempDir::new("export-llama");
     let base = tmp.0.join("base");
-    let mut m = base_folder(&tiny("llama", true), &base, 21);
+    let mut m = base_folder(&tiny_llama("llama", true), &base, 21);
     adapt(&mut m, Method::Loldu, &["q_proj", "v_proj"], 4);
     for (format, file) in [
         (ExportFormat::Peft, "adapter_model.safetensors"),

@@ -173,3 +173,25 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A tiny config: hidden 32, 2 layers, 4 heads, 2 KV heads, vocab 50.
+pub fn tiny_llama(model_type: &str, tied: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 50,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        // qwen2's reference config needs these.
+        "sliding_window": 4096,
+        "max_window_layers": 2,
+        "use_sliding_window": false,
+    })
+}
