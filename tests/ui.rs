@@ -445,7 +445,12 @@ fn choosing_smollm2_sets_up_a_language_model_run() {
     if peft_studio::models::llama::language_model::smollm2_path().is_some() {
         h.get_by_label_contains("134,515,008 parameters");
     } else {
-        h.get_by_label_contains("scripts/fetch-models.sh");
+        // On the model line and in the form's check.
+        assert!(
+            h.get_all_by_label_contains("scripts/fetch-models.sh")
+                .next()
+                .is_some()
+        );
     }
     // A JSONL picked for a language model is instruction data, previewed as turns.
     h.get_by_label("Open dataset file…").click();
