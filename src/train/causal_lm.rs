@@ -1,13 +1,12 @@
 //! A causal language model as a training run's work: the model, its tokenised instruction (or
 //! plain-text) splits, and the held-out questions whose generated answers are scored.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Var};
 
 use super::config::{TrainConfig, TrainMode};
-use super::layout::{MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, RunLayout};
+use super::layout::{MODEL_WEIGHTS_FILE, RunLayout};
 use super::limits;
 use super::lm_batches::{LmExample, lm_batch, lm_eval_sums, lm_loss};
 use super::store::EvalPoint;
@@ -45,8 +44,9 @@ pub type AnswerScorer = dyn Fn(&LlamaModel, &[GenerationCase]) -> anyhow::Result
 pub struct CausalLm {
     /// The model with its adapter or trainable weights.
     pub model: LlamaModel,
-    /// The model's `config.json` (written beside fully fine-tuned weights).
-    pub config_json: serde_json::Value,
+    /// The Hugging Face folder the model was loaded from (its config and tokenizer go beside
+    /// fully fine-tuned weights); `None` for a GGUF file.
+    pub base_folder: Option<PathBuf>,
     /// Training examples.
     pub train: Vec<LmExample>,
     /// Held-out examples (loss and perplexity).
@@ -117,11 +117,10 @@ impl CausalLm {
             TrainMode::Full => {
                 let dir = layout.model();
                 fsio::create_dir_all(&dir)?;
-                let tensors = crate::export::merged::llama_tensors(&self.model)?;
-                fsio::write_safetensors(&dir.join(MODEL_WEIGHTS_FILE), &tensors, HashMap::new())?;
-                fsio::write_atomic(
-                    &dir.join(MODEL_CONFIG_FILE),
-                    serde_json::to_string_pretty(&self.config_json)?.as_bytes(),
+                crate::export::merged::write_merged_llama(
+                    &self.model,
+                    self.base_folder.as_deref(),
+                    &dir,
                 )?;
             }
             TrainMode::Head => {
@@ -356,15 +355,13 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         c.vocab_size,
         crate::inspect::thousands(base_total)
     );
-    let config_json =
-        crate::export::merged::llama_config_json(&model, path.is_dir().then_some(path.as_path()))?;
     let pad_id = tokenizer.eos.unwrap_or(0);
     let scorer = (!questions.is_empty())
         .then(|| exact_match_scorer(tokenizer.clone(), cfg.generation.max_new_tokens));
     Ok(Prepared {
         work: Work::CausalLm(Box::new(CausalLm {
             model,
-            config_json,
+            base_folder: path.is_dir().then(|| path.clone()),
             train: train.iter().map(to_example).collect(),
             eval: eval.iter().map(to_example).collect(),
             questions,
