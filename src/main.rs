@@ -629,7 +629,7 @@ fn with_progress(
         }
         Event::Log(text) => say(text),
         Event::Phase(_) => {}
-        Event::RunFinished(_) | Event::RunFailed { .. } | Event::Refused(_) => {}
+        Event::RunFinished(_) | Event::RunFailed { .. } | Event::Refused(_) | Event::TryIt(_) => {}
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut emit)));
     bar.finish_and_clear();

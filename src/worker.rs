@@ -2,7 +2,7 @@
 //! crossbeam channels. All heavy work (loading, training, saving) happens here, never on the
 //! UI thread. A panic inside a run becomes [`Event::RunFailed`], never a dead thread; stop and
 //! pause are honoured between steps; the worker ends when told to or when the other side of
-//! the channel is gone. A panicking run is recorded as failed in its folder; if even that
+//! the channel is gone. Between runs it answers Try-it prompts ([`Command::TryIt`]). A panicking run is recorded as failed in its folder; if even that
 //! fails, the reason is sent once as [`Event::Log`].
 
 use std::panic::AssertUnwindSafe;
@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::train::store::{read_summary, write_summary};
+use crate::train::try_it::{TryItEvent, TryItRequest, TryItSession};
 use crate::train::{
     Control, Controller, Phase, RunFailure, RunStatus, RunStore, RunSummary, TrainConfig,
 };
@@ -31,6 +32,10 @@ pub enum Command {
     Pause,
     /// Resume a paused run.
     Resume,
+    /// Answer a prompt with the base and the fine-tuned model ("Try it"): the run in progress
+    /// answers between steps with the model it is training; otherwise the request's target
+    /// is loaded (and kept for the next prompt).
+    TryIt(TryItRequest),
     /// End the worker thread (stopping any run first).
     Shutdown,
 }
@@ -67,13 +72,14 @@ struct ChannelController<'a> {
     commands: &'a Receiver<Command>,
     send: &'a dyn Fn(Event),
     shutdown: bool,
+    paused: bool,
+    try_it: Vec<TryItRequest>,
 }
 
 impl Controller for ChannelController<'_> {
     fn check(&mut self) -> Control {
-        let mut paused = false;
         loop {
-            let cmd = if paused {
+            let cmd = if self.paused {
                 match self.commands.recv() {
                     Ok(c) => c,
                     Err(_) => return Control::Stop,
@@ -81,7 +87,8 @@ impl Controller for ChannelController<'_> {
             } else {
                 match self.commands.try_recv() {
                     Ok(c) => c,
-                    Err(TryRecvError::Empty) => return Control::Continue,
+                    Err(TryRecvError::Empty) if self.try_it.is_empty() => return Control::Continue,
+                    Err(TryRecvError::Empty) => return Control::Serve,
                     Err(TryRecvError::Disconnected) => return Control::Stop,
                 }
             };
@@ -91,13 +98,21 @@ impl Controller for ChannelController<'_> {
                     self.shutdown = true;
                     return Control::Stop;
                 }
-                Command::Pause if !paused => {
-                    paused = true;
+                Command::Pause if !self.paused => {
+                    self.paused = true;
                     (self.send)(Event::Phase(Phase::Paused));
                 }
-                Command::Resume if paused => {
+                Command::Resume if self.paused => {
+                    self.paused = false;
                     (self.send)(Event::Phase(Phase::Training));
                     return Control::Continue;
+                }
+                Command::TryIt(req) => {
+                    self.try_it.push(req);
+                    // A paused run answers at once and stays paused.
+                    if self.paused {
+                        return Control::Serve;
+                    }
                 }
                 Command::Start(_) | Command::ResumeRun(_) => {
                     (self.send)(Event::Refused("a run is in progress: stop it first".into()))
@@ -105,6 +120,10 @@ impl Controller for ChannelController<'_> {
                 Command::Pause | Command::Resume => {}
             }
         }
+    }
+
+    fn take_try_it(&mut self) -> Vec<TryItRequest> {
+        std::mem::take(&mut self.try_it)
     }
 }
 
@@ -138,17 +157,26 @@ impl Worker {
                     let _ = ev_tx.send(e);
                     notify();
                 };
+                let mut try_it = TryItSession::new();
                 while let Ok(cmd) = cmd_rx.recv() {
                     let job = match cmd {
                         Command::Start(cfg) => Job::Train(cfg),
                         Command::ResumeRun(path) => Job::Resume(path),
+                        Command::TryIt(req) => {
+                            serve_try_it(&mut try_it, &req, &send);
+                            continue;
+                        }
                         Command::Shutdown => break,
                         Command::Stop | Command::Pause | Command::Resume => continue,
                     };
+                    // The run needs the memory more than the next prompt.
+                    try_it.unload();
                     let mut ctl = ChannelController {
                         commands: &cmd_rx,
                         send: &send,
                         shutdown: false,
+                        paused: false,
+                        try_it: Vec::new(),
                     };
                     let mut started: Option<String> = None;
                     let mut emit = |e: Event| {
@@ -214,6 +242,21 @@ impl Worker {
     /// Whether the worker thread is still alive.
     pub fn is_alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// Answers a Try-it request outside a run; a panic becomes the request's failure (and the
+/// loaded model, possibly half-changed, is dropped).
+fn serve_try_it(session: &mut TryItSession, req: &TryItRequest, send: &dyn Fn(Event)) {
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        session.serve(req, &mut |e| send(Event::TryIt(e)))
+    }));
+    if let Err(p) = served {
+        session.unload();
+        send(Event::TryIt(TryItEvent::Failed {
+            id: req.id,
+            error: format!("internal error: {}", panic_text(&*p)),
+        }));
     }
 }
 

@@ -221,6 +221,8 @@ impl RunView {
                 self.state = UiState::Failed(first);
             }
             Event::Refused(why) => self.log.push(why),
+            // The Try-it panel takes these (see `try_it_panel`).
+            Event::TryIt(_) => {}
         }
     }
 }

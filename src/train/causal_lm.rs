@@ -11,6 +11,7 @@ use super::limits;
 use super::lm_batches::{LmExample, lm_batch, lm_eval_sums, lm_loss};
 use super::store::EvalPoint;
 use super::trainer::Prepared;
+use super::try_it::{Answerer, Side, TryItEvent, TryItRequest, report_failure};
 use super::work::Work;
 use crate::data::{
     ChatTemplate, DataSource, InstructEncoder, TokenizedExample, exact_match_rate,
@@ -59,6 +60,12 @@ pub struct CausalLm {
     pub pad_id: u32,
     /// A one-line description of the model.
     pub description: String,
+    /// The tokenizer (Try it renders and decodes with it).
+    pub tokenizer: LlmTokenizer,
+    /// The chat template (`None`: prompts are continued as plain text).
+    pub template: Option<ChatTemplate>,
+    /// Whether the whole model trains (no adapter to switch off for the base answer).
+    pub full: bool,
 }
 
 impl CausalLm {
@@ -133,6 +140,36 @@ impl CausalLm {
     /// A one-line description.
     pub fn summary(&self) -> String {
         self.description.clone()
+    }
+
+    /// Answers a Try-it prompt between steps: the base model (the adapter switched off) and
+    /// the model as trained after `step` of `total_steps` steps.
+    pub fn try_it(
+        &mut self,
+        req: &TryItRequest,
+        step: usize,
+        total_steps: usize,
+        emit: &mut dyn FnMut(TryItEvent),
+    ) {
+        let mut answerer = Answerer {
+            model: &mut self.model,
+            tokenizer: &self.tokenizer,
+            template: self.template.as_ref(),
+        };
+        let full = self.full;
+        report_failure(req.id, emit, |emit| {
+            if full {
+                emit(TryItEvent::Unavailable {
+                    id: req.id,
+                    side: Side::Base,
+                    reason: "full fine-tuning changes the base weights themselves: the base model's answer appears once the run ends".into(),
+                });
+            } else {
+                answerer.answer(req, Side::Base, "base model (adapter off)", emit)?;
+            }
+            let label = format!("fine-tuned so far: step {step} of {total_steps}");
+            answerer.answer(req, Side::Tuned, &label, emit)
+        });
     }
 }
 
@@ -368,6 +405,9 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             scorer,
             pad_id,
             description,
+            tokenizer,
+            template,
+            full: cfg.mode == TrainMode::Full,
         })),
         groups,
         trainable,

@@ -1,6 +1,7 @@
 //! What a run reports while it trains, and how it is steered between steps.
 
 use super::store::{EvalPoint, RunSummary};
+use super::try_it::{TryItEvent, TryItRequest};
 
 /// A run's phase, for the state line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +83,8 @@ pub enum Event {
     },
     /// A command could not be carried out (e.g. Start while a run is in progress).
     Refused(String),
+    /// Progress of a Try-it prompt (answered between steps, or by the idle worker).
+    TryIt(TryItEvent),
 }
 
 /// A run that failed: the error, and the run's record when it had started.
@@ -117,12 +120,21 @@ pub enum Control {
     Continue,
     /// Stop now, keeping what was done.
     Stop,
+    /// Requests wait (see [`Controller::take_try_it`]): serve them, then ask again (a paused
+    /// run stays paused).
+    Serve,
 }
 
 /// Asked between steps; may block while paused.
 pub trait Controller {
     /// Continue or stop. A pausing controller blocks here until resumed or stopped.
     fn check(&mut self) -> Control;
+
+    /// Try-it prompts that arrived since the last call, for the run to answer with the model
+    /// it is training.
+    fn take_try_it(&mut self) -> Vec<TryItRequest> {
+        Vec::new()
+    }
 }
 
 /// A controller that never stops.

@@ -17,6 +17,7 @@ pub mod resume;
 pub mod saved;
 pub mod store;
 pub mod trainer;
+pub mod try_it;
 pub mod work;
 
 pub use config::{ModelConfig, OptimConfig, Schedule, TrainConfig, TrainMode};

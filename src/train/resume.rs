@@ -66,7 +66,7 @@ pub fn resume(
         ),
         None => None,
     };
-    let p = prepare(&cfg)?;
+    let mut p = prepare(&cfg)?;
     let total = total_steps(&cfg, p.work.train_len()).map_err(anyhow::Error::msg)?;
     let (mut summary, ckpt) = match (recorded, early) {
         (Some(s), Some(ckpt)) => {
@@ -143,7 +143,7 @@ pub fn resume(
         "resuming {} from step {step}",
         summary.id
     )));
-    drive(&cfg, &p, run, summary, opts, start, started, ctl, emit)
+    drive(&cfg, &mut p, run, summary, opts, start, started, ctl, emit)
 }
 
 /// Trains a new run, in the same store, from the config of the run in `run_path` (the

@@ -215,7 +215,7 @@ pub(super) struct Start {
 
 struct Loop<'a, 'r, 'e> {
     cfg: &'a TrainConfig,
-    p: &'a Prepared,
+    p: &'a mut Prepared,
     run: &'r mut RunDir,
     emit: &'e mut dyn FnMut(Event),
     opts: Vec<(AdamW, f64)>,
@@ -297,8 +297,21 @@ impl Loop<'_, '_, '_> {
         }
         (self.emit)(Event::Phase(Phase::Training));
         for step in start + 1..=self.total_steps {
-            if ctl.check() == Control::Stop {
-                return Ok(RunStatus::Stopped);
+            loop {
+                let control = ctl.check();
+                for req in ctl.take_try_it() {
+                    let emit = &mut *self.emit;
+                    self.p
+                        .work
+                        .try_it(&req, step - 1, self.total_steps, &mut |e| {
+                            emit(Event::TryIt(e))
+                        });
+                }
+                match control {
+                    Control::Continue => break,
+                    Control::Stop => return Ok(RunStatus::Stopped),
+                    Control::Serve => {}
+                }
             }
             let t0 = Instant::now();
             let mut grads: Option<candle_core::backprop::GradStore> = None;
@@ -415,7 +428,7 @@ pub fn train(
     let started_at = chrono::Local::now().to_rfc3339();
     memory::reset_peak_rss();
     emit(Event::Phase(Phase::Loading));
-    let p = prepare(cfg)?;
+    let mut p = prepare(cfg)?;
     if !p.initialised.is_empty() {
         let head: Vec<&str> = p.initialised.iter().map(String::as_str).collect();
         emit(Event::Log(format!(
@@ -436,7 +449,7 @@ pub fn train(
         evals: Vec::new(),
         train_secs: 0.0,
     };
-    drive(cfg, &p, run, summary, opts, start, started, ctl, emit)
+    drive(cfg, &mut p, run, summary, opts, start, started, ctl, emit)
 }
 
 /// The summary of a run starting now.
@@ -474,7 +487,7 @@ pub(super) fn new_summary(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn drive(
     cfg: &TrainConfig,
-    p: &Prepared,
+    p: &mut Prepared,
     mut run: RunDir,
     summary: RunSummary,
     opts: Vec<(AdamW, f64)>,
@@ -519,7 +532,7 @@ pub(super) fn drive(
             }
         }
         (lp.emit)(Event::Phase(Phase::Saving));
-        p.work.save(cfg, &run_path)?;
+        lp.p.work.save(cfg, &run_path)?;
         Ok(status)
     });
     let Loop {

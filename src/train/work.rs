@@ -11,6 +11,7 @@ use super::causal_lm::CausalLm;
 use super::config::TrainConfig;
 use super::saved::save_trained;
 use super::store::EvalPoint;
+use super::try_it::{TryItEvent, TryItRequest};
 use crate::data::Dataset;
 use crate::models::Classifier;
 
@@ -71,6 +72,24 @@ impl Work {
         match self {
             Work::Classify(c) => save_trained(cfg, c.model.as_ref(), run_path),
             Work::CausalLm(lm) => lm.save(cfg, run_path),
+        }
+    }
+
+    /// Answers a Try-it prompt with the model as trained after `step` steps (language models
+    /// only: a classifier's run says so).
+    pub fn try_it(
+        &mut self,
+        req: &TryItRequest,
+        step: usize,
+        total_steps: usize,
+        emit: &mut dyn FnMut(TryItEvent),
+    ) {
+        match self {
+            Work::Classify(_) => emit(TryItEvent::Failed {
+                id: req.id,
+                error: "this run trains a classifier; Try it answers with language models".into(),
+            }),
+            Work::CausalLm(lm) => lm.try_it(req, step, total_steps, emit),
         }
     }
 
