@@ -227,12 +227,18 @@ impl Fields<'_> {
 }
 
 impl ArchSpec {
-    /// Reads `--model`: a `config.json` file, a folder holding one, or a built-in name.
+    /// Reads `--model`: a `config.json` file, a folder holding one, a `.gguf` file (its
+    /// metadata), or a built-in name.
     /// `num_labels` adds a classification head.
     pub fn resolve(model: &str, num_labels: Option<usize>) -> Result<Self, ArchError> {
         let p = Path::new(model);
         if p.is_dir() {
             Self::from_file(&p.join("config.json"), num_labels)
+        } else if p.is_file()
+            && p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            Self::from_gguf(p, num_labels)
         } else if p.is_file() {
             Self::from_file(p, num_labels)
         } else if let Some((name, json)) = BUILTIN_CONFIGS.iter().find(|(n, _)| *n == model) {
@@ -393,8 +399,31 @@ impl ArchSpec {
         path: &str,
         num_labels: Option<usize>,
     ) -> Result<Self, ArchError> {
-        use crate::models::llama::{DecoderFamily, LlamaConfig};
-        let c = LlamaConfig::from_json(v, path)?;
+        let c = crate::models::llama::LlamaConfig::from_json(v, path)?;
+        Self::from_llama(&c, path, num_labels)
+    }
+
+    /// Reads a GGUF file's header (llama.cpp's metadata; no weights are read).
+    pub fn from_gguf(path: &Path, num_labels: Option<usize>) -> Result<Self, ArchError> {
+        use crate::models::llama::gguf::{GgufFile, config_from_gguf};
+        let shown = path.display().to_string();
+        let c = GgufFile::open(path)
+            .and_then(|mut g| config_from_gguf(&mut g))
+            .map_err(|e| ArchError::Field {
+                path: shown.clone(),
+                field: "GGUF metadata".into(),
+                problem: e.to_string(),
+            })?;
+        Self::from_llama(&c, &shown, num_labels)
+    }
+
+    /// A LLaMA-family decoder's description from its config (`path` names it in errors).
+    pub fn from_llama(
+        c: &crate::models::llama::LlamaConfig,
+        path: &str,
+        num_labels: Option<usize>,
+    ) -> Result<Self, ArchError> {
+        use crate::models::llama::DecoderFamily;
         if let Some(k) = num_labels {
             return Err(ArchError::Field {
                 path: path.into(),

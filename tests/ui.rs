@@ -9,6 +9,7 @@ use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, StudioApp, UiState, scripted_picker};
 use peft_studio::inspect::thousands;
 
+mod common;
 mod ui_support;
 use ui_support::run_until;
 
@@ -464,6 +465,109 @@ fn choosing_smollm2_sets_up_a_language_model_run() {
     h.run_steps(2);
     h.get_by_label_contains("3 records (chat)");
     h.get_by_label_contains("[assistant] spam");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
+    use common::chat::{chat_model, config, yes_data};
+    use peft_studio::app::AnswerStatus;
+    use peft_studio::models::ModelSource;
+    let dir = temp("try-it");
+    let model = chat_model(&dir.join("model"));
+    let data = yes_data(&dir);
+    let mut h = harness(&dir, vec![Some(model.clone())]);
+    run_until(&mut h, 30, "the dataset preview", |a| {
+        a.form_preview_ready()
+    });
+    // The built-in image classifier has no Try-it panel.
+    assert!(h.query_by_label("Ask both").is_none());
+    h.get_by_label("Open model folder…").click();
+    run_until(
+        &mut h,
+        30,
+        "the chat model",
+        |a| matches!(&a.settings.config.model.source, ModelSource::Folder { path } if *path == model),
+    );
+    // A language model's folder gets a language model's settings.
+    assert_eq!(
+        h.state().settings.config.adapter.targets,
+        peft_studio::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()])
+    );
+    h.get_by_label_contains("no fine-tuned run chosen");
+    h.state_mut().settings.try_it.prompt = "is the sky blue ?".into();
+    h.run_steps(2);
+    h.get_by_label("Ask both").click();
+    h.step();
+    assert!(h.state().try_it.is_waiting());
+    run_until(&mut h, 60, "the base model's answer", |a| {
+        !a.try_it.is_waiting()
+    });
+    let base = h.state().try_it.base.clone();
+    assert!(
+        matches!(base.status, AnswerStatus::Done(_)),
+        "{:?}",
+        base.status
+    );
+    assert!(!base.text.trim().is_empty());
+    assert!(matches!(
+        h.state().try_it.tuned.status,
+        AnswerStatus::Unavailable(_)
+    ));
+    h.get_by_label(&base.text);
+
+    // Train on "yes" answers, then ask again: the run answers "yes", the base as before.
+    h.state_mut().settings.config = config(&model, &data, 12);
+    h.run_steps(2);
+    h.get_by_label("Start training").click();
+    run_until(&mut h, 120, "the run to finish", |a| {
+        a.run.state == UiState::Finished
+    });
+    let id = h.state().run.run_id.clone().unwrap();
+    h.get_by_label_contains(&format!("fine-tuned: {id}"));
+    h.get_by_label("Ask both").click();
+    h.step();
+    assert!(h.state().try_it.is_waiting());
+    run_until(&mut h, 60, "both answers", |a| !a.try_it.is_waiting());
+    let s = h.state();
+    assert_eq!(s.try_it.base.text, base.text);
+    assert_eq!(s.try_it.tuned.text.trim(), "yes");
+    assert!(
+        s.try_it.tuned.label.contains(&id),
+        "{}",
+        s.try_it.tuned.label
+    );
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+
+    // Compare: export the run as a PEFT adapter and as llama.cpp's LoRA GGUF.
+    h.get_by_label("Compare").click();
+    h.run_steps(2);
+    for (format, file) in [
+        ("peft", "adapter_config.json"),
+        ("gguf-lora", "adapter.gguf"),
+    ] {
+        h.get_by_label("export").click();
+        h.run_steps(2);
+        h.get_by_label(format).click();
+        h.run_steps(2);
+        h.get_by_label("Export").click();
+        let out = dir.join("exports").join(format!("{id}-{format}"));
+        run_until(&mut h, 60, "the export", |_| out.exists());
+        run_until(&mut h, 10, "the export's message", |a| a.errors.is_empty());
+        h.run_steps(3);
+        h.get_by_label_contains(&format!("exported as {format} into"));
+        let written: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            written
+                .iter()
+                .any(|f| f == file || f.ends_with(".gguf") && file.ends_with(".gguf")),
+            "{written:?}"
+        );
+    }
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -51,6 +51,12 @@ pub struct CompareState {
     /// here (reported once, not re-read every frame).
     curves: HashMap<String, Result<Curves, String>>,
     confirm_delete: Option<String>,
+    /// The export dialog, when open.
+    pub(super) export: Option<super::export_dialog::ExportDialog>,
+    /// An export is being written.
+    pub(super) exporting: bool,
+    /// How the last export went.
+    pub(super) last_export: Option<super::export_dialog::ExportOutcome>,
 }
 
 impl CompareState {
@@ -156,6 +162,7 @@ fn sort(runs: &mut [RunSummary], col: SortColumn, ascending: bool) {
 }
 
 enum Action {
+    Export(String),
     Open(String),
     Rerun(String),
     Resume(String),
@@ -307,6 +314,20 @@ fn table_ui(
                     {
                         action = Some(Action::Open(r.id.clone()));
                     }
+                    let saved = matches!(r.status, RunStatus::Finished | RunStatus::Stopped);
+                    if ui
+                        .add_enabled(
+                            saved && !app.compare.exporting,
+                            egui::Button::new("export").small(),
+                        )
+                        .on_hover_text(
+                            "write it as a PEFT adapter, a merged model folder or a llama.cpp LoRA GGUF",
+                        )
+                        .on_disabled_hover_text("only a finished or stopped run has something to export")
+                        .clicked()
+                    {
+                        action = Some(Action::Export(r.id.clone()));
+                    }
                     if ui
                         .small_button("re-run")
                         .on_hover_text("load this run's settings and train again")
@@ -331,6 +352,7 @@ fn table_ui(
 
 fn apply(app: &mut StudioApp, action: Option<Action>) {
     match action {
+        Some(Action::Export(id)) => super::export_dialog::open(app, &id),
         Some(Action::Open(id)) => app.open_run_folder(&id),
         Some(Action::Resume(id)) => {
             app.compare.forget(&id);
@@ -368,6 +390,7 @@ pub fn show(app: &mut StudioApp, ui: &mut Ui) {
             }
         });
         settings_ui(app, ui);
+        super::export_dialog::status_ui(app, ui);
         if app.runs.is_empty() {
             ui.label(format!(
                 "No runs yet in {}: train one in the Fine-tune tab, then compare it here.",
@@ -397,6 +420,7 @@ pub fn show(app: &mut StudioApp, ui: &mut Ui) {
             .inner;
         apply(app, action);
         delete_modal(app, ui);
+        super::export_dialog::modal(app, ui);
         ui.separator();
         let mut overlay = app.compare_overlay(None);
         for c in &mut overlay {

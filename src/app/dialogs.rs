@@ -57,6 +57,8 @@ pub type FilePicker = Arc<dyn Fn(PickRequest) -> PickResult + Send + Sync>;
 pub enum PickPurpose {
     /// A model folder.
     ModelFolder,
+    /// A GGUF model file (llama.cpp's format).
+    ModelFile,
     /// A dataset file (IDX images, CSV, JSONL).
     DatasetFile,
     /// A folder of class sub-folders.
@@ -75,6 +77,8 @@ pub enum PickPurpose {
     SaveLora,
     /// The folder of the run store.
     RunsFolder,
+    /// Where a run's export goes (Compare).
+    ExportFolder,
 }
 
 impl PickPurpose {
@@ -92,6 +96,10 @@ impl PickPurpose {
             PickPurpose::ModelFolder => {
                 folder("Open a Hugging Face model folder (config.json, model.safetensors)")
             }
+            PickPurpose::ModelFile => open(
+                "Open a GGUF language model (llama.cpp's format)",
+                vec![("GGUF", &["gguf"])],
+            ),
             PickPurpose::DatasetFolder => {
                 folder("Open a folder with one sub-folder of images per class")
             }
@@ -117,6 +125,7 @@ impl PickPurpose {
             PickPurpose::SaveImages => folder("Save the gallery images into a folder"),
             PickPurpose::SaveLora => folder("Save the LoRA (PEFT adapter) into a folder"),
             PickPurpose::RunsFolder => folder("Choose the folder where runs are stored"),
+            PickPurpose::ExportFolder => folder("Choose the folder to export the run into"),
         }
     }
 }
@@ -354,6 +363,8 @@ mod tests {
     fn every_purpose_has_a_titled_dialog() {
         for p in [
             PickPurpose::ModelFolder,
+            PickPurpose::ModelFile,
+            PickPurpose::ExportFolder,
             PickPurpose::DatasetFile,
             PickPurpose::DatasetFolder,
             PickPurpose::LoadPreset,

@@ -355,6 +355,8 @@ pub struct FormState {
     pub textures: Vec<egui::TextureHandle>,
     /// Model description cache: (source, num_labels) → description or error.
     arch: Option<((ModelSource, usize), Result<ArchSpec, String>)>,
+    /// Language-model cache: source → whether it is one.
+    language_model: Option<(ModelSource, bool)>,
 }
 
 impl FormState {
@@ -411,6 +413,19 @@ impl FormState {
         v
     }
 
+    /// Whether `source` is a causal language model (cached: a folder's `config.json` is read
+    /// once per choice, not every frame).
+    pub fn is_language_model(&mut self, source: &ModelSource) -> bool {
+        if let Some((k, v)) = &self.language_model
+            && k == source
+        {
+            return *v;
+        }
+        let v = is_language_model(source);
+        self.language_model = Some((source.clone(), v));
+        v
+    }
+
     /// Checks what the worker would refuse, with a message for the user.
     pub fn check(&mut self, cfg: &TrainConfig) -> Result<(), String> {
         cfg.validate()?;
@@ -445,16 +460,14 @@ fn language_model_arch(source: &ModelSource) -> Result<ArchSpec, String> {
         ModelSource::Folder { path } => {
             ArchSpec::resolve(&path.display().to_string(), None).map_err(|e| e.to_string())
         }
-        ModelSource::Gguf { path } => Err(format!(
-            "{}: a GGUF model's shape is read when training starts",
-            path.display()
-        )),
+        ModelSource::Gguf { path } => ArchSpec::from_gguf(path, None).map_err(|e| e.to_string()),
         _ => Err("not a language model".into()),
     }
 }
 
 /// Settings that suit a language model on instruction data: LoRA r8 on q_proj/v_proj (PEFT's
-/// default), the built-in spam-or-ham task when fetched, 256 tokens, short runs.
+/// default), the built-in spam-or-ham task when fetched (unless instruction data is already
+/// chosen), 256 tokens, short runs.
 pub fn use_language_model_defaults(cfg: &mut TrainConfig) {
     cfg.mode = TrainMode::Adapter;
     cfg.adapter.targets = crate::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()]);
@@ -471,7 +484,8 @@ pub fn use_language_model_defaults(cfg: &mut TrainConfig) {
     let train = crate::data::assets_dir()
         .parent()
         .map(|root| root.join("downloads/spam-chat-train.jsonl"));
-    if let Some(train) = train.filter(|p| p.is_file()) {
+    let has_instruct_data = matches!(cfg.data.source, DataSource::Instruct { .. });
+    if let Some(train) = train.filter(|p| p.is_file() && !has_instruct_data) {
         cfg.data.source = DataSource::Instruct {
             eval_path: Some(train.with_file_name("spam-chat-eval.jsonl")),
             path: train,
@@ -501,7 +515,20 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
                 );
                 return;
             }
+            let was_lm = is_language_model(&cfg.model.source);
             cfg.model.source = ModelSource::Folder { path };
+            if !was_lm && is_language_model(&cfg.model.source) {
+                use_language_model_defaults(cfg);
+                app.form.request_preview(&app.background, cfg);
+            }
+        }
+        PickPurpose::ModelFile => {
+            let was_lm = is_language_model(&cfg.model.source);
+            cfg.model.source = ModelSource::Gguf { path };
+            if !was_lm {
+                use_language_model_defaults(cfg);
+                app.form.request_preview(&app.background, cfg);
+            }
         }
         PickPurpose::DatasetFolder => {
             cfg.data.source = DataSource::ImageFolder {
@@ -563,7 +590,8 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
         | PickPurpose::ReferenceImage
         | PickPurpose::SaveImages
         | PickPurpose::SaveLora
-        | PickPurpose::RunsFolder => {}
+        | PickPurpose::RunsFolder
+        | PickPurpose::ExportFolder => {}
     }
 }
 

@@ -12,12 +12,14 @@
 mod background;
 mod compare_tab;
 mod dialogs;
+mod export_dialog;
 mod form;
 mod personalise_tab;
 mod plots;
 mod run_view;
 mod spinner;
 mod train_tab;
+mod try_it_panel;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,7 @@ pub use dialogs::{
 pub use personalise_tab::{GalleryRow, ModelState, PersonaliseSettings, PersonaliseState, Phase};
 pub use plots::{run_color, unique_labels};
 pub use run_view::{RunView, UiState};
+pub use try_it_panel::{Answer, AnswerStatus, TryItSettings, TryItView};
 
 use crate::train::{RunStatus, RunStore, RunSummary, TrainConfig};
 use crate::worker::{Command, Event, Worker};
@@ -70,6 +73,8 @@ pub struct Settings {
     pub runs_dir: Option<PathBuf>,
     /// The Fine-tune tab's side panel (the form) is shown.
     pub form_open: bool,
+    /// The Try-it panel's prompt and length.
+    pub try_it: TryItSettings,
 }
 
 impl Default for Settings {
@@ -91,6 +96,7 @@ impl Default for Settings {
             personalise: PersonaliseSettings::default(),
             runs_dir: None,
             form_open: true,
+            try_it: TryItSettings::default(),
         }
     }
 }
@@ -139,6 +145,8 @@ pub(crate) enum TaskResult {
     Preview(u64, Result<form::DataPreview, String>),
     /// The folder opener failed (what to tell the user).
     OpenFailed(String),
+    /// A run's export ended: what was written, or why it failed.
+    Exported(Result<String, String>),
 }
 
 /// An error shown in the window: a sentence for the user, the details on demand.
@@ -162,6 +170,8 @@ pub struct StudioApp {
     pub errors: Vec<UiError>,
     /// The Personalise tab.
     pub personalise: PersonaliseState,
+    /// The Try-it panel's answers.
+    pub try_it: TryItView,
     store: RunStore,
     worker: Option<Worker>,
     background: Background<TaskResult>,
@@ -219,6 +229,7 @@ impl StudioApp {
             runs: Vec::new(),
             errors,
             personalise: PersonaliseState::default(),
+            try_it: TryItView::default(),
             store,
             worker,
             background: Background::new(ctx.clone()),
@@ -397,6 +408,7 @@ impl StudioApp {
     pub fn deliver_path(&mut self, purpose: PickPurpose, path: PathBuf) {
         match purpose {
             PickPurpose::RunsFolder => self.set_runs_dir(path),
+            PickPurpose::ExportFolder => export_dialog::use_picked_folder(self, path),
             PickPurpose::ReferenceFolder
             | PickPurpose::ReferenceImage
             | PickPurpose::SaveImages
@@ -463,6 +475,10 @@ impl StudioApp {
             if let Event::Refused(why) = &e {
                 self.report("The worker refused", why.clone());
             }
+            if let Event::TryIt(t) = &e {
+                self.try_it.apply(t);
+                continue;
+            }
             self.run.apply(e);
             if listed {
                 self.refresh_runs();
@@ -490,6 +506,7 @@ impl StudioApp {
                     self.report("The folder could not be opened", why);
                 }
             }
+            TaskResult::Exported(result) => export_dialog::finished(self, result),
         }
     }
 

@@ -28,6 +28,13 @@ pub fn show(app: &mut StudioApp, ui: &mut Ui) {
                 egui::ScrollArea::vertical().show(ui, |ui| form_ui(app, ui));
             });
     }
+    if super::try_it_panel::wanted(app) {
+        egui::Panel::bottom("try_it")
+            .resizable(true)
+            .default_size(220.0)
+            .min_size(120.0)
+            .show(ui, |ui| super::try_it_panel::show(app, ui));
+    }
     egui::CentralPanel::default().show(ui, |ui| run_ui(app, ui));
 }
 
@@ -78,9 +85,20 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
         })
         .response
         .labelled_by(title.id);
-    if ui.button("Open model folder…").clicked() {
-        app.pick(PickPurpose::ModelFolder);
-    }
+    ui.horizontal_wrapped(|ui| {
+        if ui.button("Open model folder…").clicked() {
+            app.pick(PickPurpose::ModelFolder);
+        }
+        if ui
+            .button("Open GGUF file…")
+            .on_hover_text(
+                "a llama.cpp GGUF language model (llama or qwen2; F32/F16/Q8_0/Q4_0/Q4_1)",
+            )
+            .clicked()
+        {
+            app.pick(PickPurpose::ModelFile);
+        }
+    });
     let labels = app.form.num_classes();
     match app
         .form

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod chat;
+
 use candle_core::{DType, Device, Tensor};
 use peft_studio::peft::{AdaptedLinear, AdapterConfig, Init, Method};
 
