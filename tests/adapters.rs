@@ -44,13 +44,13 @@ fn merge_unmerge_disable_and_export() {
             let mut l = layer(18, 12, 3);
             let x = randn(&[7, 12], 1.0, 4);
             let pre = l.forward(&x).unwrap();
-            let w_pre = l.base_weight().clone();
+            let w_pre = l.base_weight().unwrap().into_owned();
             let mut cfg = config(method, init, 5);
             cfg.trainable_scale = trainable_scale;
             l.attach(&cfg).unwrap();
             perturb(&l, 11);
             let unmerged = l.forward(&x).unwrap();
-            let base_unmerged = l.base_weight().clone();
+            let base_unmerged = l.base_weight().unwrap().into_owned();
             let tag = format!("{method}/{init} trainable_scale={trainable_scale}");
             assert!(
                 rel_err(&unmerged, &pre) > 1e-2,
@@ -88,7 +88,7 @@ fn merge_unmerge_disable_and_export() {
             );
             l.unmerge().unwrap();
             assert!(
-                rel_err(l.base_weight(), &base_unmerged) < 1e-6,
+                rel_err(l.base_weight().unwrap().as_ref(), &base_unmerged) < 1e-6,
                 "{tag}: unmerge did not restore"
             );
             assert!(rel_err(&l.forward(&x).unwrap(), &unmerged) < 1e-5, "{tag}");
@@ -109,7 +109,7 @@ fn merge_unmerge_disable_and_export() {
             );
 
             l.detach().unwrap();
-            assert!(rel_err(l.base_weight(), &w_pre) < 1e-5, "{tag}: detach");
+            assert!(rel_err(l.base_weight().unwrap().as_ref(), &w_pre) < 1e-5, "{tag}: detach");
         }
     }
 }
@@ -141,7 +141,7 @@ fn only_adapter_variables_receive_gradients() {
             "{method}: input got no gradient"
         );
         // The frozen tensors are not variables and get no gradient entry.
-        assert!(grads.get(l.base_weight()).is_none());
+        assert!(grads.get(l.base_weight().unwrap().as_ref()).is_none());
         if let Some(Adapter::Diagonal(d)) = l.adapter() {
             assert!(grads.get(&d.left).is_none() && grads.get(&d.right).is_none());
         }

@@ -167,7 +167,7 @@ fn export_is_a_plain_lora_reproducing_the_change() {
                 t.get(&format!("{key}.lora_B.weight")),
             ) {
                 (Some(a), Some(b)) => {
-                    let w = (base.base_weight() + b.matmul(a).unwrap()).unwrap();
+                    let w = (base.base_weight().unwrap().as_ref() + b.matmul(a).unwrap()).unwrap();
                     let y = x
                         .matmul(&w.t().unwrap())
                         .unwrap()

@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::{TempDir, ids, max_diff, random_weights};
 use peft_studio::models::llama::generate::{Sampler, full_logits};
-use peft_studio::models::llama::gguf::load_gguf;
+use peft_studio::models::llama::gguf::{load_gguf, load_gguf_packed};
 use peft_studio::models::llama::{
     GenerateOptions, LlamaConfig, LlmTokenizer, Sampling, StopReason, generate_text,
     generate_tokens, load_folder, load_language_model,
@@ -211,6 +211,14 @@ fn assert_same_logits(v: &Value, arch: &str, seed: u64) {
     let b = from_folder.forward(&ids(), None, false).unwrap();
     let d = max_diff(&a, &b);
     assert!(d < 1e-4, "{arch}: GGUF vs folder logits differ by {d}");
+    // Kept packed as stored (QLoRA's base), the same logits.
+    let packed = load_gguf_packed(&gguf).unwrap();
+    let c = packed.forward(&ids(), None, false).unwrap();
+    let d = max_diff(&c, &b);
+    assert!(
+        d < 1e-4,
+        "{arch}: packed GGUF vs folder logits differ by {d}"
+    );
     assert!(
         max_diff(&a, &a.zeros_like().unwrap()) > 1e-2,
         "logits are all zero"
@@ -860,4 +868,91 @@ fn llama3_rope_scaling_is_read_from_rope_freqs() {
     write_gguf(&gguf, &metadata("llama", &c), &tensors);
     let e = load_err(&gguf);
     assert!(e.contains("rope_freqs.weight"), "{e}");
+}
+
+/// QLoRA's base: a GGUF kept packed trains a LoRA exactly as the f32 model does (same loss,
+/// same adapter gradients), holds far fewer bytes, and merging unpacks to the same outputs.
+#[test]
+fn a_packed_base_trains_lora_like_the_f32_base() {
+    use peft_studio::peft::linear::{LinearLayers, attach_adapters, trainable_vars};
+    use peft_studio::peft::{AdapterConfig, Method, Targets};
+    let dir = TempDir::new("packed-lora");
+    let (gguf, _) = tiny_pair(&dir, &tiny("llama", false), "llama", 40);
+    let cfg = AdapterConfig {
+        method: Method::Lora,
+        rank: 4,
+        targets: Targets::Pattern("all-linear".into()),
+        ..AdapterConfig::default()
+    };
+    let mut dense = load_gguf(&gguf).unwrap();
+    let mut packed = load_gguf_packed(&gguf).unwrap();
+    attach_adapters(&mut dense, &cfg).unwrap();
+    attach_adapters(&mut packed, &cfg).unwrap();
+    // Every quantized or F16 weight stays packed under its adapter (F32 ones were never packed).
+    let kinds: Vec<bool> = packed
+        .linears()
+        .iter()
+        .filter(|l| l.adapter().is_some())
+        .map(|l| l.packed_weight().is_some())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k).count(), 12, "{kinds:?}");
+    let packed_bytes: usize = packed
+        .linears()
+        .iter()
+        .filter_map(|l| l.packed_weight().map(|p| p.size_in_bytes()))
+        .sum();
+    let f32_bytes: usize = packed
+        .linears()
+        .iter()
+        .filter(|l| l.packed_weight().is_some())
+        .map(|l| l.shape().0 * l.shape().1 * 4)
+        .sum();
+    assert!(
+        packed_bytes * 3 < f32_bytes,
+        "{packed_bytes} vs {f32_bytes}"
+    );
+
+    // LoRA's B starts at zero: move it so that every gradient is non-zero.
+    for m in [&dense, &packed] {
+        for (i, (_, v)) in trainable_vars(m).into_iter().enumerate() {
+            let t = common::randn(v.dims(), 0.1, 100 + i as u64);
+            v.set(&t).unwrap();
+        }
+    }
+    let loss = |m: &peft_studio::models::llama::LlamaModel| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let (ld, lp) = (loss(&dense), loss(&packed));
+    let (a, b) = (
+        ld.to_scalar::<f32>().unwrap(),
+        lp.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "loss {a} vs {b}");
+    let (gd, gp) = (ld.backward().unwrap(), lp.backward().unwrap());
+    for ((name, vd), (_, vp)) in trainable_vars(&dense)
+        .iter()
+        .zip(trainable_vars(&packed).iter())
+    {
+        let (x, y) = (gd.get(vd).unwrap(), gp.get(vp).unwrap());
+        let d = max_diff(x, y);
+        let scale = max_diff(x, &x.zeros_like().unwrap()).max(1e-6);
+        assert!(
+            d < 1e-3 * scale,
+            "{name}: gradient differs by {d} (scale {scale})"
+        );
+    }
+
+    // Merging unpacks the weight: the same outputs, then the same as the dense merge.
+    let before = packed.forward(&ids(), None, false).unwrap();
+    for l in packed.linears_mut() {
+        l.merge().unwrap();
+    }
+    assert!(packed.linears().iter().all(|l| l.packed_weight().is_none()));
+    let after = packed.forward(&ids(), None, false).unwrap();
+    assert!(max_diff(&before, &after) < 1e-4);
 }

@@ -1,5 +1,6 @@
 //! The SmolLM2-135M benchmark: a causal-LM training step (batch 4 × 256 tokens, every token
-//! trained, AdamW) with LoRA r=8 on q_proj/v_proj or full fine-tuning, and the peer's
+//! trained, AdamW) with LoRA r=8 on q_proj/v_proj (on the f32 folder, or QLoRA-style on the
+//! packed Q4_1 GGUF) or full fine-tuning, and the peer's
 //! `llm_step.py` on the same f32 weights.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +17,18 @@ use crate::peft::{AdapterConfig, Method, Targets};
 use crate::train::lm_batches::{LmExample, lm_batch, lm_loss};
 use crate::train::optim::{AdamW, AdamWParams};
 
-/// The variants: LoRA r=8 on q_proj, v_proj; full fine-tuning.
-pub const LLM_VARIANTS: [&str; 2] = ["lora", "full"];
+/// The variants: LoRA r=8 on q_proj/v_proj; the same LoRA on the built-in Q4_1 GGUF with its
+/// base kept packed (QLoRA's recipe; the peer runs its f32 LoRA beside it: PEFT's QLoRA needs
+/// bitsandbytes and CUDA); full fine-tuning.
+pub const LLM_VARIANTS: [&str; 3] = ["lora", "qlora", "full"];
+
+/// The peer's `--mode` for a variant.
+fn peer_mode(variant: &str) -> &str {
+    match variant {
+        "qlora" => "lora",
+        v => v,
+    }
+}
 
 /// Sequences per step and tokens per sequence (the peer's defaults).
 pub const BATCH: (usize, usize) = (4, 256);
@@ -45,7 +56,7 @@ pub fn peer_args(variant: &str, steps: usize, threads: usize, model_dir: &Path) 
     let (b, t) = BATCH;
     vec![
         "--mode".into(),
-        variant.into(),
+        peer_mode(variant).into(),
         "--steps".into(),
         (steps + 1).to_string(),
         "--threads".into(),
@@ -64,7 +75,7 @@ pub fn peer_args(variant: &str, steps: usize, threads: usize, model_dir: &Path) 
 /// The trainable variables of `variant` on `model`.
 fn trainable(model: &mut LlamaModel, variant: &str) -> anyhow::Result<Vec<Var>> {
     match variant {
-        "lora" => {
+        "lora" | "qlora" => {
             let cfg = AdapterConfig {
                 method: Method::Lora,
                 rank: 8,
@@ -94,7 +105,13 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
         "--steps must be 1 to 10000, got {steps}"
     );
     let dir = model_dir()?;
-    let mut model = load_folder(&dir)?;
+    let mut model = if variant == "qlora" {
+        let gguf = crate::models::llama::smollm2_path()
+            .ok_or_else(|| anyhow::anyhow!("{}", crate::models::llama::smollm2_fetch_hint()))?;
+        crate::models::llama::load_gguf_packed(&gguf)?
+    } else {
+        load_folder(&dir)?
+    };
     let vars = trainable(&mut model, variant)?;
     let count: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(

@@ -81,15 +81,17 @@ pub struct ExportReport {
 
 /// The head's parameters as PEFT `modules_to_save`, grouped under the head's top module
 /// (`classifier`, whose sub-modules RoBERTa's head has), the name PEFT wraps.
-fn head_modules(model: &dyn Classifier) -> Vec<(String, Vec<(String, candle_core::Tensor)>)> {
-    let mut groups: Vec<(String, Vec<(String, candle_core::Tensor)>)> = Vec::new();
+type HeadModules = Vec<(String, Vec<(String, candle_core::Tensor)>)>;
+
+fn head_modules(model: &dyn Classifier) -> crate::peft::Result<HeadModules> {
+    let mut groups: HeadModules = Vec::new();
     for l in model.head() {
         let path = l.path();
         let (top, rest) = match path.split_once('.') {
             Some((t, r)) => (t.to_string(), format!("{r}.")),
             None => (path.to_string(), String::new()),
         };
-        let mut params = vec![(format!("{rest}weight"), l.base_weight().detach())];
+        let mut params = vec![(format!("{rest}weight"), l.base_weight()?.detach())];
         if let Some(b) = l.bias() {
             params.push((format!("{rest}bias"), b.detach()));
         }
@@ -98,7 +100,7 @@ fn head_modules(model: &dyn Classifier) -> Vec<(String, Vec<(String, candle_core
             None => groups.push((top, params)),
         }
     }
-    groups
+    Ok(groups)
 }
 
 /// Exports the finished run in `run_folder` as `format` into the folder `out` (refused when
@@ -282,7 +284,7 @@ fn write_run(t: &TrainedRun, format: ExportFormat, dir: &Path) -> anyhow::Result
             let target = peft_adapter::PeftTarget {
                 task_type,
                 base_model,
-                modules_to_save: head_modules(model),
+                modules_to_save: head_modules(model)?,
             };
             let s = peft_adapter::write_peft(model, &target, dir)?;
             let method = t.cfg.adapter.method;

@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use super::ModelError;
+use crate::peft::PackedWeight;
 
 /// How a parameter is initialised when the checkpoint lacks it.
 #[derive(Debug, Clone, Copy)]
@@ -34,9 +35,39 @@ pub struct WeightReader {
     device: Device,
     /// Names that were initialised rather than loaded.
     pub initialised: Vec<String>,
+    /// Weights kept as stored (quantized), taken by [`take_packed`](Self::take_packed).
+    packed: HashMap<String, PackedWeight>,
 }
 
 impl WeightReader {
+    /// Adds weights kept packed as stored (a GGUF file's quantized linears), read by
+    /// [`take_packed`](Self::take_packed) instead of [`get`](Self::get).
+    pub fn with_packed(mut self, packed: HashMap<String, PackedWeight>) -> Self {
+        self.packed = packed;
+        self
+    }
+
+    /// The packed weight `name`, if there is one, checked against `dims`.
+    pub fn take_packed(
+        &mut self,
+        name: &str,
+        dims: (usize, usize),
+    ) -> Result<Option<PackedWeight>, ModelError> {
+        let Some(p) = self.packed.remove(name) else {
+            return Ok(None);
+        };
+        if p.dims() != dims {
+            return Err(ModelError::Weights {
+                file: self.file.clone(),
+                problem: format!(
+                    "tensor `{name}` has shape {:?}, expected {dims:?}",
+                    p.dims()
+                ),
+            });
+        }
+        Ok(Some(p))
+    }
+
     /// Reads `file`; the backbone's names are looked up with `own_prefix` or without it.
     pub fn open(
         file: &Path,
@@ -76,6 +107,7 @@ impl WeightReader {
             std,
             device: device.clone(),
             initialised: Vec::new(),
+            packed: HashMap::new(),
         })
     }
 
@@ -98,6 +130,7 @@ impl WeightReader {
             std,
             device: device.clone(),
             initialised: Vec::new(),
+            packed: HashMap::new(),
         })
     }
 
@@ -112,6 +145,7 @@ impl WeightReader {
             std,
             device: device.clone(),
             initialised: Vec::new(),
+            packed: HashMap::new(),
         }
     }
 

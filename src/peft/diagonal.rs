@@ -379,9 +379,9 @@ mod tests {
             .unwrap();
             let g = Tensor::randn(0f32, 1.0, (2, rows / 2, m), &dev).unwrap();
             let merged = d
-                .merged_forward(x.as_tensor(), layer.base_weight(), Some(&b))
+                .merged_forward(x.as_tensor(), &layer.base_weight().unwrap(), Some(&b))
                 .unwrap();
-            let factored = (frozen_linear(x.as_tensor(), layer.base_weight(), FrozenGrad::Skip)
+            let factored = (frozen_linear(x.as_tensor(), &layer.base_weight().unwrap(), FrozenGrad::Skip)
                 .unwrap()
                 .broadcast_add(&b)
                 .unwrap()

@@ -63,7 +63,7 @@ impl FrozenMatmul {
 /// `a·b` for 2-D f32 operands of any strides, straight into gemm with an output that is never
 /// zeroed first (candle's matmul zeroes it, then overwrites it). With `bias` (one value per
 /// output column) the output starts as the bias rows and gemm accumulates onto them.
-fn gemm_f32(
+pub(crate) fn gemm_f32(
     a: &[f32],
     la: &Layout,
     b: &[f32],

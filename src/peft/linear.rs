@@ -1,6 +1,8 @@
 //! [`AdaptedLinear`]: one frozen linear layer plus an optional adapter, and the
 //! [`LinearLayers`] trait through which adapters are attached to a model by module path.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Tensor, Var};
 
 use super::config::{AdapterConfig, Method};
@@ -8,7 +10,15 @@ use super::decompose::{self, tensor_to_mat};
 use super::diagonal::DiagonalAdapter;
 use super::frozen::{FrozenGrad, frozen_linear, frozen_linear_bias};
 use super::lora::LoraAdapter;
+use super::packed::{PackedWeight, packed_linear};
 use super::{PeftError, Result};
+
+/// A layer's frozen weight: a tensor, or the stored (quantized) form of one.
+#[derive(Debug, Clone)]
+enum Frozen {
+    Dense(Tensor),
+    Packed(PackedWeight),
+}
 
 /// The adapter a layer carries.
 #[derive(Debug, Clone)]
@@ -100,7 +110,7 @@ impl Adapter {
 pub struct AdaptedLinear {
     path: String,
     /// The frozen weight of the unmerged forward (W, W − s·B₀·A₀, or W_res); W_eff when merged.
-    base: Tensor,
+    base: Frozen,
     /// Set when the weight itself trains (full fine-tuning); `base` is then its tensor.
     trainable_weight: Option<Var>,
     /// Set when the bias trains too; `bias` is then its tensor.
@@ -116,9 +126,21 @@ pub struct AdaptedLinear {
 impl AdaptedLinear {
     /// A plain frozen layer at `path` with weight (out×in) and optional bias (out).
     pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_base(path.into(), Frozen::Dense(weight), bias)
+    }
+
+    /// A frozen layer whose weight stays packed as stored (e.g. Q4_1 from a GGUF file): the
+    /// forward dequantizes it per product, so no f32 copy stays resident. LoRA (default init)
+    /// keeps it packed; an adapter that changes the base (PiSSA, SVFit, LoLDU), merging or
+    /// full fine-tuning turns it into an f32 weight.
+    pub fn new_packed(path: impl Into<String>, weight: PackedWeight, bias: Option<Tensor>) -> Self {
+        Self::with_base(path.into(), Frozen::Packed(weight), bias)
+    }
+
+    fn with_base(path: String, base: Frozen, bias: Option<Tensor>) -> Self {
         Self {
-            path: path.into(),
-            base: weight,
+            path,
+            base,
             trainable_weight: None,
             trainable_bias: None,
             bias,
@@ -137,14 +159,39 @@ impl AdaptedLinear {
 
     /// (out, in) features.
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.base.dims();
-        (d[0], d[1])
+        match &self.base {
+            Frozen::Dense(t) => {
+                let d = t.dims();
+                (d[0], d[1])
+            }
+            Frozen::Packed(p) => p.dims(),
+        }
     }
 
     /// The frozen weight the unmerged forward multiplies by: W for LoRA, `W − s·B₀·A₀` for
-    /// PiSSA, `W_res` for SVFit and LoLDU; `W_eff` while merged.
-    pub fn base_weight(&self) -> &Tensor {
-        &self.base
+    /// PiSSA, `W_res` for SVFit and LoLDU; `W_eff` while merged. A packed weight is
+    /// dequantized to f32 (a new tensor).
+    pub fn base_weight(&self) -> Result<Cow<'_, Tensor>> {
+        Ok(match &self.base {
+            Frozen::Dense(t) => Cow::Borrowed(t),
+            Frozen::Packed(p) => Cow::Owned(p.dequantize()?),
+        })
+    }
+
+    /// The packed weight, when the frozen weight is kept as stored.
+    pub fn packed_weight(&self) -> Option<&PackedWeight> {
+        match &self.base {
+            Frozen::Packed(p) => Some(p),
+            Frozen::Dense(_) => None,
+        }
+    }
+
+    /// The dtype of the frozen weight's computations (f32 for a packed one).
+    fn base_dtype(&self) -> DType {
+        match &self.base {
+            Frozen::Dense(t) => t.dtype(),
+            Frozen::Packed(_) => DType::F32,
+        }
     }
 
     /// The bias, if any.
@@ -228,7 +275,11 @@ impl AdaptedLinear {
                 (Adapter::Diagonal(a), base)
             }
         };
-        self.base = base;
+        // LoRA's default init leaves W as it is: a packed W stays packed.
+        let unchanged = base.id() == pretrained.id() && matches!(self.base, Frozen::Packed(_));
+        if !unchanged {
+            self.base = Frozen::Dense(base);
+        }
         self.adapter = Some(adapter);
         self.trainable_weight = None;
         self.trainable_bias = None;
@@ -240,7 +291,9 @@ impl AdaptedLinear {
 
     /// Removes the adapter, restoring the pre-trained weight.
     pub fn detach(&mut self) -> Result<()> {
-        self.base = self.pretrained_weight()?;
+        if self.adapter.is_some() || self.trainable_weight.is_some() {
+            self.base = Frozen::Dense(self.pretrained_weight()?);
+        }
         self.trainable_weight = None;
         self.trainable_bias = None;
         self.adapter = None;
@@ -255,8 +308,8 @@ impl AdaptedLinear {
     /// [`trainable_vars`]: Self::trainable_vars
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
         self.detach()?;
-        let var = Var::from_tensor(&self.base.to_dtype(DType::F32)?)?;
-        self.base = var.as_tensor().clone();
+        let var = Var::from_tensor(&self.base_weight()?.to_dtype(DType::F32)?)?;
+        self.base = Frozen::Dense(var.as_tensor().clone());
         self.trainable_weight = Some(var);
         if let Some(b) = &self.bias {
             let bv = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
@@ -270,7 +323,7 @@ impl AdaptedLinear {
     /// training the token embedding's variable); its gradient reaches `var`.
     pub fn share_trainable(&mut self, var: &Var) -> Result<()> {
         self.detach()?;
-        self.base = var.as_tensor().clone();
+        self.base = Frozen::Dense(var.as_tensor().clone());
         self.trainable_weight = Some(var.clone());
         Ok(())
     }
@@ -295,16 +348,19 @@ impl AdaptedLinear {
             && self.trainable_bias.is_none()
             && x.device().is_cpu()
             && x.dtype() == DType::F32
-            && self.base.dtype() == DType::F32
+            && let Frozen::Dense(base) = &self.base
+            && base.dtype() == DType::F32
             && d.merged_forward_pays(x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1))
         {
-            return d.merged_forward(x, &self.base, self.bias.as_ref());
+            return d.merged_forward(x, base, self.bias.as_ref());
         }
         // A frozen bias is fused into the frozen matmul; a trainable one is added after.
         let fused_bias = self.trainable_bias.is_none() && self.bias.is_some();
-        let mut y = match (&self.bias, fused_bias) {
-            (Some(b), true) => frozen_linear_bias(x, &self.base, b, mode)?,
-            _ => frozen_linear(x, &self.base, mode)?,
+        let mut y = match (&self.base, &self.bias, fused_bias) {
+            (Frozen::Packed(p), Some(b), true) => packed_linear(x, p)?.broadcast_add(b)?,
+            (Frozen::Packed(p), _, _) => packed_linear(x, p)?,
+            (Frozen::Dense(w), Some(b), true) => frozen_linear_bias(x, w, b, mode)?,
+            (Frozen::Dense(w), _, _) => frozen_linear(x, w, mode)?,
         };
         if let Some(adapter) = &self.adapter
             && !self.merged
@@ -338,8 +394,8 @@ impl AdaptedLinear {
         if let Some(a) = &self.adapter
             && !self.merged
         {
-            let delta = a.merge_delta()?.to_dtype(self.base.dtype())?;
-            self.base = (&self.base + delta)?.detach();
+            let delta = a.merge_delta()?.to_dtype(self.base_dtype())?;
+            self.base = Frozen::Dense((self.base_weight()?.as_ref() + delta)?.detach());
             self.merged = true;
             self.disabled = false;
         }
@@ -351,8 +407,8 @@ impl AdaptedLinear {
         if let Some(a) = &self.adapter
             && self.merged
         {
-            let delta = a.merge_delta()?.to_dtype(self.base.dtype())?;
-            self.base = (&self.base - delta)?.detach();
+            let delta = a.merge_delta()?.to_dtype(self.base_dtype())?;
+            self.base = Frozen::Dense((self.base_weight()?.as_ref() - delta)?.detach());
             self.merged = false;
         }
         Ok(())
@@ -374,7 +430,7 @@ impl AdaptedLinear {
         if let Some(a) = &self.adapter
             && let Some(init) = a.initial_delta()?
         {
-            w = (w + init.to_dtype(self.base.dtype())?)?;
+            w = (w + init.to_dtype(self.base_dtype())?)?;
         }
         Ok(w.detach())
     }
@@ -383,20 +439,21 @@ impl AdaptedLinear {
     fn unmerged_base(&self) -> Result<Tensor> {
         match &self.adapter {
             Some(a) if self.merged => {
-                Ok((&self.base - a.merge_delta()?.to_dtype(self.base.dtype())?)?)
+                Ok((self.base_weight()?.as_ref()
+                    - a.merge_delta()?.to_dtype(self.base_dtype())?)?)
             }
-            _ => Ok(self.base.clone()),
+            _ => Ok(self.base_weight()?.into_owned()),
         }
     }
 
     /// The weight the layer computes with now (W_eff = base + ΔW).
     pub fn effective_weight(&self) -> Result<Tensor> {
         match &self.adapter {
-            Some(a) if !self.merged && !self.disabled => {
-                Ok((&self.base + a.merge_delta()?.to_dtype(self.base.dtype())?)?.detach())
-            }
+            Some(a) if !self.merged && !self.disabled => Ok((self.base_weight()?.as_ref()
+                + a.merge_delta()?.to_dtype(self.base_dtype())?)?
+            .detach()),
             Some(_) if self.disabled => self.pretrained_weight(),
-            _ => Ok(self.base.detach()),
+            _ => Ok(self.base_weight()?.detach()),
         }
     }
 
@@ -406,7 +463,11 @@ impl AdaptedLinear {
         match &self.adapter {
             None => {
                 let (m, n) = self.shape();
-                Ok(Tensor::zeros((m, n), DType::F32, self.base.device())?)
+                Ok(Tensor::zeros(
+                    (m, n),
+                    DType::F32,
+                    &candle_core::Device::Cpu,
+                )?)
             }
             Some(a) => {
                 let (b, a) = a.lora_form()?;

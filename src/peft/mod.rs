@@ -11,6 +11,7 @@ pub mod diagonal;
 pub mod frozen;
 pub mod linear;
 pub mod lora;
+pub mod packed;
 
 pub use checkpoint::{
     export_lora, load_adapter, load_adapter_with, save_adapter, save_adapter_with,
@@ -20,6 +21,7 @@ pub use diagonal::DiagonalAdapter;
 pub use frozen::{FrozenGrad, frozen_linear};
 pub use linear::{AdaptedLinear, Adapter, LayerSet};
 pub use lora::LoraAdapter;
+pub use packed::{PackedWeight, packed_linear};
 
 /// Everything that can go wrong while building, running or storing an adapter. Each variant
 /// names the field, layer or file involved.

@@ -22,10 +22,10 @@ use crate::models::ModelSource;
 use crate::models::llama::LlamaModel;
 use crate::models::llama::generate::{GenerateOptions, Sampling, generate_tokens};
 use crate::models::llama::language_model::{
-    LanguageModel, SMOLLM2_NAME, load_language_model, smollm2_fetch_hint, smollm2_path,
+    LanguageModel, SMOLLM2_NAME, load_language_model_with, smollm2_fetch_hint, smollm2_path,
 };
 use crate::models::llama::tokenizer::LlmTokenizer;
-use crate::peft::linear::{attach_adapters, trainable_vars};
+use crate::peft::linear::{LinearLayers, attach_adapters, trainable_vars};
 use crate::peft::{Method, save_adapter};
 
 /// A held-out question and the answer the task expects (scored by exact match).
@@ -283,11 +283,12 @@ fn exact_match_scorer(tokenizer: LlmTokenizer, max_new_tokens: usize) -> Box<Ans
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     let (train_path, eval_path) = data_files(cfg)?;
     let path = model_path(&cfg.model.source)?;
+    let packed = cfg.model.packed_base && cfg.mode == TrainMode::Adapter && path.is_file();
     let LanguageModel {
         mut model,
         tokenizer,
         ..
-    } = load_language_model(&path)?;
+    } = load_language_model_with(&path, packed)?;
     let template = chat_template(&tokenizer, &path)?;
     let encoder = InstructEncoder::new(
         &tokenizer.tokenizer,
@@ -347,6 +348,21 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
                 });
             }
         }
+    }
+    let packed_layers: Vec<_> = model
+        .linears()
+        .into_iter()
+        .filter_map(|l| l.packed_weight().map(|p| (p.size_in_bytes(), l.shape())))
+        .collect();
+    if !packed_layers.is_empty() {
+        let bytes: usize = packed_layers.iter().map(|p| p.0).sum();
+        let f32_bytes: usize = packed_layers.iter().map(|p| p.1.0 * p.1.1 * 4).sum();
+        notes.push(format!(
+            "frozen base kept as stored (model.packed_base): {} linear weights in {:.0} MiB instead of {:.0} MiB as f32",
+            packed_layers.len(),
+            crate::memory::mib(bytes as u64),
+            crate::memory::mib(f32_bytes as u64)
+        ));
     }
     let base_total = model.parameter_count();
     let wd = cfg.optim.weight_decay;

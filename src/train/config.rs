@@ -68,6 +68,10 @@ pub struct ModelConfig {
     pub new_head: bool,
     /// Text models: tokens per sequence after truncation.
     pub max_length: usize,
+    /// A GGUF language model trained with an adapter keeps its quantized linear weights as
+    /// stored (QLoRA's recipe: the frozen base stays 4-bit under f32 adapters; outputs are
+    /// the same, memory lower); `false` dequantizes them to f32 at load.
+    pub packed_base: bool,
 }
 
 impl Default for ModelConfig {
@@ -76,6 +80,7 @@ impl Default for ModelConfig {
             source: ModelSource::default(),
             new_head: true,
             max_length: 64,
+            packed_base: true,
         }
     }
 }

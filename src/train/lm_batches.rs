@@ -98,7 +98,9 @@ pub fn trained_logits(
 /// (tokens × vocabulary) logits.
 pub fn lm_loss(model: &LlamaModel, batch: &LmBatch, train: bool) -> candle_core::Result<Tensor> {
     let head = model.lm_head();
-    let w = head.base_weight();
+    let w = head
+        .base_weight()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     if head.adapter().is_none()
         && head.bias().is_none()
         && head.trainable_count() == 0
@@ -109,7 +111,7 @@ pub fn lm_loss(model: &LlamaModel, batch: &LmBatch, train: bool) -> candle_core:
         let hidden = model.hidden_states(&batch.ids, Some(&batch.mask), train)?;
         let (b, t, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * t, h))?.index_select(&batch.rows, 0)?;
-        return crate::models::lm_ops::frozen_head_cross_entropy(&picked, w, &batch.targets);
+        return crate::models::lm_ops::frozen_head_cross_entropy(&picked, &w, &batch.targets);
     }
     let logits = trained_logits(model, batch, train)?;
     crate::models::lm_ops::cross_entropy(&logits, &batch.targets)

@@ -17,16 +17,18 @@ use crate::models::{self, Classifier, LoadedModel, load_model};
 use crate::peft::{load_adapter_with, save_adapter_with};
 
 /// The `modules_to_save` of a model: its head's parameters.
-fn head_tensors(model: &dyn Classifier) -> Vec<(String, Vec<(String, Tensor)>)> {
+type HeadTensors = Vec<(String, Vec<(String, Tensor)>)>;
+
+fn head_tensors(model: &dyn Classifier) -> crate::peft::Result<HeadTensors> {
     model
         .head()
         .into_iter()
         .map(|l| {
-            let mut params = vec![("weight".to_string(), l.base_weight().detach())];
+            let mut params = vec![("weight".to_string(), l.base_weight()?.detach())];
             if let Some(b) = l.bias() {
                 params.push(("bias".to_string(), b.detach()));
             }
-            (l.path().to_string(), params)
+            Ok((l.path().to_string(), params))
         })
         .collect()
 }
@@ -41,14 +43,19 @@ pub fn save_trained(
     let layout = RunLayout::new(run_path);
     match cfg.mode {
         TrainMode::Adapter => {
-            save_adapter_with(model, &cfg.adapter, &layout.adapter(), &head_tensors(model))?;
+            save_adapter_with(
+                model,
+                &cfg.adapter,
+                &layout.adapter(),
+                &head_tensors(model)?,
+            )?;
         }
         TrainMode::Full => save_model(model, &layout.model())?,
         TrainMode::Head => {
             let dir = layout.head();
             fsio::create_dir_all(&dir)?;
             let mut t = Vec::new();
-            for (module, params) in head_tensors(model) {
+            for (module, params) in head_tensors(model)? {
                 for (n, v) in params {
                     t.push((format!("{module}.{n}"), v));
                 }

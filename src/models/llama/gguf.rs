@@ -12,6 +12,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
@@ -20,6 +21,7 @@ use super::model::LlamaModel;
 use crate::arch::ArchError;
 use crate::models::ModelError;
 use crate::models::weights::WeightReader;
+use crate::peft::PackedWeight;
 
 /// An open GGUF file: its header (metadata and tensor directory) and a reader for the data.
 pub struct GgufFile {
@@ -148,19 +150,25 @@ impl GgufFile {
 
     /// A tensor dequantized to f32.
     pub fn tensor(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        if !self.has_tensor(name) {
-            return Err(file_err(&self.path, format!("tensor `{name}` is missing")));
-        }
-        let q = self
-            .content
-            .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| file_err(&self.path, format!("cannot read tensor `{name}`: {e}")))?;
+        let q = self.qtensor(name)?;
         q.dequantize(&Device::Cpu).map_err(|e| {
             file_err(
                 &self.path,
                 format!("cannot dequantize tensor `{name}`: {e}"),
             )
         })
+    }
+}
+
+impl GgufFile {
+    /// Tensor `name` as stored (quantized blocks, or F32/F16).
+    pub fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        if !self.has_tensor(name) {
+            return Err(file_err(&self.path, format!("tensor `{name}` is missing")));
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| file_err(&self.path, format!("cannot read tensor `{name}`: {e}")))
     }
 }
 
@@ -439,10 +447,20 @@ pub fn read_tensors(
     g: &mut GgufFile,
     c: &LlamaConfig,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
-    let names = tensor_names(c);
+    read_tensors_except::<()>(g, c, &HashMap::new())
+}
+
+/// [`read_tensors`] without the tensors (by Hugging Face name) in `skip`.
+fn read_tensors_except<T>(
+    g: &mut GgufFile,
+    c: &LlamaConfig,
+    skip: &HashMap<String, T>,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mut names = tensor_names(c);
     if let Some((missing, _)) = names.iter().find(|(n, _)| !g.has_tensor(n)) {
         return Err(file_err(g.path(), format!("tensor `{missing}` is missing")));
     }
+    names.retain(|(_, h)| !skip.contains_key(h));
     let permuted = c.family == DecoderFamily::Llama;
     let mut out = HashMap::with_capacity(names.len());
     for (gname, hname) in names {
@@ -463,6 +481,78 @@ pub fn read_tensors(
         out.insert(hname, t);
     }
     Ok(out)
+}
+
+/// The row order that undoes llama.cpp's q/k permutation (row `i` of the result is row
+/// `order[i]` of the stored tensor), as [`unpermute_rows`] does to a dense tensor.
+fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads / 2;
+    let mut order = Vec::with_capacity(rows);
+    // Hugging Face row (h, i, j) of [heads, 2, half] is stored row (h, j, i) of
+    // [heads, half, 2].
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                order.push(h * 2 * half + j * 2 + i);
+            }
+        }
+    }
+    order
+}
+
+/// The model's linear-layer weights that are stored quantized (or F16), kept packed under
+/// Hugging Face names (q and k rows in Hugging Face order); F32 ones are left out.
+pub fn read_packed_linears(
+    g: &mut GgufFile,
+    c: &LlamaConfig,
+) -> Result<HashMap<String, PackedWeight>, ModelError> {
+    let permuted = c.family == DecoderFamily::Llama;
+    let mut out = HashMap::new();
+    for (gname, hname) in tensor_names(c) {
+        if !hname.starts_with("model.layers.") || !hname.ends_with("_proj.weight") {
+            continue;
+        }
+        let q = g.qtensor(&gname)?;
+        if q.dtype() == GgmlDType::F32 {
+            continue;
+        }
+        let bad = |e: candle_core::Error| file_err(g.path(), format!("tensor `{gname}`: {e}"));
+        let mut p = PackedWeight::new(q).map_err(bad)?;
+        let heads = if hname.contains(".q_proj.") {
+            Some(c.num_attention_heads)
+        } else if hname.contains(".k_proj.") {
+            Some(c.num_key_value_heads)
+        } else {
+            None
+        };
+        if let (true, Some(h)) = (permuted, heads) {
+            p = p
+                .permute_rows(&unpermute_order(p.dims().0, h))
+                .map_err(bad)?;
+        }
+        out.insert(hname, p);
+    }
+    Ok(out)
+}
+
+/// Loads the model in the GGUF file `path` with its quantized (and F16) linear weights kept
+/// as stored: QLoRA's recipe, a packed frozen base under f32 adapters. Outputs equal
+/// [`load_gguf`]'s (the same dequantization, done per product); the embedding and norms are
+/// f32.
+pub fn load_gguf_packed(path: &Path) -> Result<LlamaModel, ModelError> {
+    let mut g = GgufFile::open(path)?;
+    let config = config_from_gguf(&mut g)?;
+    let packed = read_packed_linears(&mut g, &config)?;
+    let tensors = read_tensors_except(&mut g, &config, &packed)?;
+    let mut r = WeightReader::from_tensors(
+        tensors,
+        path,
+        config.initializer_range as f32,
+        0,
+        &Device::Cpu,
+    )?
+    .with_packed(packed);
+    LlamaModel::load(&config, &mut r)
 }
 
 /// Loads the model in the GGUF file `path` onto the CPU, weights dequantized to f32.

@@ -29,6 +29,12 @@ pub struct LanguageModel {
 
 /// Loads a model folder (`config.json`, safetensors, `tokenizer.json`) or a `.gguf` file.
 pub fn load_language_model(path: &Path) -> Result<LanguageModel, ModelError> {
+    load_language_model_with(path, false)
+}
+
+/// [`load_language_model`]; with `packed`, a GGUF file's quantized linear weights stay as
+/// stored (see [`load_gguf_packed`](super::gguf::load_gguf_packed)).
+pub fn load_language_model_with(path: &Path, packed: bool) -> Result<LanguageModel, ModelError> {
     if path.is_dir() {
         let tokenizer = LlmTokenizer::from_folder(path)?;
         let model = load_folder(path)?;
@@ -46,7 +52,11 @@ pub fn load_language_model(path: &Path) -> Result<LanguageModel, ModelError> {
     }
     // The tokenizer first: its errors are cheap, the weights are not.
     let tokenizer = LlmTokenizer::from_gguf(&GgufFile::open(path)?)?;
-    let model = load_gguf(path)?;
+    let model = if packed {
+        super::gguf::load_gguf_packed(path)?
+    } else {
+        load_gguf(path)?
+    };
     Ok(LanguageModel {
         model,
         tokenizer,

@@ -23,10 +23,10 @@ pub use generate::{
     GenerateError, GenerateOptions, Generation, Sampling, StopReason, Timings, generate_text,
     generate_tokens,
 };
-pub use gguf::load_gguf;
+pub use gguf::{load_gguf, load_gguf_packed};
 pub use language_model::{
-    LanguageModel, SMOLLM2_NAME, load_language_model, resolve_model, smollm2_fetch_hint,
-    smollm2_path,
+    LanguageModel, SMOLLM2_NAME, load_language_model, load_language_model_with, resolve_model,
+    smollm2_fetch_hint, smollm2_path,
 };
 pub use load::load_folder;
 pub use model::{KvCache, LlamaModel};

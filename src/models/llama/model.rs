@@ -71,12 +71,16 @@ fn linear(
     inp: usize,
     bias: bool,
 ) -> std::result::Result<AdaptedLinear, ModelError> {
-    let w = r.get(&format!("{path}.weight"), &[out, inp], Fill::Normal)?;
     let b = if bias {
         Some(r.get(&format!("{path}.bias"), &[out], Fill::Zeros)?)
     } else {
         None
     };
+    let name = format!("{path}.weight");
+    if let Some(p) = r.take_packed(&name, (out, inp))? {
+        return Ok(AdaptedLinear::new_packed(path, p, b));
+    }
+    let w = r.get(&name, &[out, inp], Fill::Normal)?;
     Ok(AdaptedLinear::new(path, w, b))
 }
 
@@ -462,7 +466,8 @@ impl LlamaModel {
         let head = if self.config.tie_word_embeddings {
             0
         } else {
-            self.lm_head.base_weight().elem_count()
+            let (m, n) = self.lm_head.shape();
+            m * n
         };
         let other: usize = self
             .other_params()

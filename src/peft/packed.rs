@@ -1,0 +1,133 @@
+//! A frozen weight kept as stored: a GGUF file's quantized blocks (Q4_0, Q4_1, Q8_0, F16, …)
+//! instead of f32, as QLoRA keeps its 4-bit base under f32 adapters.
+//!
+//! [`packed_linear`] computes `y = x·Wᵀ` by dequantizing W (the same function that turns the
+//! file into f32 at load, so the result equals the f32 model's) into a buffer that lives for
+//! the one product, and its backward does the same for `g·W`: only the packed bytes stay
+//! resident, never an f32 copy of the base. The gradient of x is the only one computed.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
+
+/// A frozen out×in weight in its stored (usually quantized) form.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    q: Arc<QTensor>,
+}
+
+impl PackedWeight {
+    /// Wraps a 2-D (out×in) quantized tensor.
+    pub fn new(q: QTensor) -> Result<Self> {
+        if q.shape().rank() != 2 {
+            candle_core::bail!("a packed weight is 2-D, got shape {:?}", q.shape());
+        }
+        Ok(Self { q: Arc::new(q) })
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.q.shape().dims();
+        (d[0], d[1])
+    }
+
+    /// The storage type (`q4_1`, `f16`, …).
+    pub fn dtype(&self) -> GgmlDType {
+        self.q.dtype()
+    }
+
+    /// Bytes the packed weight occupies.
+    pub fn size_in_bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+
+    /// The weight as f32 (a new tensor each call).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        self.q.dequantize(&Device::Cpu)
+    }
+
+    /// The same weight with its rows reordered by `order` (row `i` of the result is row
+    /// `order[i]`), blocks untouched: quantization blocks run along a row.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        let (rows, cols) = self.dims();
+        if order.len() != rows {
+            candle_core::bail!("permute_rows: {} indices for {rows} rows", order.len());
+        }
+        let dtype = self.dtype();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let data = self.q.data()?;
+        let mut out = Vec::with_capacity(data.len());
+        for &i in order {
+            let Some(row) = data.get(i * row_bytes..(i + 1) * row_bytes) else {
+                candle_core::bail!("permute_rows: row {i} of {rows}");
+            };
+            out.extend_from_slice(row);
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &out,
+            vec![rows, cols],
+            &Device::Cpu,
+        )?;
+        Self::new(q)
+    }
+}
+
+/// `x·Wᵀ` with W packed: arg is x (rows×in, f32, contiguous).
+struct PackedMatmul {
+    w: Arc<QTensor>,
+}
+
+impl CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("packed matmul: the input must be f32");
+        };
+        let (rows, _) = l.shape().dims2()?;
+        let w = self.w.dequantize(&Device::Cpu)?;
+        let (out_features, _) = w.dims2()?;
+        let (storage, wl) = w.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(wd)) = &*storage else {
+            candle_core::bail!("packed matmul: the weight did not dequantize to f32 on the CPU");
+        };
+        let y = super::frozen::gemm_f32(x, l, wd, &wl.transpose(0, 1)?, None)?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_features))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.w.dequantize(grad.device())?;
+        Ok(Some(grad.matmul(&w)?))
+    }
+}
+
+/// `x·Wᵀ` (x of any rank, last dimension `in`) with a packed W; the backward yields the
+/// gradient of x alone. CPU only.
+pub fn packed_linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
+    let (m, n) = w.dims();
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("packed linear: the input is a scalar");
+    };
+    if last != n {
+        candle_core::bail!(
+            "packed linear: input has {last} features, the weight {m}×{n} expects {n}"
+        );
+    }
+    if !x.device().is_cpu() {
+        candle_core::bail!("a packed (quantized) base weight runs on the CPU only");
+    }
+    let rows: usize = lead.iter().product();
+    let x2 = x
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((rows, n))?
+        .contiguous()?;
+    let y = x2.apply_op1(PackedMatmul { w: w.q.clone() })?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(m);
+    y.reshape(out_dims)
+}
