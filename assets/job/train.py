@@ -6,7 +6,7 @@ run's settings, exactly as peft-studio resolved them), `data/train.jsonl` and
 `data/eval.jsonl` (the run's split), `peft_studio_adapters.py` (SVFit and LoLDU in PyTorch).
 
     accelerate launch --config_file accelerate/single_gpu.yaml train.py
-    accelerate launch --config_file accelerate/cpu_2proc.yaml train.py --steps 40
+    accelerate launch --config_file accelerate/cpu_2proc.yaml train.py --cpu --steps 40
 
 `batch_size` in job.json is the global batch of one optimiser step (as in peft-studio): each
 of the N processes takes batch_size / N examples. Outputs (in --out, default `output/`):
@@ -44,6 +44,9 @@ def parse_args():
     ap.add_argument("--eval-every", type=int, help="evaluate every N steps (default: job's)")
     ap.add_argument("--max-eval", type=int, help="use at most N held-out examples")
     ap.add_argument("--threads", type=int, help="torch threads per process")
+    ap.add_argument("--cpu", action="store_true",
+                    help="train on the CPU even where a GPU is present (gloo between processes); "
+                         "also the default where torch sees no GPU")
     return ap.parse_args()
 
 
@@ -318,7 +321,10 @@ def main():
     o = job["optim"]
     steps = args.steps or o["steps"]
     eval_every = args.eval_every or o["eval_every"]
-    accelerator = Accelerator(gradient_accumulation_steps=o["grad_accum"])
+    # Without a GPU, several processes started by `accelerate launch --multi_gpu` (torchrun)
+    # join one gloo group on the CPU; `accelerate launch --cpu` alone starts one process.
+    cpu = args.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=o["grad_accum"], cpu=cpu)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(o["seed"])
