@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use peft_studio::job::{ExportJobOptions, export_job, import_run, source_config};
+use peft_studio::train::causal_lm::is_language_model;
 use peft_studio::train::{RunLayout, RunStore, reload_and_evaluate};
 
 /// Arguments of `export-job`.
@@ -87,7 +88,13 @@ pub fn import(args: ImportRunArgs) -> anyhow::Result<()> {
         s.steps_done,
         s.total_steps
     );
-    if args.verify {
+    let lm = is_language_model(&store.config(&run.id)?.model.source)?;
+    if args.verify && lm {
+        println!(
+            "--verify evaluates classification runs; check a language model's adapter with `peft-studio generate --adapter {}`",
+            run.path.display()
+        );
+    } else if args.verify {
         let again = reload_and_evaluate(RunLayout::new(&run.path).root())?;
         println!(
             "peft-studio's evaluation of the imported run: accuracy {:.4}, loss {:.4}",
