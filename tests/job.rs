@@ -354,6 +354,9 @@ fn import_run_brings_a_job_into_the_store() {
     assert_ne!(again.id, run.id);
 }
 
+/// A change that breaks a finished job folder.
+type Damage = Box<dyn Fn(&Path)>;
+
 /// Breaks the finished job with `damage`, imports, and returns the error (the store must stay
 /// empty).
 fn import_error(tag: &str, damage: impl Fn(&Path)) -> String {
@@ -376,7 +379,7 @@ fn import_error(tag: &str, damage: impl Fn(&Path)) -> String {
 #[test]
 fn import_run_refuses_bad_outputs_naming_file_and_field() {
     let out = |j: &Path| j.join("output");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Damage, Vec<&str>)> = vec![
         (
             "eval-without-accuracy",
             Box::new(move |j: &Path| {

@@ -144,9 +144,16 @@ def build_model(job, model_path, num_labels):
     if job["model"].get("gguf_file"):
         kw["gguf_file"] = job["model"]["gguf_file"]
     if job["task"] == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=num_labels, ignore_mismatched_sizes=True, **kw)
-    return AutoModelForCausalLM.from_pretrained(model_path, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
+    # peft-studio's models have no dropout of their own (only the adapter's, `dropout` of
+    # the adapter config): switch the checkpoint's off so the job trains the same function.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 def head_modules(model, job):
