@@ -32,6 +32,7 @@ export PATH="$PEER_VENV/bin:$PATH"
 BIN=target/release/peft-studio
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --quiet
 WORK=${CHECK_JOB_WORK:-$(mktemp -d /tmp/check-job.XXXXXX)}
+mkdir -p "$WORK"
 RUNS=$WORK/runs
 RESULTS=$WORK/results.jsonl
 : > "$RESULTS"
@@ -132,7 +133,7 @@ PY
 case ",$ONLY," in *,minilm-lora,*) minilm minilm-lora presets/minilm-spam-lora.toml ;; esac
 case ",$ONLY," in *,minilm-loldu,*) minilm minilm-loldu presets/minilm-spam-loldu.toml ;; esac
 case ",$ONLY," in *,smollm2-lora,*) smollm2 ;; esac
-modules=$(cargo test --release --quiet --offline --test job_modules -- --nocapture --test-threads 1 2>&1 | grep "max |y" | sort -u)
+modules=$(cargo test --release --quiet --offline --test job_modules -- --nocapture --test-threads 1 2>&1 | grep -o "[a-z_]*: max |y.*" | sort -u)
 echo "$modules"
 python3 scripts/check_job_report.py "$RESULTS" "$modules" > bench-results/export-job.md.new
 mv bench-results/export-job.md.new bench-results/export-job.md

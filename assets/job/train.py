@@ -259,31 +259,33 @@ def save_trained(model, job, head, out, accelerator):
 
 @torch.no_grad()
 def evaluate(model, loader, job, accelerator, questions, tok):
+    """Held-out loss and accuracy over the exact held-out split: per-example sums gathered with
+    `gather_for_metrics`, which drops the examples the sharded loader repeats."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    loss_sum, count, correct = [], [], []
     for batch in loader:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
         logits = out.logits.float()
         labels = batch["labels"]
         if job["task"] == "classification":
-            ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-            loss_sum += ce.double()
-            correct += (logits.argmax(-1) == labels).sum().double()
-            count += labels.numel()
+            ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            ok = (logits.argmax(-1) == labels).double()
+            n = torch.ones_like(ok)
         else:
             lg, lb = logits[:, :-1], labels[:, 1:]
             keep = lb != -100
-            ce = torch.nn.functional.cross_entropy(lg[keep], lb[keep], reduction="sum")
-            loss_sum += ce.double()
-            correct += (lg[keep].argmax(-1) == lb[keep]).sum().double()
-            count += keep.sum().double()
-    # The distributed sampler may repeat a few examples to even out the shards; with that,
-    # the sums are those of a padded set (peft-studio's own figures are over the exact set).
-    loss_sum, count, correct = (accelerator.reduce(t, "sum") for t in (loss_sum, count, correct))
-    loss = (loss_sum / count.clamp_min(1)).item()
-    acc = (correct / count.clamp_min(1)).item()
+            tok_ce = torch.nn.functional.cross_entropy(
+                lg.transpose(1, 2), lb.clamp_min(0), reduction="none") * keep
+            ce = tok_ce.sum(1)
+            ok = ((lg.argmax(-1) == lb) & keep).sum(1).double()
+            n = keep.sum(1).double()
+        ce, ok, n = accelerator.gather_for_metrics((ce.double(), ok, n))
+        loss_sum.append(ce.sum())
+        correct.append(ok.sum())
+        count.append(n.sum())
+    total = torch.stack(count).sum().clamp_min(1)
+    loss = (torch.stack(loss_sum).sum() / total).item()
+    acc = (torch.stack(correct).sum() / total).item()
     point = {"kind": "eval", "loss": loss, "accuracy": acc}
     if job["task"] == "causal_lm":
         point["perplexity"] = math.exp(min(loss, 700))
