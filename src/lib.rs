@@ -9,6 +9,7 @@
 //! - [`train`]: the training loop and the run store; [`worker`]: the background thread.
 //! - [`fsio`]: atomic file writes, safetensors files and their checksums.
 //! - [`export`]: a run as a PEFT adapter, a merged Hugging Face folder or a llama.cpp LoRA.
+//! - [`job`]: a run as a transformers + PEFT + accelerate job folder, and its results back.
 
 pub mod app;
 pub mod arch;
@@ -18,6 +19,7 @@ pub mod diffusion;
 pub mod export;
 pub mod fsio;
 pub mod inspect;
+pub mod job;
 pub mod memory;
 pub mod models;
 pub mod peft;

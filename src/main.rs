@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod generate_cli;
+mod job_cli;
 
 use peft_studio::arch::ArchSpec;
 use peft_studio::bench;
@@ -226,6 +227,12 @@ enum Command {
     /// Generate text with a causal language model (a folder, a .gguf file or
     /// `smollm2-135m-instruct`), streaming the answer.
     Generate(generate_cli::GenerateArgs),
+    /// Write a preset or run as a transformers + PEFT + accelerate job folder (train.py, data
+    /// as JSONL, accelerate configs for one GPU, several GPUs or machines and DeepSpeed ZeRO,
+    /// pinned requirements, a README with the launch commands).
+    ExportJob(job_cli::ExportJobArgs),
+    /// Import a finished job's output (metrics.jsonl, adapter folder) into the run store.
+    ImportRun(job_cli::ImportRunArgs),
 }
 
 /// A run stopped by SIGINT/SIGTERM: the process exits with the shell's code for the signal.
@@ -560,6 +567,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate_cli::run(args),
+        Command::ExportJob(args) => job_cli::export(args),
+        Command::ImportRun(args) => job_cli::import(args),
     }
 }
 
