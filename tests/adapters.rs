@@ -109,7 +109,10 @@ fn merge_unmerge_disable_and_export() {
             );
 
             l.detach().unwrap();
-            assert!(rel_err(l.base_weight().unwrap().as_ref(), &w_pre) < 1e-5, "{tag}: detach");
+            assert!(
+                rel_err(l.base_weight().unwrap().as_ref(), &w_pre) < 1e-5,
+                "{tag}: detach"
+            );
         }
     }
 }

@@ -83,7 +83,10 @@ fn llama_tied_multi_head_matches_candle_transformers() {
     let m = check_llama(v, 2);
     // Tied: lm_head reads the embedding.
     let e = &m.other_params()[0].1;
-    assert_eq!(max_diff(m.lm_head().base_weight().unwrap().as_ref(), e), 0.0);
+    assert_eq!(
+        max_diff(m.lm_head().base_weight().unwrap().as_ref(), e),
+        0.0
+    );
 }
 
 #[test]

@@ -118,7 +118,10 @@ fn pissa_init_matches() {
             "{name} B"
         );
         assert!(
-            rel_err(l.base_weight().unwrap().as_ref(), get(&r, &format!("{name}.pissa.base"))) < 1e-5,
+            rel_err(
+                l.base_weight().unwrap().as_ref(),
+                get(&r, &format!("{name}.pissa.base"))
+            ) < 1e-5,
             "{name} base"
         );
     }

@@ -477,7 +477,9 @@ fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
     let dir = temp("try-it");
     let model = chat_model(&dir.join("model"));
     let data = yes_data(&dir);
-    let mut h = harness(&dir, vec![Some(model.clone())]);
+    let job_output = common::TempDir::new("ui-job");
+    let finished_job = common::job::finished_job(&job_output);
+    let mut h = harness(&dir, vec![Some(model.clone()), Some(finished_job)]);
     run_until(&mut h, 30, "the dataset preview", |a| {
         a.form_preview_ready()
     });
@@ -568,6 +570,30 @@ fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
             "{written:?}"
         );
     }
+    // As a PEFT + accelerate job: train.py, its spec and the launch configs.
+    h.get_by_label("export").click();
+    h.run_steps(2);
+    h.get_by_label("job").click();
+    h.run_steps(2);
+    h.get_by_label_contains("model for transformers");
+    h.get_by_label("Export").click();
+    let job = dir.join("exports").join(format!("{id}-job"));
+    run_until(&mut h, 60, "the job folder", |_| job.exists());
+    h.run_steps(3);
+    for f in ["train.py", "job.json", "accelerate", "data"] {
+        assert!(job.join(f).exists(), "{f} missing from the job folder");
+    }
+    // A finished job's output imports back and is listed beside the local run.
+    h.get_by_label("Import job output…").click();
+    run_until(&mut h, 60, "the imported run", |a| a.runs.len() == 2);
+    h.run_steps(3);
+    h.get_by_label_contains("imported");
+    assert!(
+        h.state()
+            .runs
+            .iter()
+            .any(|r| r.name.contains("accelerate job"))
+    );
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

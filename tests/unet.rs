@@ -172,7 +172,11 @@ fn lora_on_attention_projections() {
     );
     // Nothing else is a variable: the frozen weights get no gradient.
     for l in g.unet().linears() {
-        assert!(grads.get(l.base_weight().unwrap().as_ref()).is_none(), "{}", l.path());
+        assert!(
+            grads.get(l.base_weight().unwrap().as_ref()).is_none(),
+            "{}",
+            l.path()
+        );
     }
 }
 

@@ -388,6 +388,15 @@ pub fn show(app: &mut StudioApp, ui: &mut Ui) {
             {
                 app.refresh_runs();
             }
+            if ui
+                .button("Import job output…")
+                .on_hover_text(
+                    "read a PEFT + accelerate job's results (its adapter and metrics) into the run store",
+                )
+                .clicked()
+            {
+                super::export_dialog::pick_job_output(app);
+            }
         });
         settings_ui(app, ui);
         super::export_dialog::status_ui(app, ui);

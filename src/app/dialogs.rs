@@ -79,6 +79,8 @@ pub enum PickPurpose {
     RunsFolder,
     /// Where a run's export goes (Compare).
     ExportFolder,
+    /// A PEFT + accelerate job's folder after it ran, to import (Compare).
+    JobOutput,
 }
 
 impl PickPurpose {
@@ -126,6 +128,9 @@ impl PickPurpose {
             PickPurpose::SaveLora => folder("Save the LoRA (PEFT adapter) into a folder"),
             PickPurpose::RunsFolder => folder("Choose the folder where runs are stored"),
             PickPurpose::ExportFolder => folder("Choose the folder to export the run into"),
+            PickPurpose::JobOutput => {
+                folder("Open a job folder (or its output/) after train.py ran")
+            }
         }
     }
 }
@@ -365,6 +370,7 @@ mod tests {
             PickPurpose::ModelFolder,
             PickPurpose::ModelFile,
             PickPurpose::ExportFolder,
+            PickPurpose::JobOutput,
             PickPurpose::DatasetFile,
             PickPurpose::DatasetFolder,
             PickPurpose::LoadPreset,

@@ -591,7 +591,8 @@ pub fn handle_pick(app: &mut StudioApp, purpose: PickPurpose, path: PathBuf) {
         | PickPurpose::SaveImages
         | PickPurpose::SaveLora
         | PickPurpose::RunsFolder
-        | PickPurpose::ExportFolder => {}
+        | PickPurpose::ExportFolder
+        | PickPurpose::JobOutput => {}
     }
 }
 

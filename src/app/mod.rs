@@ -409,6 +409,7 @@ impl StudioApp {
         match purpose {
             PickPurpose::RunsFolder => self.set_runs_dir(path),
             PickPurpose::ExportFolder => export_dialog::use_picked_folder(self, path),
+            PickPurpose::JobOutput => export_dialog::import_job(self, path),
             PickPurpose::ReferenceFolder
             | PickPurpose::ReferenceImage
             | PickPurpose::SaveImages

@@ -381,10 +381,14 @@ mod tests {
             let merged = d
                 .merged_forward(x.as_tensor(), &layer.base_weight().unwrap(), Some(&b))
                 .unwrap();
-            let factored = (frozen_linear(x.as_tensor(), &layer.base_weight().unwrap(), FrozenGrad::Skip)
-                .unwrap()
-                .broadcast_add(&b)
-                .unwrap()
+            let factored = (frozen_linear(
+                x.as_tensor(),
+                &layer.base_weight().unwrap(),
+                FrozenGrad::Skip,
+            )
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
                 + d.branch(x.as_tensor()).unwrap())
             .unwrap();
             assert!(max_diff(&merged, &factored) < 1e-4, "{method:?} values");

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod chat;
+pub mod job;
 
 use candle_core::{DType, Device, Tensor};
 use peft_studio::peft::{AdaptedLinear, AdapterConfig, Init, Method};
