@@ -99,6 +99,20 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
             app.pick(PickPurpose::ModelFile);
         }
     });
+    let gguf = match &app.settings.config.model.source {
+        ModelSource::Gguf { .. } => true,
+        ModelSource::Builtin { name } => name == SMOLLM2_NAME,
+        _ => false,
+    };
+    if gguf && app.settings.config.mode == TrainMode::Adapter {
+        ui.checkbox(
+            &mut app.settings.config.model.packed_base,
+            "keep the quantized base packed (QLoRA)",
+        )
+        .on_hover_text(
+            "the frozen GGUF weights stay 4-bit in memory and are unpacked per product: the same results, less memory, a few percent slower",
+        );
+    }
     let labels = app.form.num_classes();
     match app
         .form
