@@ -5,6 +5,8 @@
 //! `apply_chat_template` and TRL's assistant mask (tests/reference/chat_smollm2.json, made by
 //! scripts/reference_chat.py).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use peft_studio::data::{
@@ -54,26 +56,7 @@ fn tiny_tokenizer() -> Tokenizer {
         "U",
         "END",
     ];
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
-        .collect();
-    let special = |id: usize, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<|im_start|>"), special(2, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
+    let json = common::chat::word_level_tokenizer(&words, serde_json::Value::Null);
     Tokenizer::from_bytes(json.to_string().as_bytes()).expect("tiny tokenizer")
 }
 

@@ -2,13 +2,14 @@
 //! learning happens for every method and both baselines, results reload, runs are recorded,
 //! and the worker honours stop, pause and panics.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use peft_studio::train::{
-    EvalPoint, Event, MetricLine, NeverStop, RunStatus, RunStore, TrainConfig, reload_and_evaluate,
-    train,
+    EvalPoint, Event, NeverStop, RunStatus, RunStore, TrainConfig, reload_and_evaluate, train,
 };
 use peft_studio::worker::{Command, Worker};
 
@@ -43,18 +44,6 @@ fn quick(name: &str, extra: &[&str]) -> TrainConfig {
     TrainConfig::from_preset(&preset(name), &o).unwrap()
 }
 
-fn losses(store: &RunStore, id: &str) -> Vec<f64> {
-    store
-        .metrics(id)
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            MetricLine::Step { loss, .. } => Some(loss),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn every_method_and_baseline_learns_the_builtin_task() {
     let s = store("learn");
@@ -69,7 +58,7 @@ fn every_method_and_baseline_learns_the_builtin_task() {
         let cfg = quick(p, &[]);
         let summary = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
         assert_eq!(summary.status, RunStatus::Finished, "{p}");
-        let l = losses(&s, &summary.id);
+        let l = common::step_losses(&s, &summary.id);
         assert_eq!(l.len(), 120);
         let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = l[l.len() - 5..].iter().sum::<f64>() / 5.0;
@@ -139,13 +128,19 @@ fn same_seed_same_run() {
     let a = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
     let b = train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap();
     assert_ne!(a.id, b.id, "each run gets its own folder");
-    assert_eq!(losses(&s, &a.id), losses(&s, &b.id));
+    assert_eq!(
+        common::step_losses(&s, &a.id),
+        common::step_losses(&s, &b.id)
+    );
     let cfg2 = quick(
         "quickstart-lora.toml",
         &["optim.steps=12", "optim.eval_every=12", "optim.seed=5"],
     );
     let c = train(&cfg2, &s, &mut NeverStop, &mut |_| {}).unwrap();
-    assert_ne!(losses(&s, &a.id), losses(&s, &c.id));
+    assert_ne!(
+        common::step_losses(&s, &a.id),
+        common::step_losses(&s, &c.id)
+    );
     std::fs::remove_dir_all(s.root()).unwrap();
 }
 
@@ -265,7 +260,10 @@ fn worker_stops_pauses_and_takes_the_next_command() {
         summary.final_eval.is_some(),
         "a stopped run is evaluated where it stopped"
     );
-    assert_eq!(losses(&s, &summary.id).len(), summary.steps_done);
+    assert_eq!(
+        common::step_losses(&s, &summary.id).len(),
+        summary.steps_done
+    );
     // The worker takes the next command.
     w.send(Command::Start(Box::new(quick(
         "baseline-head.toml",
@@ -400,8 +398,8 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         assert_eq!(resumed.status, RunStatus::Finished);
         assert_eq!(resumed.steps_done, 24);
         assert_eq!(
-            losses(&s, &whole.id),
-            losses(&s, &cut.id),
+            common::step_losses(&s, &whole.id),
+            common::step_losses(&s, &cut.id),
             "{p}: every step's loss matches"
         );
         assert_eq!(resumed.final_eval, whole.final_eval, "{p}");
@@ -430,7 +428,10 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     let resumed =
         peft_studio::train::resume(&s.root().join(&cut.id), &mut NeverStop, &mut |_| {}).unwrap();
     assert_eq!(resumed.steps_done, 6);
-    assert_eq!(losses(&s, &whole.id), losses(&s, &cut.id));
+    assert_eq!(
+        common::step_losses(&s, &whole.id),
+        common::step_losses(&s, &cut.id)
+    );
     assert_eq!(
         s.metrics(&whole.id).unwrap().len(),
         s.metrics(&cut.id).unwrap().len(),

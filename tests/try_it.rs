@@ -17,7 +17,7 @@ use peft_studio::models::llama::{GenerateOptions, generate_text, load_language_m
 use peft_studio::train::causal_lm::{apply_trained, trained_at};
 use peft_studio::train::try_it::{Side, TryItEvent, TryItRequest, TryItSession, TryItTarget};
 use peft_studio::train::{
-    Control, Controller, Event, MetricLine, NeverStop, Phase, RunStore, TrainConfig, train,
+    Control, Controller, Event, NeverStop, Phase, RunStore, TrainConfig, train,
 };
 use peft_studio::worker::{Command, Worker};
 
@@ -127,18 +127,6 @@ impl Controller for AskBefore {
     }
 }
 
-fn step_losses(store: &RunStore, id: &str) -> Vec<f64> {
-    store
-        .metrics(id)
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            MetricLine::Step { loss, .. } => Some(loss),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn answers_between_steps_leave_training_unchanged_and_the_base_answer_is_the_base_models() {
     let dir = common::TempDir::new("try-it-steps");
@@ -167,8 +155,8 @@ fn answers_between_steps_leave_training_unchanged_and_the_base_answer_is_the_bas
     // Generating between steps (the adapter off for the base answer, then on again) changes
     // nothing of the training: every step's loss is the same as without questions.
     let (a, b) = (
-        step_losses(&plain_store, &plain.id),
-        step_losses(&asked_store, &asked.id),
+        common::step_losses(&plain_store, &plain.id),
+        common::step_losses(&asked_store, &asked.id),
     );
     assert_eq!(a.len(), 8);
     for (x, y) in a.iter().zip(&b) {

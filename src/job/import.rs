@@ -14,7 +14,7 @@ use crate::fsio;
 use crate::peft::Method;
 use crate::peft::checkpoint::{KEY_PREFIX, WEIGHTS_FILE, read_adapter_config};
 use crate::train::layout::{ADAPTER_DIR, HEAD_DIR, HEAD_FILE, MODEL_DIR, MODEL_WEIGHTS_FILE};
-use crate::train::trainer::dataset_name;
+use crate::train::trainer::{new_summary, record_results};
 use crate::train::{
     EvalPoint, MetricLine, RunLayout, RunStatus, RunStore, RunSummary, TrainConfig, TrainMode,
 };
@@ -289,34 +289,22 @@ fn summary_of(cfg: &TrainConfig, id: &str, metrics: &[MetricLine], job: &JobSumm
             MetricLine::Step { .. } => None,
         })
         .collect();
-    let tail = &losses[losses.len().saturating_sub(10)..];
-    let best = evals
-        .iter()
-        .copied()
-        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
-    RunSummary {
-        id: id.to_string(),
-        name: cfg.label(),
-        method: cfg.method_name(),
-        rank: (cfg.mode == TrainMode::Adapter).then_some(cfg.adapter.rank),
-        model: cfg.model.source.display_name(),
-        dataset: dataset_name(&cfg.data.source),
-        trainable: job.trainable,
-        total: job.total,
-        steps_done: job.steps_done,
-        total_steps: job.total_steps,
-        final_train_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64),
-        final_eval: evals.last().copied(),
-        best_eval: best,
-        wall_secs: job.wall_secs,
-        secs_per_step: job.secs_per_step,
-        peak_rss_mib: job.peak_rss_mib,
-        status: if job.steps_done >= job.total_steps {
-            RunStatus::Finished
-        } else {
-            RunStatus::Stopped
-        },
-        error: None,
-        started_at: local_time(&job.started_at),
-    }
+    let mut summary = new_summary(
+        cfg,
+        (job.trainable, job.total),
+        id,
+        job.total_steps,
+        local_time(&job.started_at),
+    );
+    record_results(&mut summary, &losses, &evals);
+    summary.steps_done = job.steps_done;
+    summary.wall_secs = job.wall_secs;
+    summary.secs_per_step = job.secs_per_step;
+    summary.peak_rss_mib = job.peak_rss_mib;
+    summary.status = if job.steps_done >= job.total_steps {
+        RunStatus::Finished
+    } else {
+        RunStatus::Stopped
+    };
+    summary
 }

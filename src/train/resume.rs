@@ -85,7 +85,10 @@ pub fn resume(
                 .map_err(anyhow::Error::from)?;
             let id = layout.id().unwrap_or_default();
             let now = chrono::Local::now().to_rfc3339();
-            (new_summary(&cfg, &p, &id, total, now), ckpt)
+            (
+                new_summary(&cfg, (p.trainable, p.total), &id, total, now),
+                ckpt,
+            )
         }
     };
     let mut opts = optimisers(&cfg, &p)?;

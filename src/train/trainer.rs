@@ -441,7 +441,13 @@ pub fn train(
     }
     let total_steps = limits::total_steps(cfg, p.work.train_len()).map_err(anyhow::Error::msg)?;
     let run = store.create(cfg)?;
-    let summary = new_summary(cfg, &p, &run.id, total_steps, started_at);
+    let summary = new_summary(
+        cfg,
+        (p.trainable, p.total),
+        &run.id,
+        total_steps,
+        started_at,
+    );
     let opts = optimisers(cfg, &p)?;
     let start = Start {
         step: 0,
@@ -452,10 +458,10 @@ pub fn train(
     drive(cfg, &mut p, run, summary, opts, start, started, ctl, emit)
 }
 
-/// The summary of a run starting now.
-pub(super) fn new_summary(
+/// The summary of a run of `cfg` starting now (`trainable` of `total` values).
+pub fn new_summary(
     cfg: &TrainConfig,
-    p: &Prepared,
+    (trainable, total): (usize, usize),
     id: &str,
     total_steps: usize,
     started_at: String,
@@ -467,8 +473,8 @@ pub(super) fn new_summary(
         rank: (cfg.mode == TrainMode::Adapter).then_some(cfg.adapter.rank),
         model: cfg.model.source.display_name(),
         dataset: dataset_name(&cfg.data.source),
-        trainable: p.trainable,
-        total: p.total,
+        trainable,
+        total,
         steps_done: 0,
         total_steps,
         final_train_loss: None,
@@ -481,6 +487,20 @@ pub(super) fn new_summary(
         error: None,
         started_at,
     }
+}
+
+/// Records a run's results in its summary: the final training loss (the mean of the last 10
+/// steps), the last evaluation, and the best one after step 0 (the earliest of equals).
+pub fn record_results(summary: &mut RunSummary, losses: &[f64], evals: &[EvalPoint]) {
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    summary.final_train_loss =
+        (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
+    summary.final_eval = evals.last().copied();
+    summary.best_eval = evals
+        .iter()
+        .copied()
+        .filter(|e| e.step > 0)
+        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy).then(b.step.cmp(&a.step)));
 }
 
 /// The shared body of [`train`] and [`resume`](super::resume::resume): announce, loop, save, record.
@@ -544,15 +564,7 @@ pub(super) fn drive(
         mut summary,
         ..
     } = lp;
-    let tail = &losses[losses.len().saturating_sub(10)..];
-    summary.final_train_loss =
-        (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
-    summary.final_eval = evals.last().copied();
-    summary.best_eval = evals
-        .iter()
-        .copied()
-        .filter(|e| e.step > 0)
-        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy).then(b.step.cmp(&a.step)));
+    record_results(&mut summary, &losses, &evals);
     summary.steps_done = steps_done;
     summary.secs_per_step = if steps_done > 0 {
         train_secs / steps_done as f64

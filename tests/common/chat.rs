@@ -47,26 +47,8 @@ pub fn chat_model(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     write_merged_llama(&m, None, dir).unwrap();
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
-    let vocab: serde_json::Map<String, serde_json::Value> = WORDS
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
-        .collect();
-    let special = |id: usize, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<|im_start|>"), special(2, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
+    let decoder = serde_json::json!({"type": "WordPiece", "prefix": "##", "cleanup": false});
+    let tokenizer = word_level_tokenizer(&WORDS, decoder);
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let tc = serde_json::json!({"eos_token": "<|im_end|>", "chat_template": CHATML});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
@@ -123,4 +105,30 @@ pub fn config(model: &Path, data: &Path, steps: usize) -> TrainConfig {
     cfg.generation.questions = 2;
     cfg.generation.max_new_tokens = 4;
     cfg
+}
+
+/// A `tokenizer.json` for a word-level tokenizer over `words` (ids in order): `[UNK]`,
+/// `<|im_start|>` and `<|im_end|>` (ids 0–2) are special tokens, words and each punctuation run
+/// are tokens (`Whitespace` pre-tokenizer), unknown words are `[UNK]`.
+pub fn word_level_tokenizer(words: &[&str], decoder: serde_json::Value) -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "[UNK]"), special(1, "<|im_start|>"), special(2, "<|im_end|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": decoder,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
 }

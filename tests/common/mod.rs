@@ -198,3 +198,16 @@ pub fn tiny_llama(model_type: &str, tied: bool) -> serde_json::Value {
         "use_sliding_window": false,
     })
 }
+
+/// The training loss of every step of run `id` in `store`, in order.
+pub fn step_losses(store: &peft_studio::train::RunStore, id: &str) -> Vec<f64> {
+    store
+        .metrics(id)
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            peft_studio::train::MetricLine::Step { loss, .. } => Some(loss),
+            _ => None,
+        })
+        .collect()
+}

@@ -465,22 +465,25 @@ fn read_tensors_except<T>(
     let mut out = HashMap::with_capacity(names.len());
     for (gname, hname) in names {
         let mut t = g.tensor(&gname)?;
-        if permuted {
-            let heads = if hname.contains(".q_proj.") {
-                Some(c.num_attention_heads)
-            } else if hname.contains(".k_proj.") {
-                Some(c.num_key_value_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                t = unpermute_rows(&t, h)
-                    .map_err(|e| file_err(g.path(), format!("tensor `{gname}`: {e}")))?;
-            }
+        if let (true, Some(h)) = (permuted, permuted_heads(c, &hname)) {
+            t = unpermute_rows(&t, h)
+                .map_err(|e| file_err(g.path(), format!("tensor `{gname}`: {e}")))?;
         }
         out.insert(hname, t);
     }
     Ok(out)
+}
+
+/// The heads whose rows llama.cpp permuted in tensor `hname` (q_proj and k_proj weights and
+/// biases), `None` for the others.
+fn permuted_heads(c: &LlamaConfig, hname: &str) -> Option<usize> {
+    if hname.contains(".q_proj.") {
+        Some(c.num_attention_heads)
+    } else if hname.contains(".k_proj.") {
+        Some(c.num_key_value_heads)
+    } else {
+        None
+    }
 }
 
 /// The row order that undoes llama.cpp's q/k permutation (row `i` of the result is row
@@ -518,14 +521,7 @@ pub fn read_packed_linears(
         }
         let bad = |e: candle_core::Error| file_err(g.path(), format!("tensor `{gname}`: {e}"));
         let mut p = PackedWeight::new(q).map_err(bad)?;
-        let heads = if hname.contains(".q_proj.") {
-            Some(c.num_attention_heads)
-        } else if hname.contains(".k_proj.") {
-            Some(c.num_key_value_heads)
-        } else {
-            None
-        };
-        if let (true, Some(h)) = (permuted, heads) {
+        if let (true, Some(h)) = (permuted, permuted_heads(c, &hname)) {
             p = p
                 .permute_rows(&unpermute_order(p.dims().0, h))
                 .map_err(bad)?;
