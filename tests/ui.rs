@@ -479,7 +479,10 @@ fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
     let data = yes_data(&dir);
     let job_output = common::TempDir::new("ui-job");
     let finished_job = common::job::finished_job(&job_output);
-    let mut h = harness(&dir, vec![Some(model.clone()), Some(finished_job)]);
+    let mut h = harness(
+        &dir,
+        vec![Some(model.clone()), Some(data.clone()), Some(finished_job)],
+    );
     run_until(&mut h, 30, "the dataset preview", |a| {
         a.form_preview_ready()
     });
@@ -498,6 +501,16 @@ fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
         peft_studio::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()])
     );
     h.get_by_label_contains("no fine-tuned run chosen");
+    // Its chat data previews as the model reads it: the template rendered, the answer trained.
+    h.get_by_label("Open dataset file…").click();
+    run_until(&mut h, 30, "the rendered example", |a| {
+        a.form_preview_ready()
+            && matches!(&a.settings.config.data.source,
+                peft_studio::data::DataSource::Instruct { path, .. } if *path == data)
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("one example as the model reads it");
+    h.get_by_label_contains("<|im_start|>assistant");
     h.state_mut().settings.try_it.prompt = "is the sky blue ?".into();
     h.run_steps(2);
     h.get_by_label("Ask both").click();

@@ -240,10 +240,18 @@ pub struct DataPreview {
     pub images: Vec<(usize, usize, Vec<u8>)>,
     /// A few texts with their class.
     pub rows: Vec<(String, String)>,
+    /// Instruction data for a language model: the first record as the model reads it (its
+    /// chat template rendered), in runs of masked, trained and cut text; empty otherwise.
+    pub spans: Vec<(String, data::SpanKind)>,
+    /// Why `spans` is empty when it was asked for (e.g. the model's tokenizer is missing).
+    pub spans_note: Option<String>,
 }
 
 /// The preview of instruction data: its format, size and the first conversations' turns.
-fn instruct_preview(cfg: &data::DataConfig) -> Option<Result<DataPreview, String>> {
+fn instruct_preview(
+    cfg: &data::DataConfig,
+    model: &crate::train::ModelConfig,
+) -> Option<Result<DataPreview, String>> {
     let data::DataSource::Instruct { path, eval_path } = &cfg.source else {
         return None;
     };
@@ -273,6 +281,10 @@ fn instruct_preview(cfg: &data::DataConfig) -> Option<Result<DataPreview, String
                 }
             }
         }
+        let (spans, spans_note) = match rendered_spans(model, &file) {
+            Ok(s) => (s, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
         Ok(DataPreview {
             summary: format!(
                 "{}: {} records ({}){held_out}; the loss covers the assistant's turns",
@@ -281,10 +293,38 @@ fn instruct_preview(cfg: &data::DataConfig) -> Option<Result<DataPreview, String
                 file.format.name()
             ),
             rows,
+            spans,
+            spans_note,
             ..DataPreview::default()
         })
     };
     Some(read())
+}
+
+/// The first record of `file` rendered with `model`'s tokenizer and chat template, in runs of
+/// masked (prompt), trained (answer) and cut (past `max_length`) text.
+fn rendered_spans(
+    model: &crate::train::ModelConfig,
+    file: &data::InstructFile,
+) -> Result<Vec<(String, data::SpanKind)>, String> {
+    use crate::models::llama::LlmTokenizer;
+    use crate::models::llama::gguf::GgufFile;
+    let path = crate::train::causal_lm::model_path(&model.source).map_err(|e| format!("{e:#}"))?;
+    let tok = if path.is_dir() {
+        LlmTokenizer::from_folder(&path)
+    } else {
+        GgufFile::open(&path).and_then(|g| LlmTokenizer::from_gguf(&g))
+    }
+    .map_err(|e| e.to_string())?;
+    let template =
+        crate::train::causal_lm::chat_template(&tok, &path).map_err(|e| format!("{e:#}"))?;
+    let encoder = data::InstructEncoder::new(&tok.tokenizer, template.as_ref(), model.max_length)
+        .map_err(|e| e.to_string())?;
+    let Some(first) = file.records.first() else {
+        return Ok(Vec::new());
+    };
+    let p = encoder.preview(first, file).map_err(|e| e.to_string())?;
+    Ok(p.spans.into_iter().map(|s| (s.text, s.kind)).collect())
 }
 
 fn stem_of(path: &std::path::Path) -> String {
@@ -293,8 +333,11 @@ fn stem_of(path: &std::path::Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-fn build_preview(cfg: &data::DataConfig) -> Result<DataPreview, String> {
-    if let Some(p) = instruct_preview(cfg) {
+fn build_preview(
+    cfg: &data::DataConfig,
+    model: &crate::train::ModelConfig,
+) -> Result<DataPreview, String> {
+    if let Some(p) = instruct_preview(cfg, model) {
         return p;
     }
     let d = data::load(cfg).map_err(|e| e.to_string())?;
@@ -342,6 +385,7 @@ fn build_preview(cfg: &data::DataConfig) -> Result<DataPreview, String> {
         eval_counts,
         images,
         rows,
+        ..DataPreview::default()
     })
 }
 
@@ -366,8 +410,9 @@ impl FormState {
         let generation = self.generation;
         self.textures.clear();
         let data = cfg.data.clone();
+        let model = cfg.model.clone();
         let spawned = bg.spawn("preview", move || {
-            TaskResult::Preview(generation, build_preview(&data))
+            TaskResult::Preview(generation, build_preview(&data, &model))
         });
         self.preview = match spawned {
             Ok(()) => None,

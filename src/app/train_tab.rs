@@ -240,6 +240,14 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
                     ui.image((t.id(), egui::vec2(36.0, 36.0)));
                 }
             });
+            if !p.spans.is_empty() {
+                spans_ui(ui, &p.spans);
+            } else if let Some(note) = &p.spans_note {
+                ui.label(
+                    RichText::new(format!("(the rendered example needs the model: {note})"))
+                        .small(),
+                );
+            }
             for (text, label) in &p.rows {
                 ui.label(RichText::new(format!("[{label}] {text}")).small());
             }
@@ -709,4 +717,70 @@ pub fn fmt_secs(s: f64) -> String {
     } else {
         format!("{s} s")
     }
+}
+
+/// The first instruction record as the model reads it: prompt text grey (masked from the loss),
+/// the trained answer green, text past the length limit red and struck through.
+fn spans_ui(ui: &mut Ui, spans: &[(String, crate::data::SpanKind)]) {
+    use crate::data::SpanKind;
+    ui.label(
+        RichText::new("one example as the model reads it: grey = prompt (no loss), green = trained, red = cut")
+            .small(),
+    );
+    let mut job = egui::text::LayoutJob::default();
+    let font = egui::FontId::monospace(10.0);
+    // A long example shows its start and its end (where the answer is), the middle elided.
+    let total: usize = spans.iter().map(|s| s.0.chars().count()).sum();
+    let (head, tail) = (150usize, 450usize);
+    let elide = total > head + tail;
+    let mut at = 0usize;
+    let mut elided = false;
+    for (text, kind) in spans {
+        let (color, strike) = match kind {
+            SpanKind::Masked => (ui.visuals().weak_text_color(), false),
+            SpanKind::Trained => (egui::Color32::from_rgb(80, 180, 90), false),
+            SpanKind::Cut => (ui.visuals().error_fg_color, true),
+        };
+        let format = egui::TextFormat {
+            font_id: font.clone(),
+            color,
+            strikethrough: if strike {
+                egui::Stroke::new(1.0, color)
+            } else {
+                egui::Stroke::NONE
+            },
+            ..Default::default()
+        };
+        let kept: String = text
+            .chars()
+            .enumerate()
+            .filter(|(i, _)| !elide || at + i < head || at + i >= total - tail)
+            .map(|(_, c)| c)
+            .collect();
+        let n = text.chars().count();
+        if elide && !elided && at + n > head {
+            let (before, after) = kept.split_at(
+                kept.char_indices()
+                    .nth(head.saturating_sub(at).min(kept.chars().count()))
+                    .map_or(kept.len(), |(i, _)| i),
+            );
+            job.append(before, 0.0, format.clone());
+            job.append(
+                " … ",
+                0.0,
+                egui::TextFormat {
+                    font_id: font.clone(),
+                    color: ui.visuals().weak_text_color(),
+                    ..Default::default()
+                },
+            );
+            job.append(after, 0.0, format);
+            elided = true;
+        } else {
+            job.append(&kept, 0.0, format);
+        }
+        at += n;
+    }
+    job.wrap.max_width = ui.available_width();
+    ui.label(job);
 }
