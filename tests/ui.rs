@@ -511,6 +511,8 @@ fn a_language_model_answers_in_try_it_and_its_run_exports_from_compare() {
     h.run_steps(2);
     h.get_by_label_contains("one example as the model reads it");
     h.get_by_label_contains("<|im_start|>assistant");
+    // Chat records have no classes to count.
+    assert!(h.query_by_label("Class counts").is_none());
     h.state_mut().settings.try_it.prompt = "is the sky blue ?".into();
     h.run_steps(2);
     h.get_by_label("Ask both").click();

@@ -251,20 +251,23 @@ fn data_ui(app: &mut StudioApp, ui: &mut Ui) {
             for (text, label) in &p.rows {
                 ui.label(RichText::new(format!("[{label}] {text}")).small());
             }
-            egui::CollapsingHeader::new("Class counts").show(ui, |ui| {
-                egui::Grid::new("counts").striped(true).show(ui, |ui| {
-                    ui.label("class");
-                    ui.label("train");
-                    ui.label("eval");
-                    ui.end_row();
-                    for (i, c) in p.classes.iter().enumerate() {
-                        ui.label(c);
-                        ui.label(p.train_counts.get(i).copied().unwrap_or(0).to_string());
-                        ui.label(p.eval_counts.get(i).copied().unwrap_or(0).to_string());
+            // Instruction data has no classes to count.
+            if !p.classes.is_empty() {
+                egui::CollapsingHeader::new("Class counts").show(ui, |ui| {
+                    egui::Grid::new("counts").striped(true).show(ui, |ui| {
+                        ui.label("class");
+                        ui.label("train");
+                        ui.label("eval");
                         ui.end_row();
-                    }
+                        for (i, c) in p.classes.iter().enumerate() {
+                            ui.label(c);
+                            ui.label(p.train_counts.get(i).copied().unwrap_or(0).to_string());
+                            ui.label(p.eval_counts.get(i).copied().unwrap_or(0).to_string());
+                            ui.end_row();
+                        }
+                    });
                 });
-            });
+            }
         }
     }
 }
