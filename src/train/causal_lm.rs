@@ -349,21 +349,6 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             }
         }
     }
-    let packed_layers: Vec<_> = model
-        .linears()
-        .into_iter()
-        .filter_map(|l| l.packed_weight().map(|p| (p.size_in_bytes(), l.shape())))
-        .collect();
-    if !packed_layers.is_empty() {
-        let bytes: usize = packed_layers.iter().map(|p| p.0).sum();
-        let f32_bytes: usize = packed_layers.iter().map(|p| p.1.0 * p.1.1 * 4).sum();
-        notes.push(format!(
-            "frozen base kept as stored (model.packed_base): {} linear weights in {:.0} MiB instead of {:.0} MiB as f32",
-            packed_layers.len(),
-            crate::memory::mib(bytes as u64),
-            crate::memory::mib(f32_bytes as u64)
-        ));
-    }
     let base_total = model.parameter_count();
     let wd = cfg.optim.weight_decay;
     let mut groups = Vec::new();
@@ -391,6 +376,21 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         TrainMode::Head => anyhow::bail!(
             "mode \"head\" trains a classifier's head; a language model trains with an adapter or fully"
         ),
+    }
+    let packed_layers: Vec<_> = model
+        .linears()
+        .into_iter()
+        .filter_map(|l| l.packed_weight().map(|p| (p.size_in_bytes(), l.shape())))
+        .collect();
+    if !packed_layers.is_empty() {
+        let bytes: usize = packed_layers.iter().map(|p| p.0).sum();
+        let f32_bytes: usize = packed_layers.iter().map(|p| p.1.0 * p.1.1 * 4).sum();
+        notes.push(format!(
+            "frozen base kept as stored (model.packed_base, after the adapter's init): {} linear weights in {:.0} MiB instead of {:.0} MiB as f32",
+            packed_layers.len(),
+            crate::memory::mib(bytes as u64),
+            crate::memory::mib(f32_bytes as u64)
+        ));
     }
     let trainable = groups
         .iter()
