@@ -87,8 +87,8 @@ impl Controller for ChannelController<'_> {
             } else {
                 match self.commands.try_recv() {
                     Ok(c) => c,
-                    Err(TryRecvError::Empty) if self.try_it.is_empty() => return Control::Continue,
-                    Err(TryRecvError::Empty) => return Control::Serve,
+                    // Waiting requests are taken by the trainer after every check.
+                    Err(TryRecvError::Empty) => return Control::Continue,
                     Err(TryRecvError::Disconnected) => return Control::Stop,
                 }
             };

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::TempDir;
+use common::{TempDir, max_diff};
 use peft_studio::models::{Batch, Classifier, ModelSource, load_model};
 use peft_studio::peft::{AdaptedLinear, Method, load_adapter_with};
 use serde_json::Value;
@@ -76,17 +76,6 @@ fn check_logits(dir: &Path) -> (Tensor, Tensor) {
         Tensor::from_vec(px, shape, &Device::Cpu).unwrap(),
         Tensor::from_vec(lg, ls, &Device::Cpu).unwrap(),
     )
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The built-in tiny ViT with the exported PEFT folder `dir` loaded (adapter + head).

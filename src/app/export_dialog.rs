@@ -160,7 +160,7 @@ pub fn import_job(app: &mut StudioApp, dir: PathBuf) {
     let store = app.store.clone();
     app.compare.exporting = true;
     let spawned = app.background.spawn("import-run", move || {
-        TaskResult::Exported(
+        TaskResult::Imported(
             import_run(&store, &dir)
                 .map(|r| format!("imported {} as run {}", dir.display(), r.id))
                 .map_err(|e| format!("{e:#}")),
@@ -172,13 +172,15 @@ pub fn import_job(app: &mut StudioApp, dir: PathBuf) {
     }
 }
 
-/// Takes the outcome of an export.
-pub fn finished(app: &mut StudioApp, result: Result<String, String>) {
+/// Takes the outcome of an export, or of an import (which added a run to the store).
+pub fn finished(app: &mut StudioApp, result: Result<String, String>, imported: bool) {
     app.compare.exporting = false;
     match result {
         Ok(text) => {
             app.compare.last_export = Some((text, true));
-            app.refresh_runs();
+            if imported {
+                app.refresh_runs();
+            }
         }
         Err(e) => {
             app.compare.last_export = Some((format!("failed: {e}"), false));

@@ -147,6 +147,8 @@ pub(crate) enum TaskResult {
     OpenFailed(String),
     /// A run's export ended: what was written, or why it failed.
     Exported(Result<String, String>),
+    /// A job's output was imported into the store: the new run, or why not.
+    Imported(Result<String, String>),
 }
 
 /// An error shown in the window: a sentence for the user, the details on demand.
@@ -507,7 +509,8 @@ impl StudioApp {
                     self.report("The folder could not be opened", why);
                 }
             }
-            TaskResult::Exported(result) => export_dialog::finished(self, result),
+            TaskResult::Exported(result) => export_dialog::finished(self, result, false),
+            TaskResult::Imported(result) => export_dialog::finished(self, result, true),
         }
     }
 

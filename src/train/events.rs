@@ -120,8 +120,8 @@ pub enum Control {
     Continue,
     /// Stop now, keeping what was done.
     Stop,
-    /// Requests wait (see [`Controller::take_try_it`]): serve them, then ask again (a paused
-    /// run stays paused).
+    /// A paused run got requests (see [`Controller::take_try_it`]): serve them, then ask
+    /// again (the run stays paused). Requests are taken after every check whatever it says.
     Serve,
 }
 

@@ -254,6 +254,7 @@ impl TryItSession {
     pub fn serve(&mut self, req: &TryItRequest, emit: &mut dyn FnMut(TryItEvent)) {
         report_failure(req.id, emit, |emit| {
             if self.loaded.as_ref().is_none_or(|l| l.target != req.target) {
+                // The old model goes before the new one loads: never two in memory.
                 self.loaded = None;
                 self.loaded = Some(load_target(&req.target)?);
             }

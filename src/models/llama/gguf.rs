@@ -447,20 +447,20 @@ pub fn read_tensors(
     g: &mut GgufFile,
     c: &LlamaConfig,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
-    read_tensors_except::<()>(g, c, &HashMap::new())
+    read_tensors_except(g, c, |_| false)
 }
 
-/// [`read_tensors`] without the tensors (by Hugging Face name) in `skip`.
-fn read_tensors_except<T>(
+/// [`read_tensors`] without the tensors whose Hugging Face name `skip` picks.
+fn read_tensors_except(
     g: &mut GgufFile,
     c: &LlamaConfig,
-    skip: &HashMap<String, T>,
+    skip: impl Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     let mut names = tensor_names(c);
     if let Some((missing, _)) = names.iter().find(|(n, _)| !g.has_tensor(n)) {
         return Err(file_err(g.path(), format!("tensor `{missing}` is missing")));
     }
-    names.retain(|(_, h)| !skip.contains_key(h));
+    names.retain(|(_, h)| !skip(h));
     let permuted = c.family == DecoderFamily::Llama;
     let mut out = HashMap::with_capacity(names.len());
     for (gname, hname) in names {
@@ -539,7 +539,7 @@ pub fn load_gguf_packed(path: &Path) -> Result<LlamaModel, ModelError> {
     let mut g = GgufFile::open(path)?;
     let config = config_from_gguf(&mut g)?;
     let packed = read_packed_linears(&mut g, &config)?;
-    let tensors = read_tensors_except(&mut g, &config, &packed)?;
+    let tensors = read_tensors_except(&mut g, &config, |h| packed.contains_key(h))?;
     let mut r = WeightReader::from_tensors(
         tensors,
         path,
