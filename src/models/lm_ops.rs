@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use rayon::prelude::*;
 
 use super::attention::{SharedOut, gemm_into};
+use crate::peft::fused_lora::FrozenWeight;
 use super::ops::{GRAIN, f32_rows, last_dim, par_fill, rows_per_task};
 use super::vmath;
 
@@ -430,6 +431,88 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     } else {
         candle_nn::ops::silu(gate)? * up
     }
+}
+
+/// `swiglu(gate, up)·Wᵀ` for a frozen W: the gated product lives only inside the op (the
+/// backward recomputes it from gate and up), so a LoRA step keeps one intermediate-sized
+/// tensor per layer fewer (SmolLM2-135M, batch 4 × 256: 190 MB). args: gate, up (rows×I).
+struct SwiGluLinear {
+    weight: FrozenWeight,
+}
+
+impl CustomOp2 for SwiGluLinear {
+    fn name(&self) -> &'static str {
+        "peft-swiglu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gated, shape) = SwiGlu.cpu_fwd(s1, l1, s2, l2)?;
+        let CpuStorage::F32(gated) = gated else {
+            candle_core::bail!("swiglu linear: the gated product is not f32");
+        };
+        let (rows, _) = shape.dims2()?;
+        let (m, _) = self.weight.dims()?;
+        let y = self
+            .weight
+            .forward_cpu(&gated, &Layout::contiguous(shape), None)?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, m))))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d_gated = self.weight.input_grad(grad)?;
+        let both = gate.apply_op3_no_bwd(up, &d_gated, &SwiGluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `swiglu(gate, up)·Wᵀ` with `down` a frozen layer ([`AdaptedLinear::frozen_only`]): one
+/// fused op on the CPU in f32; otherwise `down.forward_t(swiglu(gate, up))`.
+pub fn swiglu_down(
+    gate: &Tensor,
+    up: &Tensor,
+    down: &crate::peft::AdaptedLinear,
+    train: bool,
+) -> Result<Tensor> {
+    let weight = down
+        .frozen_only()
+        .filter(|_| fast(gate) && fast(up) && std::env::var_os("PEFT_STUDIO_UNFUSED_SWIGLU").is_none());
+    let Some(weight) = weight else {
+        return down
+            .forward_t(&swiglu(gate, up)?, train)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()));
+    };
+    let (m, n) = weight.dims()?;
+    let dims = gate.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("swiglu linear: the input is a scalar");
+    };
+    if last != n || up.dims() != dims {
+        candle_core::bail!(
+            "swiglu linear: gate {:?} and up {:?} for a {m}×{n} weight",
+            dims,
+            up.dims()
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let y = gate.reshape((rows, n))?.contiguous()?.apply_op2(
+        &up.reshape((rows, n))?.contiguous()?,
+        SwiGluLinear { weight },
+    )?;
+    let mut out = lead.to_vec();
+    out.push(m);
+    y.reshape(out)
 }
 
 // ---------------------------------------------------------------- cross-entropy
@@ -887,6 +970,60 @@ mod tests {
         check_fd(up.as_tensor(), ga.get(&up).unwrap(), |u| {
             weighted_sum(&swiglu(&gt, u).unwrap(), &r)
         });
+    }
+
+    #[test]
+    fn swiglu_down_equals_the_separate_ops_for_dense_and_packed_weights() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let gate = var(randn(&[2, 3, 64], 2.0));
+        let up = var(randn(&[2, 3, 64], 1.0));
+        let w = randn(&[24, 64], 0.2);
+        let r = randn(&[2, 3, 24], 1.0);
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let packed = crate::peft::PackedWeight::new(q).unwrap();
+        let dense_of_packed = packed.dequantize().unwrap();
+        let layers = [
+            (crate::peft::AdaptedLinear::new("down", w.clone(), None), w),
+            (
+                crate::peft::AdaptedLinear::new_packed("down", packed, None),
+                dense_of_packed,
+            ),
+        ];
+        for (down, w) in layers {
+            assert!(down.frozen_only().is_some());
+            let ours = swiglu_down(gate.as_tensor(), up.as_tensor(), &down, true).unwrap();
+            let gated =
+                (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
+            let theirs = gated.broadcast_matmul(&w.t().unwrap()).unwrap();
+            close(&ours, &theirs, 1e-4);
+            let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&gate, &up] {
+                close(ga.get(v).unwrap(), gb.get(v).unwrap(), 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_down_falls_back_when_the_layer_trains_something() {
+        let gate = randn(&[3, 16], 1.0);
+        let up = randn(&[3, 16], 1.0);
+        let mut down = crate::peft::AdaptedLinear::new("down", randn(&[5, 16], 0.3), None);
+        let cfg = crate::peft::AdapterConfig {
+            rank: 2,
+            init: Some(crate::peft::Init::Gaussian),
+            ..Default::default()
+        };
+        down.attach(&cfg).unwrap();
+        assert!(down.frozen_only().is_none());
+        let ours = swiglu_down(&gate, &up, &down, false).unwrap();
+        let theirs = down.forward(&swiglu(&gate, &up).unwrap()).unwrap();
+        close(&ours, &theirs, 1e-5);
     }
 
     #[test]

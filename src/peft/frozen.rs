@@ -70,21 +70,7 @@ pub(crate) fn gemm_f32(
     lb: &Layout,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    let (m, k) = la.shape().dims2()?;
-    let (k2, n) = lb.shape().dims2()?;
-    if k != k2 {
-        candle_core::bail!("matmul: {m}×{k} times {k2}×{n}");
-    }
-    let (sa, sb) = (la.stride(), lb.stride());
-    // Bounds: the furthest element each operand's layout reaches must lie in its buffer.
-    let reach = |start: usize, rows: usize, cols: usize, st: &[usize]| {
-        start + rows.saturating_sub(1) * st[0] + cols.saturating_sub(1) * st[1]
-    };
-    if m * k > 0 && reach(la.start_offset(), m, k, sa) >= a.len()
-        || k * n > 0 && reach(lb.start_offset(), k, n, sb) >= b.len()
-    {
-        candle_core::bail!("matmul: an operand's layout runs past its storage");
-    }
+    let (m, _, n) = gemm_dims(a, la, b, lb)?;
     if let Some(bias) = bias
         && bias.len() != n
     {
@@ -100,21 +86,85 @@ pub(crate) fn gemm_f32(
         }
         None => false,
     };
+    // SAFETY: `gemm_dims` checked the operands' layouts against their buffers; `out` has room
+    // for m·n values, and gemm writes every one of them before reading any when `read_dst` is
+    // false (alpha is then zero for the first pass over k), or reads the bias rows written above.
+    unsafe {
+        run_gemm(out.as_mut_ptr(), read_dst, a, la, b, lb, 1.0);
+        out.set_len(m * n);
+    }
+    Ok(out)
+}
+
+/// `dst += beta·a·b` for 2-D f32 operands of any strides; `dst` is the m×n row-major product's
+/// place.
+pub(crate) fn gemm_f32_acc(
+    dst: &mut [f32],
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    beta: f32,
+) -> Result<()> {
+    let (m, _, n) = gemm_dims(a, la, b, lb)?;
+    if dst.len() != m * n {
+        candle_core::bail!("matmul: {} outputs for a {m}×{n} product", dst.len());
+    }
+    // SAFETY: layouts checked by `gemm_dims`; `dst` holds exactly m·n initialised values.
+    unsafe { run_gemm(dst.as_mut_ptr(), true, a, la, b, lb, beta) };
+    Ok(())
+}
+
+/// (m, k, n) of `a·b`, after checking that the inner sizes agree and that every element each
+/// layout addresses lies inside its buffer.
+fn gemm_dims(a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Result<(usize, usize, usize)> {
+    let (m, k) = la.shape().dims2()?;
+    let (k2, n) = lb.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("matmul: {m}×{k} times {k2}×{n}");
+    }
+    let (sa, sb) = (la.stride(), lb.stride());
+    let reach = |start: usize, rows: usize, cols: usize, st: &[usize]| {
+        start + rows.saturating_sub(1) * st[0] + cols.saturating_sub(1) * st[1]
+    };
+    if m * k > 0 && reach(la.start_offset(), m, k, sa) >= a.len()
+        || k * n > 0 && reach(lb.start_offset(), k, n, sb) >= b.len()
+    {
+        candle_core::bail!("matmul: an operand's layout runs past its storage");
+    }
+    Ok((m, k, n))
+}
+
+/// `dst = (read_dst ? dst : 0) + beta·a·b` through gemm, on candle's thread count.
+///
+/// # Safety
+/// The layouts must have passed [`gemm_dims`]; `dst` must have room for m·n values, initialised
+/// when `read_dst`.
+unsafe fn run_gemm(
+    dst: *mut f32,
+    read_dst: bool,
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    beta: f32,
+) {
+    let (m, k) = (la.dims()[0], la.dims()[1]);
+    let n = lb.dims()[1];
+    let (sa, sb) = (la.stride(), lb.stride());
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the operands' layouts were checked against their buffers above; `out` has room
-    // for m·n values, and gemm writes every one of them before reading any when `read_dst` is
-    // false (alpha is then zero for the first pass over k), or reads the bias rows written above.
+    // SAFETY: the caller vouches for the layouts and `dst` (see above).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             read_dst,
@@ -125,15 +175,13 @@ pub(crate) fn gemm_f32(
             sb[1] as isize,
             sb[0] as isize,
             if read_dst { 1.0 } else { 0.0 },
-            1.0,
+            beta,
             false,
             false,
             false,
             parallelism,
         );
-        out.set_len(m * n);
     }
-    Ok(out)
 }
 
 /// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`).

@@ -9,6 +9,7 @@ use super::config::{AdapterConfig, Method};
 use super::decompose::{self, tensor_to_mat};
 use super::diagonal::DiagonalAdapter;
 use super::frozen::{FrozenGrad, frozen_linear, frozen_linear_bias};
+use super::fused_lora::{FrozenWeight, lora_linear};
 use super::lora::LoraAdapter;
 use super::packed::{PackedWeight, packed_linear};
 use super::{PeftError, Result};
@@ -186,6 +187,38 @@ impl AdaptedLinear {
         }
     }
 
+    /// The frozen weight for the fused CPU ops: f32 on the CPU, or packed.
+    pub(crate) fn fused_weight(&self) -> Option<FrozenWeight> {
+        match &self.base {
+            Frozen::Dense(t) if t.dtype() == DType::F32 && t.device().is_cpu() => {
+                Some(FrozenWeight::Dense(t.clone()))
+            }
+            Frozen::Dense(_) => None,
+            Frozen::Packed(p) => Some(FrozenWeight::Packed(p.shared())),
+        }
+    }
+
+    /// The frozen weight when the layer computes exactly `x·Wᵀ` and trains nothing of its own
+    /// (no adapter in effect, no bias, nothing trainable): what a fused op that takes the
+    /// layer's input apart may multiply by instead of calling [`forward_t`](Self::forward_t).
+    pub(crate) fn frozen_only(&self) -> Option<FrozenWeight> {
+        let adapter_in_effect = match &self.adapter {
+            None => false,
+            Some(_) if self.merged => false,
+            Some(Adapter::Lora(l)) if self.disabled => l.initial.is_some(),
+            Some(_) => true,
+        };
+        if adapter_in_effect
+            || self.bias.is_some()
+            || self.trainable_weight.is_some()
+            || self.trainable_bias.is_some()
+            || self.frozen_grad != FrozenGrad::Skip
+        {
+            return None;
+        }
+        self.fused_weight()
+    }
+
     /// The dtype of the frozen weight's computations (f32 for a packed one).
     fn base_dtype(&self) -> DType {
         match &self.base {
@@ -353,6 +386,24 @@ impl AdaptedLinear {
             && d.merged_forward_pays(x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1))
         {
             return d.merged_forward(x, base, self.bias.as_ref());
+        }
+        // LoRA (default init, no dropout in this pass): base product and branch in one op.
+        if let Some(Adapter::Lora(lora)) = &self.adapter
+            && !self.merged
+            && !self.disabled
+            && lora.initial.is_none()
+            && !(train && self.dropout > 0.0)
+            && self.trainable_bias.is_none()
+            && mode == FrozenGrad::Skip
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && lora.a.dtype() == DType::F32
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+            && std::env::var_os("PEFT_STUDIO_UNFUSED_LORA").is_none()
+            && let Some(w) = self.fused_weight()
+        {
+            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            return Ok(lora_linear(x, &w, self.bias.as_ref(), a, b, lora.scale)?);
         }
         // A frozen bias is fused into the frozen matmul; a trainable one is added after.
         let fused_bias = self.trainable_bias.is_none() && self.bias.is_some();

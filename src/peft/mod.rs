@@ -9,6 +9,7 @@ pub mod config;
 pub mod decompose;
 pub mod diagonal;
 pub mod frozen;
+pub(crate) mod fused_lora;
 pub mod linear;
 pub mod lora;
 pub mod packed;

@@ -26,6 +26,11 @@ impl PackedWeight {
         Ok(Self { q: Arc::new(q) })
     }
 
+    /// The packed tensor, shared.
+    pub(crate) fn shared(&self) -> Arc<QTensor> {
+        self.q.clone()
+    }
+
     /// (out, in).
     pub fn dims(&self) -> (usize, usize) {
         let d = self.q.shape().dims();

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use super::config::LlamaConfig;
 use crate::models::ModelError;
 use crate::models::attention::{causal_attention, fused_attention_applies};
-use crate::models::lm_ops::{rms_norm, rope_heads, swiglu};
+use crate::models::lm_ops::{rms_norm, rope_heads, swiglu_down};
 use crate::models::ops::softmax_last_dim;
 use crate::models::weights::{Fill, WeightReader};
 use crate::peft::{AdaptedLinear, PeftError, linear::LinearLayers};
@@ -403,10 +403,7 @@ impl LlamaModel {
         let hn = rms_norm(&x, &l.post_norm.1, c.rms_norm_eps)?;
         let gate = l.gate.forward_t(&hn, s.train).map_err(peft_err)?;
         let up = l.up.forward_t(&hn, s.train).map_err(peft_err)?;
-        let ff = l
-            .down
-            .forward_t(&swiglu(&gate, &up)?, s.train)
-            .map_err(peft_err)?;
+        let ff = swiglu_down(&gate, &up, &l.down, s.train)?;
         x + ff
     }
 
