@@ -11,6 +11,7 @@
 //! - [`export`]: a run as a PEFT adapter, a merged Hugging Face folder or a llama.cpp LoRA.
 //! - [`job`]: a run as a transformers + PEFT + accelerate job folder, and its results back.
 
+pub mod amx;
 pub mod app;
 pub mod arch;
 pub mod bench;

@@ -13,18 +13,28 @@ use super::StepStats;
 use super::machine::ProcCounters;
 use crate::models::llama::{LlamaModel, load_folder};
 use crate::peft::linear::{attach_adapters, trainable_vars};
-use crate::peft::{AdapterConfig, Method, Targets};
+use crate::peft::{AdapterConfig, MatmulPrecision, MatmulPrecisionGuard, Method, Targets};
 use crate::train::lm_batches::{LmExample, lm_batch, lm_loss};
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// The variants: LoRA r=8 on q_proj/v_proj; the same LoRA on the built-in Q4_1 GGUF with its
 /// base kept packed (QLoRA's recipe; the peer runs its f32 LoRA beside it: PEFT's QLoRA needs
-/// bitsandbytes and CUDA); full fine-tuning.
-pub const LLM_VARIANTS: [&str; 3] = ["lora", "qlora", "full"];
+/// bitsandbytes and CUDA); both with `model.matmul_precision = "bf16"` (`-bf16`: the frozen
+/// base's products in bf16 on AMX, f32 where the CPU has none; the peer runs its f32 LoRA
+/// beside them); full fine-tuning.
+pub const LLM_VARIANTS: [&str; 5] = ["lora", "qlora", "lora-bf16", "qlora-bf16", "full"];
+
+/// A variant's recipe without its precision suffix, and the precision.
+fn split_precision(variant: &str) -> (&str, MatmulPrecision) {
+    match variant.strip_suffix("-bf16") {
+        Some(base) => (base, MatmulPrecision::Bf16),
+        None => (variant, MatmulPrecision::F32),
+    }
+}
 
 /// The peer's `--mode` for a variant.
 fn peer_mode(variant: &str) -> &str {
-    match variant {
+    match split_precision(variant).0 {
         "qlora" => "lora",
         v => v,
     }
@@ -105,6 +115,9 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
         "--steps must be 1 to 10000, got {steps}"
     );
     let dir = model_dir()?;
+    let name = variant;
+    let (variant, precision) = split_precision(variant);
+    let _precision = MatmulPrecisionGuard::set(precision);
     let mut model = if variant == "qlora" {
         let gguf = crate::models::llama::smollm2_path()
             .ok_or_else(|| anyhow::anyhow!("{}", crate::models::llama::smollm2_fetch_hint()))?;
@@ -154,7 +167,7 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
         .map(|(a, b)| b.since(&a, steps));
     times.sort_by(f64::total_cmp);
     Ok(StepStats {
-        variant: format!("SmolLM2-135M {variant}"),
+        variant: format!("SmolLM2-135M {name}"),
         steps,
         secs_per_step: times[times.len() / 2],
         best_secs: times[0],

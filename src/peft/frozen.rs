@@ -23,6 +23,89 @@ pub enum FrozenGrad {
     Plain,
 }
 
+/// The precision of the frozen weights' matrix products (PyTorch's
+/// `set_float32_matmul_precision`, for the frozen base only: adapters, gradients and optimizer
+/// state stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// f32 products (the default; equal to the reference implementations).
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums, on Intel AMX where the CPU has it (Xeon 4th generation and
+    /// later); f32 elsewhere.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    /// What this machine runs for this setting, in words (for logs and the form).
+    pub fn describe(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 if crate::amx::available() => "bf16 on AMX (f32 sums)",
+            MatmulPrecision::Bf16 => "f32 (bf16 was asked for, but this CPU has no AMX)",
+        }
+    }
+}
+
+thread_local! {
+    static PRECISION: std::cell::Cell<MatmulPrecision> =
+        const { std::cell::Cell::new(MatmulPrecision::F32) };
+}
+
+/// Sets the frozen products' precision on this thread until the guard drops (ops run on the
+/// thread that applies them, so a run sets it on its own thread).
+#[must_use = "the precision reverts when the guard drops"]
+pub struct MatmulPrecisionGuard(MatmulPrecision);
+
+impl MatmulPrecisionGuard {
+    /// Applies `precision` to this thread's frozen products.
+    pub fn set(precision: MatmulPrecision) -> Self {
+        Self(PRECISION.replace(precision))
+    }
+}
+
+impl Drop for MatmulPrecisionGuard {
+    fn drop(&mut self) {
+        PRECISION.set(self.0);
+    }
+}
+
+/// Whether a frozen product with `rows` output rows runs in bf16 on this thread.
+fn bf16_for(rows: usize) -> bool {
+    rows >= 16 && PRECISION.get() == MatmulPrecision::Bf16 && crate::amx::available()
+}
+
+/// `a·b (+ bias rows)` where b is a frozen weight (or its transpose): f32 through gemm, or
+/// bf16 on AMX when this thread asked for [`MatmulPrecision::Bf16`].
+pub(crate) fn frozen_product(
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let (m, k, n) = gemm_dims(a, la, b, lb)?;
+    if !bf16_for(m) {
+        return gemm_f32(a, la, b, lb, bias);
+    }
+    let strided = |data, l: &Layout| crate::amx::Strided {
+        data,
+        start: l.start_offset(),
+        rs: l.stride()[0],
+        cs: l.stride()[1],
+    };
+    let mut out = match bias {
+        Some(bias) if bias.len() != n => {
+            candle_core::bail!("matmul: {} bias values for {n} outputs", bias.len())
+        }
+        Some(bias) => bias.repeat(m),
+        None => vec![0f32; m * n],
+    };
+    crate::amx::gemm_bf16(strided(a, la), strided(b, lb), (m, k, n), &mut out, bias.is_some());
+    Ok(out)
+}
+
 /// `x·W`ᵀ as a custom op: arg1 is x (rows×k, contiguous), arg2 is `Wᵀ` (k×m, any strides candle's matmul
 /// accepts). The backward returns the gradient of x alone.
 struct FrozenMatmul;
@@ -52,7 +135,7 @@ impl FrozenMatmul {
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 let (rows, _, m) = Self::dims(l1, l2)?;
-                let out = gemm_f32(a, l1, b, l2, None)?;
+                let out = frozen_product(a, l1, b, l2, None)?;
                 Ok((CpuStorage::F32(out), Shape::from((rows, m))))
             }
             _ => Self::fwd(s1, l1, s2, l2),
@@ -184,15 +267,67 @@ unsafe fn run_gemm(
     }
 }
 
-/// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`).
+/// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`): a frozen product.
 pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    matmul_no_grad(&grad.contiguous()?, &wt.t()?)
+    frozen_product_no_grad(&grad.contiguous()?, &wt.t()?)
 }
 
-/// `a·b` of two 2-D tensors, recorded without a backward pass.
-pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a·b` where b is a frozen weight (or its transpose), recorded without a backward pass, in
+/// the thread's [`MatmulPrecision`].
+pub(crate) fn frozen_product_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // The frozen matmul's forward is exactly `a·b`; applied without a backward it records nothing.
     a.apply_op2_no_bwd(b, &FrozenMatmul)
+}
+
+/// `a·b` of two 2-D tensors in f32, recorded without a backward pass (adapter gradients).
+pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &PlainMatmul)
+}
+
+/// `a·b` in f32 whatever the thread's precision, without a backward.
+struct PlainMatmul;
+
+impl CustomOp2 for PlainMatmul {
+    fn name(&self) -> &'static str {
+        "plain-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (rows, _, m) = FrozenMatmul::dims(l1, l2)?;
+                let out = gemm_f32(a, l1, b, l2, None)?;
+                Ok((CpuStorage::F32(out), Shape::from((rows, m))))
+            }
+            _ => FrozenMatmul::fwd(s1, l1, s2, l2),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
 }
 
 /// `x·Wᵀ` on the CPU for a rows×k `x` and `wt = Wᵀ` (k×m), as a custom op's forward.
@@ -274,7 +409,7 @@ impl CustomOp3 for FrozenMatmulBias {
         };
         if let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3) {
             let (rows, _, m) = FrozenMatmul::dims(l1, l2)?;
-            let y = gemm_f32(x, l1, w, l2, Some(&b[b0..b1]))?;
+            let y = frozen_product(x, l1, w, l2, Some(&b[b0..b1]))?;
             return Ok((CpuStorage::F32(y), Shape::from((rows, m))));
         }
         let (out, shape) = FrozenMatmul::fwd(s1, l1, s2, l2)?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
-use super::frozen::{gemm_f32, gemm_f32_acc, matmul_no_grad};
+use super::frozen::{frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc, matmul_no_grad};
 
 /// A frozen weight W (out×in) as the fused CPU ops read it.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ impl FrozenWeight {
 
     /// `g·W`, the input gradient of `x·Wᵀ`, recorded without a backward pass.
     pub(crate) fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
-        matmul_no_grad(&g.contiguous()?, &self.dense()?)
+        frozen_product_no_grad(&g.contiguous()?, &self.dense()?)
     }
 
     /// `x·Wᵀ (+ bias)` for a rows×in f32 `x` on the CPU.
@@ -58,14 +58,14 @@ impl FrozenWeight {
             candle_core::bail!("fused linear: the frozen weight must be f32 on the CPU");
         };
         let Some(bias) = bias else {
-            return gemm_f32(x, lx, wd, &wl.transpose(0, 1)?, None);
+            return frozen_product(x, lx, wd, &wl.transpose(0, 1)?, None);
         };
         let (bs, bl) = bias.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(bd)), Some((b0, b1))) = (&*bs, bl.contiguous_offsets())
         else {
             candle_core::bail!("fused linear: the bias must be contiguous f32 on the CPU");
         };
-        gemm_f32(x, lx, wd, &wl.transpose(0, 1)?, Some(&bd[b0..b1]))
+        frozen_product(x, lx, wd, &wl.transpose(0, 1)?, Some(&bd[b0..b1]))
     }
 }
 

@@ -19,7 +19,7 @@ pub use checkpoint::{
 };
 pub use config::{AdapterConfig, Init, Method, Targets};
 pub use diagonal::DiagonalAdapter;
-pub use frozen::{FrozenGrad, frozen_linear};
+pub use frozen::{FrozenGrad, MatmulPrecision, MatmulPrecisionGuard, frozen_linear};
 pub use linear::{AdaptedLinear, Adapter, LayerSet};
 pub use lora::LoraAdapter;
 pub use packed::{PackedWeight, packed_linear};

@@ -100,13 +100,16 @@ impl CustomOp1 for PackedMatmul {
         let Storage::Cpu(CpuStorage::F32(wd)) = &*storage else {
             candle_core::bail!("packed matmul: the weight did not dequantize to f32 on the CPU");
         };
-        let y = super::frozen::gemm_f32(x, l, wd, &wl.transpose(0, 1)?, None)?;
+        let y = super::frozen::frozen_product(x, l, wd, &wl.transpose(0, 1)?, None)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out_features))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let w = self.w.dequantize(grad.device())?;
-        Ok(Some(grad.matmul(&w)?))
+        Ok(Some(super::frozen::frozen_product_no_grad(
+            &grad.contiguous()?,
+            &w,
+        )?))
     }
 }
 

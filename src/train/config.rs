@@ -72,6 +72,10 @@ pub struct ModelConfig {
     /// stored (QLoRA's recipe: the frozen base stays 4-bit under f32 adapters; outputs are
     /// the same, memory lower); `false` dequantizes them to f32 at load.
     pub packed_base: bool,
+    /// The precision of the frozen base's matrix products: `f32` (default) or `bf16` (bf16
+    /// operands with f32 sums on Intel AMX, where the CPU has it; f32 elsewhere). Adapters,
+    /// gradients and optimizer state stay f32.
+    pub matmul_precision: crate::peft::MatmulPrecision,
 }
 
 impl Default for ModelConfig {
@@ -81,6 +85,7 @@ impl Default for ModelConfig {
             new_head: true,
             max_length: 64,
             packed_base: true,
+            matmul_precision: crate::peft::MatmulPrecision::F32,
         }
     }
 }

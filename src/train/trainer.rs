@@ -517,6 +517,14 @@ pub(super) fn drive(
     emit: &mut dyn FnMut(Event),
 ) -> Result<RunSummary, RunFailure> {
     run.write_summary(&summary)?;
+    let precision = cfg.model.matmul_precision;
+    let _precision = crate::peft::MatmulPrecisionGuard::set(precision);
+    if precision != crate::peft::MatmulPrecision::F32 {
+        emit(Event::Log(format!(
+            "frozen base products (model.matmul_precision): {}",
+            precision.describe()
+        )));
+    }
     emit(Event::RunStarted {
         run_id: run.id.clone(),
         name: summary.name.clone(),

@@ -1,0 +1,418 @@
+//! bf16 matrix products with f32 accumulation on Intel AMX (Xeon 4th generation and later),
+//! for the frozen weights' products when `train.matmul_precision = "bf16"`.
+//!
+//! On these CPUs one `tdpbf16ps` multiplies a 16×32 by a 32×16 bf16 tile into 16×16 f32
+//! accumulators; PyTorch reaches the same units through oneDNN when asked for bf16 (autocast,
+//! or `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`). Both operands are rounded to bf16
+//! (8 significant bits, round-to-nearest-even) and every product is summed in f32, so a result
+//! differs from the f32 product by about 2⁻⁸ of the terms' magnitude: the precision of mixed-
+//! precision training, not of the f32 reference.
+//!
+//! [`gemm_bf16`] packs `a` (m×k) into bf16 rows and `b` (k×n, any strides) into the tiles'
+//! pair-interleaved ("VNNI") layout in 32-column panels, then computes 32×32 blocks of the
+//! output with four accumulator tiles each, row blocks spread over rayon's threads. The tiles
+//! are set up once per process (the kernel's `ARCH_REQ_XCOMP_PERM`) and configured per task.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Rows and columns of an output block (2 × 2 tiles of 16 × 16).
+const BLOCK: usize = 32;
+/// bf16 values of a k-block (one tile row of A holds 32 of them: 64 bytes).
+const KB: usize = 32;
+/// u16 values in one B tile (16 k-pairs × 16 columns × 2).
+const TILE: usize = 512;
+
+/// Whether this CPU and kernel run AMX bf16 (checked once; asks the kernel for the tile
+/// state's permission the first time).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    // CPUID leaf 7 exists where leaf 0 reports a maximum of at least 7.
+    let max_leaf = std::arch::x86_64::__cpuid(0).eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    unsafe extern "C" {
+        fn syscall(number: i64, ...) -> i64;
+    }
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only grants the process the right to use the
+    // AMX tile state; it returns 0 on success and a negative value where unsupported.
+    unsafe { syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 → bf16, rounding to nearest even (NaN stays NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// bf16 → f32 (exact).
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// A k×n operand packed for the B side of the tiles: per 32-column panel and 32-row k-block,
+/// two tiles of 16 k-pairs × 16 columns with each pair's two values side by side.
+struct PackedB {
+    data: Vec<u16>,
+    kblocks: usize,
+    panels: usize,
+}
+
+/// One f32 matrix as (pointer base, row stride, column stride).
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    /// The buffer.
+    pub data: &'a [f32],
+    /// Offset of element (0, 0).
+    pub start: usize,
+    /// Row stride (elements).
+    pub rs: usize,
+    /// Column stride (elements).
+    pub cs: usize,
+}
+
+impl Strided<'_> {
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.start + i * self.rs + j * self.cs]
+    }
+}
+
+fn pack_b(b: Strided, k: usize, n: usize) -> PackedB {
+    let kblocks = k.div_ceil(KB);
+    let panels = n.div_ceil(BLOCK);
+    let per_panel = kblocks * 2 * TILE;
+    let mut data = vec![0u16; panels * per_panel];
+    data.par_chunks_mut(per_panel)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for t in 0..2 {
+                for c in 0..16 {
+                    let j = p * BLOCK + t * 16 + c;
+                    if j >= n {
+                        continue;
+                    }
+                    for kk in 0..k {
+                        let (kb, r, e) = (kk / KB, (kk % KB) / 2, kk % 2);
+                        panel[(kb * 2 + t) * TILE + r * 32 + c * 2 + e] = to_bf16(b.at(kk, j));
+                    }
+                }
+            }
+        });
+    PackedB {
+        data,
+        kblocks,
+        panels,
+    }
+}
+
+/// `a` (m×k, row stride `lda`, starting at `start`) as bf16 rows of `kblocks·32` values,
+/// `rows` of them (zero beyond m and k).
+fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u16> {
+    let width = kblocks * KB;
+    let mut out = vec![0u16; rows * width];
+    out.par_chunks_mut(width).take(m).enumerate().for_each(|(i, row)| {
+        if a.cs == 1 {
+            let src = &a.data[a.start + i * a.rs..][..k];
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d = to_bf16(s);
+            }
+        } else {
+            for (kk, d) in row.iter_mut().take(k).enumerate() {
+                *d = to_bf16(a.at(i, kk));
+            }
+        }
+    });
+    out
+}
+
+/// `dst (+)= a·b` in bf16 × bf16 → f32 on AMX: `a` m×k, `b` k×n, `dst` m×n row-major. With
+/// `accumulate` the product is added to what `dst` holds (a bias, say); otherwise `dst` is
+/// overwritten. Call only when [`available`].
+pub fn gemm_bf16(a: Strided, b: Strided, (m, k, n): (usize, usize, usize), dst: &mut [f32], accumulate: bool) {
+    assert!(available(), "gemm_bf16 needs AMX");
+    assert_eq!(dst.len(), m * n, "gemm_bf16: output of {} values for {m}×{n}", dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let packed = pack_b(b, k, n);
+    let row_blocks = m.div_ceil(BLOCK);
+    let width = packed.kblocks * KB;
+    let ap = pack_a(a, m, k, row_blocks * BLOCK, packed.kblocks);
+    dst.par_chunks_mut(BLOCK * n)
+        .enumerate()
+        .for_each(|(rb, out)| {
+            let rows = out.len() / n;
+            let a_block = &ap[rb * BLOCK * width..][..BLOCK * width];
+            // SAFETY: AMX is available (asserted above); each pointer covers what the block
+            // kernel reads or writes (see `block`).
+            unsafe { row_block(a_block, width, &packed, out, rows, n, accumulate) };
+        });
+}
+
+/// One 32-row block of the output against every panel.
+///
+/// # Safety
+/// AMX must be available; `a_block` holds 32 rows of `width` bf16 values.
+unsafe fn row_block(
+    a_block: &[u16],
+    width: usize,
+    b: &PackedB,
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller checked AMX; the config is 64 bytes, aligned.
+    unsafe { configure_tiles() };
+    let mut temp = [0f32; BLOCK * BLOCK];
+    for p in 0..b.panels {
+        let j0 = p * BLOCK;
+        let cols = (n - j0).min(BLOCK);
+        let panel = &b.data[p * b.kblocks * 2 * TILE..][..b.kblocks * 2 * TILE];
+        let direct = rows == BLOCK && cols == BLOCK;
+        let (c, c_stride) = if direct {
+            (out[j0..].as_mut_ptr(), n)
+        } else {
+            if accumulate {
+                for i in 0..rows {
+                    temp[i * BLOCK..][..cols].copy_from_slice(&out[i * n + j0..][..cols]);
+                }
+            }
+            (temp.as_mut_ptr(), BLOCK)
+        };
+        // SAFETY: `c` addresses 32 rows of 32 f32 at `c_stride` (the output when the block
+        // is whole, else `temp`); `a_block` and `panel` hold the k-blocks the kernel reads.
+        unsafe {
+            tile_kernel(
+                a_block.as_ptr(),
+                width * 2,
+                panel.as_ptr(),
+                b.kblocks,
+                c,
+                c_stride * 4,
+                accumulate,
+            )
+        };
+        if !direct {
+            for i in 0..rows {
+                out[i * n + j0..][..cols].copy_from_slice(&temp[i * BLOCK..][..cols]);
+            }
+        }
+    }
+}
+
+/// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Loads the tile configuration on this thread.
+///
+/// # Safety
+/// AMX must be available and permitted (see [`available`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure_tiles() {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    // SAFETY: a valid palette-1 configuration (the caller vouches for AMX).
+    unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn configure_tiles() {}
+
+/// C (32×32 f32 at byte stride `cs`) (+)= A (32 rows of bf16 at byte stride `as_`) ·
+/// panel (`kblocks` pairs of B tiles), over `kblocks` blocks of 32 k-values.
+///
+/// # Safety
+/// AMX configured on this thread; every pointer covers what it addresses.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_kernel(
+    a: *const u16,
+    as_: usize,
+    b: *const u16,
+    kblocks: usize,
+    c: *mut f32,
+    cs: usize,
+    accumulate: bool,
+) {
+    use std::arch::asm;
+    // SAFETY: the caller vouches for the pointers and the tile configuration.
+    unsafe {
+        let a1 = (a as *const u8).add(16 * as_);
+        let c1 = (c as *mut u8).add(16 * cs);
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{c} + {cs}*1]",
+                "tileloadd tmm1, [{c} + {cs}*1 + 64]",
+                "tileloadd tmm2, [{c1} + {cs}*1]",
+                "tileloadd tmm3, [{c1} + {cs}*1 + 64]",
+                c = in(reg) c, c1 = in(reg) c1, cs = in(reg) cs,
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+        }
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {as_}*1]",
+            "tileloadd tmm5, [{a1} + {as_}*1]",
+            "tileloadd tmm6, [{b} + {s64}*1]",
+            "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a}, 64",
+            "add {a1}, 64",
+            "add {b}, 2048",
+            "dec {k}",
+            "jnz 2b",
+            a = inout(reg) a => _,
+            a1 = inout(reg) a1 => _,
+            b = inout(reg) b => _,
+            k = inout(reg) kblocks => _,
+            as_ = in(reg) as_,
+            s64 = in(reg) 64usize,
+        );
+        asm!(
+            "tilestored [{c} + {cs}*1], tmm0",
+            "tilestored [{c} + {cs}*1 + 64], tmm1",
+            "tilestored [{c1} + {cs}*1], tmm2",
+            "tilestored [{c1} + {cs}*1 + 64], tmm3",
+            c = in(reg) c, c1 = in(reg) c1, cs = in(reg) cs,
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_kernel(
+    _a: *const u16,
+    _as: usize,
+    _b: *const u16,
+    _kblocks: usize,
+    _c: *mut f32,
+    _cs: usize,
+    _accumulate: bool,
+) {
+    unreachable!("AMX exists on x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_round_trips() {
+        assert_eq!(to_bf16(1.0), 0x3F80);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even (1.0).
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3·2⁻⁸ lies halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: ties go to 1 + 2⁻⁶.
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.1 / 256.0)), 1.0 + 1.0 / 128.0);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        for x in [1e-3f32, 3.7, -1234.5, 6.1e-5] {
+            assert!(((from_bf16(to_bf16(x)) - x) / x).abs() <= 1.0 / 256.0);
+        }
+    }
+
+    /// The product of the bf16-rounded operands in f64: what AMX computes, up to f32 sums.
+    fn reference(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), b_t: bool) -> Vec<f32> {
+        let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    let bv = if b_t { b[j * k + kk] } else { b[kk * n + j] };
+                    s += r(a[i * k + kk]) * r(bv);
+                }
+                out[i * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn amx_products_equal_the_bf16_reference_on_ragged_shapes() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX");
+            return;
+        }
+        for (m, k, n) in [(37, 70, 45), (64, 64, 64), (1, 33, 5), (96, 576, 40)] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            for b_t in [false, true] {
+                // b as given (k×n row-major) or as the transpose of an n×k matrix.
+                let bs = if b_t {
+                    Strided { data: &b, start: 0, rs: 1, cs: k }
+                } else {
+                    Strided { data: &b, start: 0, rs: n, cs: 1 }
+                };
+                let want = reference(&a, &b, (m, k, n), b_t);
+                let a_s = Strided { data: &a, start: 0, rs: k, cs: 1 };
+                let mut got = vec![f32::NAN; m * n];
+                gemm_bf16(a_s, bs, (m, k, n), &mut got, false);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n}: {g} vs {w}");
+                }
+                let mut acc = vec![1.5f32; m * n];
+                gemm_bf16(a_s, bs, (m, k, n), &mut acc, true);
+                for (g, w) in acc.iter().zip(&want) {
+                    assert!((g - (w + 1.5)).abs() <= 1e-4 * (2.5 + w.abs()), "accumulate: {g} vs {}", w + 1.5);
+                }
+            }
+        }
+    }
+}
