@@ -638,7 +638,11 @@ fn with_progress(
         }
         Event::Log(text) => say(text),
         Event::Phase(_) => {}
-        Event::RunFinished(_) | Event::RunFailed { .. } | Event::Refused(_) | Event::TryIt(_) => {}
+        Event::RunFinished(_)
+        | Event::RunFailed { .. }
+        | Event::Refused(_)
+        | Event::TryIt(_)
+        | Event::Personalise(_) => {}
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut emit)));
     bar.finish_and_clear();

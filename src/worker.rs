@@ -1,10 +1,18 @@
 //! The background worker: a named thread that takes [`Command`]s and sends [`Event`]s over
-//! crossbeam channels. All heavy work (loading, training, saving) happens here, never on the
-//! UI thread. A panic inside a run becomes [`Event::RunFailed`], never a dead thread; stop and
-//! pause are honoured between steps; the worker ends when told to or when the other side of
-//! the channel is gone. Between runs it answers Try-it prompts ([`Command::TryIt`]). A panicking run is recorded as failed in its folder; if even that
-//! fails, the reason is sent once as [`Event::Log`].
+//! crossbeam channels. All heavy work (loading, training, saving, personalising) happens here,
+//! never on the UI thread. One job at a time: a training run or a personalisation
+//! ([`Command::Personalise`]); a command for the other kind of job is refused while one runs
+//! (a training command with [`Event::RunFailed`], a personalisation with
+//! [`PersonaliseEvent::Refused`]), never queued. Every job runs under the same panic guard
+//! ([`guard`]): a panic becomes [`Event::RunFailed`] or [`PersonaliseEvent::Failed`], never a
+//! dead thread. Stop, pause and cancel are honoured between steps; the worker ends when told to
+//! or when the other side of the channel is gone. Between jobs it answers Try-it prompts
+//! ([`Command::TryIt`]); prompts sent during a personalisation wait for its end. A panicking
+//! run is recorded as failed in its folder; if even that fails, the reason is sent once as
+//! [`Event::Log`].
 
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +20,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::personalize::job::{PersonaliseEvent, PersonaliseRequest, PersonaliseResult};
+use crate::personalize::progress::{Cancelled, Progress, Stage};
 use crate::train::store::{read_summary, write_summary};
 use crate::train::try_it::{TryItEvent, TryItRequest, TryItSession};
 use crate::train::{
@@ -36,6 +46,13 @@ pub enum Command {
     /// answers between steps with the model it is training; otherwise the request's target
     /// is loaded (and kept for the next prompt).
     TryIt(TryItRequest),
+    /// Personalise: DiffLoRA for the references, the comparisons asked for, the files when a
+    /// folder is named. Progress, the result, a failure or the cancellation come back as
+    /// [`Event::Personalise`]. Refused while a training run is in progress.
+    Personalise(Box<PersonaliseRequest>),
+    /// Cancel the personalisation in progress at its next stage or step (it writes nothing);
+    /// ignored when none runs.
+    CancelPersonalise,
     /// End the worker thread (stopping any run first).
     Shutdown,
 }
@@ -54,11 +71,43 @@ pub type Runner = Arc<
         + Sync,
 >;
 
+/// The function that performs a personalisation (the real job, or a stand-in in tests): it
+/// announces every stage and step to the progress callback, which may cancel.
+pub type PersonaliseRunner = Arc<
+    dyn Fn(&PersonaliseRequest, Progress<'_>) -> anyhow::Result<PersonaliseResult> + Send + Sync,
+>;
+
+/// What the worker runs its jobs with.
+#[derive(Clone)]
+pub struct Runners {
+    /// Training runs.
+    pub train: Runner,
+    /// Personalisations.
+    pub personalise: PersonaliseRunner,
+}
+
+impl Default for Runners {
+    /// The real trainer and the real personalisation job.
+    fn default() -> Self {
+        Self {
+            train: Arc::new(crate::train::train),
+            personalise: Arc::new(crate::personalize::job::run),
+        }
+    }
+}
+
 /// A run the worker performs.
 enum Job {
     Train(Box<TrainConfig>),
     Resume(PathBuf),
 }
+
+/// Why a personalisation cannot start while a training run is in progress.
+const TRAINING_IN_PROGRESS: &str =
+    "a training run is in progress: stop it or wait for it to end, then personalise";
+/// Why a training run cannot start while a personalisation is in progress.
+const PERSONALISING: &str =
+    "a personalisation is in progress: cancel it or wait for it to end, then train";
 
 /// Handle of the worker thread. Dropping it shuts the worker down.
 pub struct Worker {
@@ -117,13 +166,51 @@ impl Controller for ChannelController<'_> {
                 Command::Start(_) | Command::ResumeRun(_) => {
                     (self.send)(Event::Refused("a run is in progress: stop it first".into()))
                 }
-                Command::Pause | Command::Resume => {}
+                Command::Personalise(_) => (self.send)(Event::Personalise(
+                    PersonaliseEvent::Refused(TRAINING_IN_PROGRESS.into()),
+                )),
+                Command::Pause | Command::Resume | Command::CancelPersonalise => {}
             }
         }
     }
 
     fn take_try_it(&mut self) -> Vec<TryItRequest> {
         std::mem::take(&mut self.try_it)
+    }
+}
+
+/// Polls the command channel between the stages and steps of a personalisation.
+struct JobControl<'a> {
+    commands: &'a Receiver<Command>,
+    send: &'a dyn Fn(Event),
+    /// Commands to carry out after the job (Try-it prompts).
+    later: &'a mut VecDeque<Command>,
+    cancel: bool,
+    shutdown: bool,
+}
+
+impl JobControl<'_> {
+    /// Takes the waiting commands; whether the job should stop.
+    fn cancelled(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::CancelPersonalise) => self.cancel = true,
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    self.shutdown = true;
+                    self.cancel = true;
+                }
+                Ok(Command::Start(_) | Command::ResumeRun(_)) => (self.send)(Event::RunFailed {
+                    error: PERSONALISING.into(),
+                    summary: None,
+                }),
+                Ok(Command::Personalise(_)) => (self.send)(Event::Personalise(
+                    PersonaliseEvent::Refused("a personalisation is already in progress".into()),
+                )),
+                Ok(c @ Command::TryIt(_)) => self.later.push_back(c),
+                Ok(Command::Stop | Command::Pause | Command::Resume) => {}
+                Err(TryRecvError::Empty) => return self.cancel || self.shutdown,
+            }
+        }
     }
 }
 
@@ -134,17 +221,36 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// The worker's panic guard: runs `f`, turning a panic into `Err` with its message. Every job
+/// (training, personalising, a Try-it prompt) runs inside it.
+pub fn guard<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_text(&*p))
+}
+
 impl Worker {
-    /// Starts the worker with the real trainer. `notify` runs after every event (e.g. to ask
-    /// egui for a repaint).
+    /// Starts the worker with the real trainer and personalisation job. `notify` runs after
+    /// every event (e.g. to ask egui for a repaint).
     pub fn spawn(store: RunStore, notify: impl Fn() + Send + 'static) -> std::io::Result<Self> {
-        Self::spawn_with(store, Arc::new(crate::train::train), notify)
+        Self::spawn_runners(store, Runners::default(), notify)
     }
 
-    /// Starts the worker with a given runner.
+    /// Starts the worker with a given training runner (and the real personalisation job).
     pub fn spawn_with(
         store: RunStore,
         runner: Runner,
+        notify: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let runners = Runners {
+            train: runner,
+            ..Runners::default()
+        };
+        Self::spawn_runners(store, runners, notify)
+    }
+
+    /// Starts the worker with given runners (stand-ins in tests).
+    pub fn spawn_runners(
+        store: RunStore,
+        runners: Runners,
         notify: impl Fn() + Send + 'static,
     ) -> std::io::Result<Self> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded::<Command>();
@@ -158,7 +264,9 @@ impl Worker {
                     notify();
                 };
                 let mut try_it = TryItSession::new();
-                while let Ok(cmd) = cmd_rx.recv() {
+                // Commands that arrived during a personalisation, to carry out after it.
+                let mut later = VecDeque::new();
+                while let Some(cmd) = later.pop_front().or_else(|| cmd_rx.recv().ok()) {
                     let job = match cmd {
                         Command::Start(cfg) => Job::Train(cfg),
                         Command::ResumeRun(path) => Job::Resume(path),
@@ -166,8 +274,25 @@ impl Worker {
                             serve_try_it(&mut try_it, &req, &send);
                             continue;
                         }
+                        Command::Personalise(req) => {
+                            let mut ctl = JobControl {
+                                commands: &cmd_rx,
+                                send: &send,
+                                later: &mut later,
+                                cancel: false,
+                                shutdown: false,
+                            };
+                            personalise(&runners.personalise, &req, &mut ctl);
+                            if ctl.shutdown {
+                                break;
+                            }
+                            continue;
+                        }
                         Command::Shutdown => break,
-                        Command::Stop | Command::Pause | Command::Resume => continue,
+                        Command::Stop
+                        | Command::Pause
+                        | Command::Resume
+                        | Command::CancelPersonalise => continue,
                     };
                     // The run needs the memory more than the next prompt.
                     try_it.unload();
@@ -185,18 +310,18 @@ impl Worker {
                         }
                         send(e);
                     };
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &job {
-                        Job::Train(cfg) => runner(cfg, &store, &mut ctl, &mut emit),
+                    let result = guard(|| match &job {
+                        Job::Train(cfg) => (runners.train)(cfg, &store, &mut ctl, &mut emit),
                         Job::Resume(path) => crate::train::resume(path, &mut ctl, &mut emit),
-                    }));
+                    });
                     match result {
                         Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),
                         Ok(Err(f)) => send(Event::RunFailed {
                             error: format!("{:#}", f.error),
                             summary: f.summary,
                         }),
-                        Err(p) => {
-                            let error = format!("internal error: {}", panic_text(&*p));
+                        Err(panic) => {
+                            let error = format!("internal error: {panic}");
                             let summary = match started.as_deref() {
                                 Some(id) => match mark_failed(&store, id, &error) {
                                     Ok(s) => Some(Box::new(s)),
@@ -248,16 +373,37 @@ impl Worker {
 /// Answers a Try-it request outside a run; a panic becomes the request's failure (and the
 /// loaded model, possibly half-changed, is dropped).
 fn serve_try_it(session: &mut TryItSession, req: &TryItRequest, send: &dyn Fn(Event)) {
-    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        session.serve(req, &mut |e| send(Event::TryIt(e)))
-    }));
-    if let Err(p) = served {
+    let served = guard(|| session.serve(req, &mut |e| send(Event::TryIt(e))));
+    if let Err(panic) = served {
         session.unload();
         send(Event::TryIt(TryItEvent::Failed {
             id: req.id,
-            error: format!("internal error: {}", panic_text(&*p)),
+            error: format!("internal error: {panic}"),
         }));
     }
+}
+
+/// Runs a personalisation under the panic guard and sends its progress and its end: the
+/// result, the failure (a panic included) or the cancellation. Commands are taken at every
+/// stage and step (see [`JobControl`]).
+fn personalise(runner: &PersonaliseRunner, req: &PersonaliseRequest, ctl: &mut JobControl<'_>) {
+    let send = ctl.send;
+    let result = guard(|| {
+        runner(req, &mut |stage: Stage| {
+            if ctl.cancelled() {
+                return ControlFlow::Break(());
+            }
+            send(Event::Personalise(PersonaliseEvent::Progress(stage)));
+            ControlFlow::Continue(())
+        })
+    });
+    let end = match result {
+        Ok(Ok(r)) => PersonaliseEvent::Finished(Arc::new(r)),
+        Ok(Err(e)) if e.is::<Cancelled>() => PersonaliseEvent::Cancelled,
+        Ok(Err(e)) => PersonaliseEvent::Failed(format!("{e:#}")),
+        Err(panic) => PersonaliseEvent::Failed(format!("internal error: {panic}")),
+    };
+    send(Event::Personalise(end));
 }
 
 /// Records a run that panicked after it started as failed; returns the updated summary, or

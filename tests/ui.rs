@@ -8,6 +8,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, StudioApp, UiState, scripted_picker};
 use peft_studio::inspect::thousands;
+use peft_studio::worker::Runners;
 
 mod common;
 mod ui_support;
@@ -54,6 +55,7 @@ fn harness(dir: &Path, answers: Vec<Option<PathBuf>>) -> Harness<'static, Studio
         picker: scripted_picker(answers),
         persist: false,
         personaliser_dir: dir.join("no-personaliser"),
+        runners: Runners::default(),
     };
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))

@@ -1,16 +1,23 @@
 //! The Personalise tab driven by egui_kittest on a tiny personaliser built once per test
 //! binary: a sample person personalised into a scored gallery (with the base generator and a
-//! directly fine-tuned LoRA side by side), a folder without images reported in the window while
-//! the previous references stay, the LoRA and images saved through the folder dialog, and a
-//! rendered snapshot of the tab.
+//! directly fine-tuned LoRA side by side), the worker's progress shown while it personalises
+//! and Cancel stopping it, a window that sleeps when the tab is idle, a folder without images
+//! reported in the window while the previous references stay, the LoRA and images saved
+//! through the folder dialog, and a rendered snapshot of the tab.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use peft_studio::app::{AppOptions, Phase, StudioApp, scripted_picker};
 use peft_studio::personalize::build::{DiffLoraPreset, Stage, build};
+use peft_studio::personalize::job;
+use peft_studio::personalize::progress::{GalleryKind, Stage as JobStage};
+use peft_studio::worker::{PersonaliseRunner, Runners};
 
 mod ui_support;
 use ui_support::run_until;
@@ -49,11 +56,21 @@ fn harness_on(
     answers: Vec<Option<PathBuf>>,
     personaliser: &Path,
 ) -> Harness<'static, StudioApp> {
+    harness_with(dir, answers, personaliser, Runners::default())
+}
+
+fn harness_with(
+    dir: &Path,
+    answers: Vec<Option<PathBuf>>,
+    personaliser: &Path,
+    runners: Runners,
+) -> Harness<'static, StudioApp> {
     let options = AppOptions {
         runs_dir: dir.join("runs"),
         picker: scripted_picker(answers),
         persist: false,
         personaliser_dir: personaliser.to_path_buf(),
+        runners,
     };
     Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))
@@ -78,13 +95,18 @@ fn choose_sample(h: &mut Harness<'static, StudioApp>, name: &str) {
     });
 }
 
-/// Presses Personalise (the button, not the tab) and waits for the run to end.
-fn personalise(h: &mut Harness<'static, StudioApp>) {
+/// Presses Personalise (the button, not the tab).
+fn press_personalise(h: &mut Harness<'static, StudioApp>) {
     h.get_all_by_label("Personalise")
         .last()
         .expect("the Personalise button")
         .click();
     h.run_steps(1);
+}
+
+/// Presses Personalise (the button, not the tab) and waits for the run to end.
+fn personalise(h: &mut Harness<'static, StudioApp>) {
+    press_personalise(h);
     run_until(h, 60, "the run", |a| !a.personalise.is_busy());
     assert_eq!(
         h.state().personalise.phase,
@@ -148,6 +170,119 @@ fn personalise_a_sample_person_and_compare_with_the_base_generator() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The repaint the window last asked for.
+fn repaint_delay(h: &Harness<'static, StudioApp>) -> Duration {
+    h.output()
+        .viewport_output
+        .get(&egui::ViewportId::ROOT)
+        .map_or(Duration::MAX, |v| v.repaint_delay)
+}
+
+/// The real personalisation, held at the first step of the DiffLoRA gallery until the test
+/// sends on `gate`.
+fn held_at_the_gallery(gate: Receiver<()>) -> PersonaliseRunner {
+    Arc::new(move |req, progress| {
+        job::run(req, &mut |stage| {
+            let flow = progress(stage);
+            if let JobStage::Drawing {
+                gallery: GalleryKind::DiffLora,
+                step: 1,
+                ..
+            } = stage
+            {
+                gate.recv().unwrap();
+            }
+            flow
+        })
+    })
+}
+
+/// Waits until the worker reports the first step of the DiffLoRA gallery.
+fn wait_for_the_gallery_step(h: &mut Harness<'static, StudioApp>) {
+    run_until(h, 60, "the gallery's first step", |a| {
+        matches!(
+            a.personalise.stage(),
+            Some(JobStage::Drawing {
+                gallery: GalleryKind::DiffLora,
+                step: 1,
+                ..
+            })
+        )
+    });
+}
+
+#[test]
+fn the_worker_s_progress_shows_then_the_gallery_and_cancel_stops_a_run() {
+    let dir = temp("progress");
+    let (open, gate) = crossbeam_channel::unbounded();
+    let runners = Runners {
+        personalise: held_at_the_gallery(gate),
+        ..Runners::default()
+    };
+    let mut h = harness_with(&dir, vec![], tiny_model(), runners);
+    open_tab(&mut h);
+    choose_sample(&mut h, "Ada");
+    assert!(h.get_by_label("Cancel").accesskit_node().is_disabled());
+    // Idle: the window asks for no frames.
+    h.run_steps(2);
+    h.try_run().expect("the idle tab settles");
+    assert!(
+        repaint_delay(&h) > Duration::from_secs(10),
+        "{:?}",
+        repaint_delay(&h)
+    );
+
+    // Personalise: the stage and its progress while the worker draws, with Cancel on.
+    press_personalise(&mut h);
+    wait_for_the_gallery_step(&mut h);
+    let bar = h.get_by_role(Role::ProgressIndicator);
+    let text = bar.accesskit_node().label().unwrap_or_default();
+    assert!(
+        text.starts_with("drawing the DiffLoRA gallery (4 images): step 1/"),
+        "{text}"
+    );
+    h.get_by_label_contains("State: drawing the DiffLoRA gallery");
+    assert!(!h.get_by_label("Cancel").accesskit_node().is_disabled());
+    assert!(h.state().personalise.diff.is_none());
+    // A job runs: the spinner asks for a few frames a second, never every frame.
+    h.try_run()
+        .expect("a running job does not repaint continuously");
+    let d = repaint_delay(&h);
+    assert!(
+        d >= Duration::from_millis(50) && d <= Duration::from_millis(250),
+        "{d:?}"
+    );
+    // Then the gallery, and the progress is gone.
+    open.send(()).unwrap();
+    run_until(&mut h, 60, "the run", |a| !a.personalise.is_busy());
+    assert_eq!(h.state().personalise.phase, Phase::Finished);
+    assert!(h.state().errors.is_empty(), "{:?}", h.state().errors);
+    assert_eq!(score_labels(&h), 4);
+    h.get_by_label_contains("State: finished");
+    assert!(h.query_by_role(Role::ProgressIndicator).is_none());
+    h.run_steps(2);
+    h.try_run().expect("the finished tab settles");
+    assert!(repaint_delay(&h) > Duration::from_secs(10));
+
+    // Cancel: the run ends as cancelled, without a gallery.
+    press_personalise(&mut h);
+    wait_for_the_gallery_step(&mut h);
+    h.get_by_label("Cancel").click();
+    h.run_steps(1);
+    assert!(h.state().personalise.cancelling);
+    h.get_by_label_contains("State: cancelling");
+    open.send(()).unwrap();
+    run_until(&mut h, 60, "the cancellation", |a| !a.personalise.is_busy());
+    let p = &h.state().personalise;
+    assert_eq!(p.phase, Phase::Cancelled);
+    assert!(p.diff.is_none() && p.result.is_none());
+    assert!(h.state().errors.is_empty(), "{:?}", h.state().errors);
+    h.get_by_label_contains("State: cancelled");
+    assert_eq!(score_labels(&h), 0);
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_folder_without_images_is_an_error_and_keeps_the_references() {
     let dir = temp("empty");
@@ -183,7 +318,7 @@ fn a_folder_without_images_is_an_error_and_keeps_the_references() {
             .len(),
         4
     );
-    assert!(p.direct_progress.is_none());
+    assert!(p.stage().is_none());
     h.get_by_label_contains("Direct LoRA fine-tuning: mean identity");
     h.get_by_label_contains("trained in ");
     assert_eq!(score_labels(&h), 8);
@@ -235,6 +370,7 @@ fn a_missing_personaliser_is_explained() {
         picker: scripted_picker(vec![]),
         persist: false,
         personaliser_dir: dir.join("nowhere"),
+        runners: Runners::default(),
     };
     let mut h = Harness::builder()
         .with_size(egui::vec2(1280.0, 820.0))

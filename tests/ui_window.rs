@@ -11,6 +11,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use peft_studio::app::{AppOptions, FilePicker, StudioApp, UiState, scripted_picker};
 use peft_studio::train::{EvalPoint, MetricLine, RunStatus, RunSummary};
+use peft_studio::worker::Runners;
 
 mod ui_support;
 use ui_support::run_until;
@@ -32,6 +33,7 @@ fn harness_with(
         runs_dir,
         picker,
         persist: false,
+        runners: Runners::default(),
     };
     Harness::builder()
         .with_size(size)

@@ -209,11 +209,6 @@ pub fn unavailable_picker(why: &str) -> FilePicker {
     Arc::new(move |_req: PickRequest| Err(why.clone()))
 }
 
-/// A picker that answers `path` (a typed path replaying the action that asked for it).
-pub fn fixed_picker(path: PathBuf) -> FilePicker {
-    Arc::new(move |_req: PickRequest| Ok(Some(path.clone())))
-}
-
 /// The logger of the window: `env_logger` (default level `warn`), which also records rfd's
 /// errors so a dialog that could not open becomes an error in the window, not only a line on
 /// stderr.

@@ -3,9 +3,10 @@
 //! parameters-vs-accuracy scatter; resume, re-run, open, delete; the runs-folder setting) and
 //! a Personalise tab.
 //!
-//! Nothing here trains or loads models: the engine's [`Worker`] does, on its own thread, and
-//! file dialogs and dataset previews run on short-lived helper threads. The UI drains their
-//! messages once per frame. The window draws only when something changed: input, a message
+//! Nothing here trains, personalises or loads models: the engine's [`Worker`] does, on its own
+//! thread, one job at a time (a training run or a personalisation), and file dialogs, dataset
+//! previews and the Personalise tab's light tasks run on short-lived helper threads. The UI
+//! drains their messages once per frame. The window draws only when something changed: input, a message
 //! (the worker's wake-ups are coalesced to at most one frame per [`EVENT_REPAINT`]), or an
 //! animation (a spinner asks for a frame a few times a second); idle, it sleeps.
 
@@ -37,7 +38,7 @@ pub use run_view::{RunView, UiState};
 pub use try_it_panel::{Answer, AnswerStatus, TryItSettings, TryItView};
 
 use crate::train::{RunStatus, RunStore, RunSummary, TrainConfig};
-use crate::worker::{Command, Event, Worker};
+use crate::worker::{Command, Event, Runners, Worker};
 use background::Background;
 use dialogs::TypedPath;
 
@@ -47,6 +48,11 @@ use dialogs::TypedPath;
 /// software renderer costs ~70 ms of CPU at 1280 x 820: at 2 frames a second the renderer
 /// took a fifth of the training's CPU time). Input still redraws at once.
 pub const EVENT_REPAINT: Duration = Duration::from_secs(1);
+
+/// Why training cannot start while the Personalise tab's job runs (the worker runs one job at
+/// a time).
+const PERSONALISING: &str =
+    "a personalisation is in progress: cancel it in the Personalise tab or wait for it to end";
 
 /// What the window remembers between launches (eframe storage). Every field has a default, so
 /// state written by an older version never breaks a launch.
@@ -124,6 +130,8 @@ pub struct AppOptions {
     pub persist: bool,
     /// The DiffLoRA personaliser the Personalise tab uses.
     pub personaliser_dir: PathBuf,
+    /// What the worker trains and personalises with (stand-ins in tests).
+    pub runners: Runners,
 }
 
 impl Default for AppOptions {
@@ -133,6 +141,7 @@ impl Default for AppOptions {
             picker: rfd_picker(),
             persist: true,
             personaliser_dir: crate::personalize::pipeline::builtin_dir(),
+            runners: Runners::default(),
         }
     }
 }
@@ -149,6 +158,8 @@ pub(crate) enum TaskResult {
     Exported(Result<String, String>),
     /// A job's output was imported into the store: the new run, or why not.
     Imported(Result<String, String>),
+    /// A task of the Personalise tab finished.
+    Personalise(personalise_tab::Done),
 }
 
 /// An error shown in the window: a sentence for the user, the details on demand.
@@ -190,9 +201,13 @@ pub struct StudioApp {
 }
 
 /// Starts the worker on `store`; its wake-ups ask for a frame within [`EVENT_REPAINT`].
-fn spawn_worker(ctx: &egui::Context, store: &RunStore) -> Result<Worker, UiError> {
+fn spawn_worker(
+    ctx: &egui::Context,
+    store: &RunStore,
+    runners: &Runners,
+) -> Result<Worker, UiError> {
     let repaint = ctx.clone();
-    Worker::spawn(store.clone(), move || {
+    Worker::spawn_runners(store.clone(), runners.clone(), move || {
         repaint.request_repaint_after(EVENT_REPAINT)
     })
     .map_err(|e| UiError {
@@ -224,7 +239,9 @@ impl StudioApp {
         let runs_dir = dialogs::absolute(settings.runs_dir.as_ref().unwrap_or(&options.runs_dir));
         let store = RunStore::new(runs_dir);
         let mut errors = Vec::new();
-        let worker = spawn_worker(ctx, &store).map_err(|e| errors.push(e)).ok();
+        let worker = spawn_worker(ctx, &store, &options.runners)
+            .map_err(|e| errors.push(e))
+            .ok();
         let mut app = Self {
             settings,
             run: RunView::default(),
@@ -297,6 +314,10 @@ impl StudioApp {
             );
             return;
         }
+        if self.personalise.is_busy() {
+            self.report("A run cannot resume now", PERSONALISING);
+            return;
+        }
         let Some(summary) = self.runs.iter().find(|r| r.id == id).cloned() else {
             return;
         };
@@ -319,12 +340,13 @@ impl StudioApp {
         self.store.root()
     }
 
-    /// Moves the run store to `dir` (created if missing); refused while a run trains.
+    /// Moves the run store to `dir` (created if missing); refused while the worker is busy (a
+    /// run trains or a personalisation runs): the worker is replaced.
     pub fn set_runs_dir(&mut self, dir: PathBuf) {
-        if self.run.state.is_busy() {
+        if self.run.state.is_busy() || self.personalise.is_busy() {
             self.report(
                 "The runs folder cannot change now",
-                "a run is in progress: stop it first",
+                "a run or a personalisation is in progress: stop it first",
             );
             return;
         }
@@ -339,7 +361,7 @@ impl StudioApp {
         // Joins the idle worker before its successor starts on the new store.
         self.worker = None;
         self.store = RunStore::new(dir.clone());
-        match spawn_worker(&self.ctx, &self.store) {
+        match spawn_worker(&self.ctx, &self.store, &self.options.runners) {
             Ok(w) => self.worker = Some(w),
             Err(e) => self.errors.push(e),
         }
@@ -435,6 +457,10 @@ impl StudioApp {
         if self.run.state.is_busy() {
             return;
         }
+        if self.personalise.is_busy() {
+            self.report("Training cannot start now", PERSONALISING);
+            return;
+        }
         let cfg = self.settings.config.clone();
         if let Err(e) = self.form.check(&cfg) {
             self.report("These settings cannot train", e);
@@ -458,7 +484,8 @@ impl StudioApp {
         }
     }
 
-    /// Drains the worker's and helper threads' messages (never blocks).
+    /// Drains the worker's and helper threads' messages (never blocks): training and Try-it
+    /// events, the personalisation job's events (to the Personalise tab), helper results.
     pub fn poll(&mut self) {
         let mut events = Vec::new();
         if let Some(w) = &self.worker {
@@ -482,6 +509,10 @@ impl StudioApp {
                 self.try_it.apply(t);
                 continue;
             }
+            if let Event::Personalise(p) = e {
+                personalise_tab::apply(self, p);
+                continue;
+            }
             self.run.apply(e);
             if listed {
                 self.refresh_runs();
@@ -490,7 +521,6 @@ impl StudioApp {
         for r in self.background.drain() {
             self.handle_task(r);
         }
-        personalise_tab::poll(self);
     }
 
     fn handle_task(&mut self, r: TaskResult) {
@@ -511,6 +541,7 @@ impl StudioApp {
             }
             TaskResult::Exported(result) => export_dialog::finished(self, result, false),
             TaskResult::Imported(result) => export_dialog::finished(self, result, true),
+            TaskResult::Personalise(done) => personalise_tab::task_done(self, done),
         }
     }
 

@@ -221,8 +221,8 @@ impl RunView {
                 self.state = UiState::Failed(first);
             }
             Event::Refused(why) => self.log.push(why),
-            // The Try-it panel takes these (see `try_it_panel`).
-            Event::TryIt(_) => {}
+            // The Try-it panel and the Personalise tab take these.
+            Event::TryIt(_) | Event::Personalise(_) => {}
         }
     }
 }

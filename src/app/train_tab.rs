@@ -578,10 +578,12 @@ fn run_ui(app: &mut StudioApp, ui: &mut Ui) {
         if ui.button(arrow).on_hover_text(tip).clicked() {
             app.settings.form_open = !app.settings.form_open;
         }
-        let train = ui.add_enabled(
-            !busy,
-            egui::Button::new(RichText::new("Start training").size(16.0)),
-        );
+        let train = ui
+            .add_enabled(
+                !busy && !app.personalise.is_busy(),
+                egui::Button::new(RichText::new("Start training").size(16.0)),
+            )
+            .on_disabled_hover_text("one job at a time: a run or a personalisation is in progress");
         if train.clicked() {
             app.start_training();
         }

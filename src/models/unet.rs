@@ -13,6 +13,7 @@
 //! encoder is a separate [`LinearLayers`] (adapt it through [`Generator::text_encoder_mut`]).
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -1602,6 +1603,23 @@ impl Generator {
         ddim: &DdimConfig,
         guidance: f64,
     ) -> Result<Tensor> {
+        let drawn = self.sample_with(prompt, n, ddim, guidance, &mut |_, _| {
+            ControlFlow::Continue(())
+        })?;
+        drawn.ok_or_else(|| UnetError::Config("sampling stopped".into()))
+    }
+
+    /// [`sample`](Self::sample), calling `on_step(step, steps)` before each DDIM step (1-based,
+    /// all `n` images at once); `Break` stops before that step and gives `Ok(None)`. The
+    /// images drawn to the end are the same as `sample`'s.
+    pub fn sample_with(
+        &self,
+        prompt: &str,
+        n: usize,
+        ddim: &DdimConfig,
+        guidance: f64,
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Option<Tensor>> {
         if ddim.prediction != self.cfg.prediction {
             return Err(UnetError::Config(format!(
                 "the generator predicts {:?}; set ddim.prediction to match",
@@ -1630,6 +1648,8 @@ impl Generator {
         };
         let s = self.cfg.image_size;
         let shape = (n, self.cfg.channels, s, s);
+        let steps = ddim.steps;
+        let (mut step, mut stopped) = (0, false);
         let out = ddim_sample(
             &self.schedule,
             shape,
@@ -1637,6 +1657,11 @@ impl Generator {
             &self.device,
             ddim,
             |x, t| {
+                step += 1;
+                if on_step(step, steps).is_break() {
+                    stopped = true;
+                    return Err(candle_core::Error::Msg("sampling stopped".into()));
+                }
                 let run = || -> Result<Tensor> {
                     if with_uncond {
                         let x2 = Tensor::cat(&[x, x], 0)?;
@@ -1652,8 +1677,11 @@ impl Generator {
                 };
                 run().map_err(|e| candle_core::Error::Msg(e.to_string()))
             },
-        )?;
-        Ok(out.clamp(-1.0, 1.0)?)
+        );
+        match out {
+            Err(_) if stopped => Ok(None),
+            out => Ok(Some(out?.clamp(-1.0, 1.0)?)),
+        }
     }
 
     fn all_params(&self) -> Vec<&Param> {

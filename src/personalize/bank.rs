@@ -8,6 +8,7 @@
 //! smooth function of identity that a hypernetwork can learn.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -17,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::people::PersonImages;
+use super::progress::Cancelled;
 use super::tensors::images_to_tensor;
 use crate::fsio::{read_safetensors, write_safetensors};
 use crate::models::unet::Generator;
@@ -239,14 +241,15 @@ pub fn with_fresh_lora(base: &Generator, recipe: &LoraRecipe) -> anyhow::Result<
 
 /// Trains a fresh LoRA of `recipe` on `images` (N, C, S, S in [-1, 1]) with their prompts;
 /// batches, timesteps and noise depend only on `seed` and the step. Returns the generator
-/// with the trained adapter attached (unmerged). `progress(step, total, loss)` after each step.
+/// with the trained adapter attached (unmerged). `progress(step, total, loss)` after each step;
+/// `Break` stops the training with a [`Cancelled`] error.
 pub fn train_lora(
     base: &Generator,
     images: &Tensor,
     prompts: &[String],
     recipe: &LoraRecipe,
     seed: u64,
-    progress: &mut dyn FnMut(usize, usize, f32),
+    progress: &mut dyn FnMut(usize, usize, f32) -> ControlFlow<()>,
 ) -> anyhow::Result<Generator> {
     let n = images.dim(0)?;
     anyhow::ensure!(n > 0, "no images to train a LoRA on");
@@ -285,7 +288,9 @@ pub fn train_lora(
             step + 1
         );
         opt.step(&loss.backward()?)?;
-        progress(step + 1, recipe.steps, value);
+        if progress(step + 1, recipe.steps, value).is_break() {
+            return Err(Cancelled.into());
+        }
     }
     Ok(g)
 }
@@ -432,7 +437,8 @@ pub fn build_bank(
         let images = images_to_tensor(&imgs, &device)?;
         let mut losses = Vec::new();
         let g = train_lora(base, &images, &prompts, recipe, k as u64, &mut |_, _, l| {
-            losses.push(l)
+            losses.push(l);
+            ControlFlow::Continue(())
         })?;
         let tail = &losses[losses.len().saturating_sub(10)..];
         let mean = tail.iter().sum::<f32>() / tail.len().max(1) as f32;

@@ -2,6 +2,7 @@
 //! arguments and prints).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use image::{Rgb, RgbImage};
@@ -9,6 +10,7 @@ use serde::Serialize;
 
 use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate, summarise};
 use super::identity_folder::load_references;
+use super::job::{self, PersonaliseRequest};
 use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
 use super::portrait::render_set;
 use crate::fsio::write_atomic;
@@ -132,65 +134,49 @@ pub fn personalize_command(
     for w in &warnings {
         log::warn!("{w}");
     }
-    let result = personaliser.personalise(&references, prompt, n, seed)?;
-    // Everything is computed before anything is written: a failure leaves `out` as it was.
-    let images_dir = out.join("images");
-    std::fs::create_dir_all(&images_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", images_dir.display()))?;
-    let mut files = Vec::new();
-    for (i, img) in result.gallery.images.iter().enumerate() {
-        let p = images_dir.join(format!("{:02}.png", i + 1));
-        save_png(img, &p)?;
-        files.push(p.display().to_string());
-    }
-    remove_stale_gallery(&images_dir, n)?;
-    save_png(
-        &contact_sheet(&[&references, &result.gallery.images], 4),
-        &out.join("sheet.png"),
-    )?;
-    let adapter = out.join("adapter");
-    personaliser.save_adapter(&result.adapted, &adapter)?;
-    let report = PersonaliseReport {
-        model: model.display().to_string(),
-        references: refs.display().to_string(),
-        reference_count: references.len(),
+    let request = PersonaliseRequest {
+        personaliser: Arc::new(personaliser),
+        references,
         prompt: prompt.to_string(),
         n,
         seed,
-        mean_identity_score: result.gallery.mean_score(),
-        identity_scores: result.gallery.scores.clone(),
+        compare_base: false,
+        compare_direct: false,
+        out: Some(out.to_path_buf()),
+    };
+    // The job computes everything before it writes: a failure leaves `out` as it was.
+    let result = job::run(&request, &mut |stage| {
+        log::debug!("{stage}");
+        std::ops::ControlFlow::Continue(())
+    })?;
+    let written = result
+        .written
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the job wrote no files"))?;
+    let report = PersonaliseReport {
+        model: model.display().to_string(),
+        references: refs.display().to_string(),
+        reference_count: request.references.len(),
+        prompt: prompt.to_string(),
+        n,
+        seed,
+        mean_identity_score: result.diff.mean_score(),
+        identity_scores: result.diff.scores.clone(),
         seconds: result.seconds.clone(),
         load_seconds,
         warnings,
-        images: files,
-        adapter: adapter.display().to_string(),
+        images: written
+            .images
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        adapter: written.adapter.display().to_string(),
     };
     write_atomic(
         &out.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
-}
-
-/// Removes gallery images (`NN.png`) numbered above `n` that an earlier, larger run into the
-/// same folder left, so the folder shows this run's gallery only.
-fn remove_stale_gallery(images_dir: &Path, n: usize) -> anyhow::Result<()> {
-    let entries = std::fs::read_dir(images_dir)
-        .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", images_dir.display()))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stale = name
-            .strip_suffix(".png")
-            .filter(|stem| !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|stem| stem.parse::<usize>().ok())
-            .is_some_and(|k| k > n || k == 0);
-        if stale {
-            let p = entry.path();
-            std::fs::remove_file(&p)
-                .map_err(|e| anyhow::anyhow!("cannot remove the old {}: {e}", p.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Checks, before any work, that files can be written into the folder `dir` (`option` names
@@ -405,7 +391,9 @@ pub fn bench_personalize(model: &Path) -> anyhow::Result<(PersonaliseBench, Stri
         total.push(t.elapsed().as_secs_f64());
         diff.push(r.seconds.personalise_total);
         gallery.push(r.seconds.gallery);
-        let (_, secs) = personaliser.direct_lora(&refs, None, i as u64, &mut |_, _, _| {})?;
+        let (_, secs) = personaliser.direct_lora(&refs, None, i as u64, &mut |_, _, _| {
+            std::ops::ControlFlow::Continue(())
+        })?;
         direct.push(secs);
     }
     let b = PersonaliseBench {

@@ -245,7 +245,9 @@ pub fn evaluate_shard(
         } else {
             None
         };
-        let (direct_g, secs) = personaliser.direct_lora(&refs, prompts, seed, &mut |_, _, _| {})?;
+        let (direct_g, secs) = personaliser.direct_lora(&refs, prompts, seed, &mut |_, _, _| {
+            std::ops::ControlFlow::Continue(())
+        })?;
         let direct =
             personaliser.gallery(&merged(&direct_g)?, &refs, &prompt, settings.images, seed)?;
         let (f_direct, s_direct) = score(&direct, &gallery_tensor(&direct)?, secs)?;

@@ -7,8 +7,10 @@
 //! - [`identity_folder`]: the loader for real photos laid out one sub-folder per person (like the
 //!   ORL faces), and for a folder of one person's reference photos.
 //! - [`build`] trains a personaliser from a preset (checked up front by [`preset_checks`]) into
-//!   a folder whose file names [`files`] lists; [`pipeline`] loads and runs it, [`commands`]
-//!   holds the command-line work (options and output folders checked before any work).
+//!   a folder whose file names [`files`] lists; [`pipeline`] loads and runs it, [`job`] runs
+//!   one personalisation end to end (the worker's job and the `personalize` command's), with
+//!   the stages of [`progress`], and [`commands`] holds the command-line work (options and
+//!   output folders checked before any work).
 
 pub mod bank;
 pub mod build;
@@ -20,10 +22,12 @@ pub mod generator_training;
 pub mod hyper;
 pub mod identity_encoder;
 pub mod identity_folder;
+pub mod job;
 pub mod people;
 pub mod pipeline;
 pub mod portrait;
 pub mod preset_checks;
+pub mod progress;
 pub mod tensors;
 
 pub use identity_folder::{

@@ -3,6 +3,7 @@
 //! the prompt, with no fine-tuning. The two comparison paths live here too: the base generator
 //! (no LoRA) and a LoRA fine-tuned directly on the references (what DiffLoRA replaces).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use super::ensemble::{DenoiserEnsemble, scale_lora_update};
 use super::files;
 use super::hyper::LoraAutoencoder;
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
+use super::progress::{Cancelled, GalleryKind, Progress, Stage, announce, ignore};
 use super::tensors::{images_to_tensor, tensor_to_images};
 use crate::diffusion::DdimConfig;
 use crate::models::unet::Generator;
@@ -223,16 +225,30 @@ impl Personaliser {
         refs: &[RgbImage],
         seed: u64,
     ) -> anyhow::Result<(Generator, Vec<f32>, StageSeconds)> {
+        self.predict_lora_with(refs, seed, &mut ignore)
+    }
+
+    /// [`predict_lora`](Self::predict_lora), announcing each stage to `progress` first (a
+    /// `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    pub fn predict_lora_with(
+        &self,
+        refs: &[RgbImage],
+        seed: u64,
+        progress: Progress<'_>,
+    ) -> anyhow::Result<(Generator, Vec<f32>, StageSeconds)> {
         let mut secs = StageSeconds::default();
+        announce(progress, Stage::EncodingReferences)?;
         let t = Instant::now();
         let x = self.references_tensor(refs)?;
         let cond = self.encoder.fuse(&x)?.unsqueeze(0)?;
         secs.encode_references = t.elapsed().as_secs_f64();
+        announce(progress, Stage::SamplingLatent)?;
         let t = Instant::now();
         let z = self
             .denoisers
             .predict(&cond, seed, self.preset.prediction.samples)?;
         secs.sample_latent = t.elapsed().as_secs_f64();
+        announce(progress, Stage::DecodingLora)?;
         let t = Instant::now();
         let mut v = self.autoencoder.decode(&z)?.squeeze(0)?.to_vec1::<f32>()?;
         scale_lora_update(
@@ -241,6 +257,7 @@ impl Personaliser {
             self.preset.prediction.lora_strength as f32,
         )?;
         secs.decode_lora = t.elapsed().as_secs_f64();
+        announce(progress, Stage::Merging)?;
         let t = Instant::now();
         let g = with_fresh_lora(&self.generator, &self.preset.lora)?;
         self.layout.unflatten_into(g.unet(), &v)?;
@@ -256,13 +273,34 @@ impl Personaliser {
         n: usize,
         seed: u64,
     ) -> anyhow::Result<Personalised> {
-        let (adapted, lora, mut seconds) = self.predict_lora(refs, seed)?;
+        self.personalise_with(refs, prompt, n, seed, &mut ignore)
+    }
+
+    /// [`personalise`](Self::personalise), announcing each stage and drawing step to
+    /// `progress` first (a `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    pub fn personalise_with(
+        &self,
+        refs: &[RgbImage],
+        prompt: &str,
+        n: usize,
+        seed: u64,
+        progress: Progress<'_>,
+    ) -> anyhow::Result<Personalised> {
+        let (adapted, lora, mut seconds) = self.predict_lora_with(refs, seed, progress)?;
         let t = Instant::now();
         let merged = merged(&adapted)?;
         seconds.merge += t.elapsed().as_secs_f64();
         seconds.personalise_total =
             seconds.encode_references + seconds.sample_latent + seconds.decode_lora + seconds.merge;
-        let gallery = self.gallery(&merged, refs, prompt, n, seed)?;
+        let gallery = self.gallery_with(
+            &merged,
+            refs,
+            prompt,
+            n,
+            seed,
+            GalleryKind::DiffLora,
+            progress,
+        )?;
         seconds.gallery = gallery.seconds;
         Ok(Personalised {
             adapted,
@@ -275,13 +313,14 @@ impl Personaliser {
 
     /// The test-time-tuning path DiffLoRA replaces: a LoRA of the same recipe trained on the
     /// references (with `prompts` when known, else the empty prompt). Returns the generator
-    /// with the LoRA merged and the training seconds.
+    /// with the LoRA merged and the training seconds. `progress(step, steps, loss)` after each
+    /// step; `Break` stops with [`Cancelled`](super::progress::Cancelled).
     pub fn direct_lora(
         &self,
         refs: &[RgbImage],
         prompts: Option<&[String]>,
         seed: u64,
-        progress: &mut dyn FnMut(usize, usize, f32),
+        progress: &mut dyn FnMut(usize, usize, f32) -> ControlFlow<()>,
     ) -> anyhow::Result<(Generator, f64)> {
         let t = Instant::now();
         let x = self.references_tensor(refs)?;
@@ -311,6 +350,23 @@ impl Personaliser {
         n: usize,
         seed: u64,
     ) -> anyhow::Result<Gallery> {
+        let kind = GalleryKind::Base;
+        self.gallery_with(generator, refs, prompt, n, seed, kind, &mut ignore)
+    }
+
+    /// [`gallery`](Self::gallery), announcing each drawing step of gallery `kind` to
+    /// `progress` first (a `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gallery_with(
+        &self,
+        generator: &Generator,
+        refs: &[RgbImage],
+        prompt: &str,
+        n: usize,
+        seed: u64,
+        kind: GalleryKind,
+        progress: Progress<'_>,
+    ) -> anyhow::Result<Gallery> {
         anyhow::ensure!(n > 0, "asked for an empty gallery");
         let t = Instant::now();
         let ddim = DdimConfig {
@@ -326,7 +382,21 @@ impl Personaliser {
             // Photos carry no prompts: that generator was trained on the empty prompt only.
             ""
         };
-        let out = generator.sample(prompt, n, &ddim, self.preset.sampling.guidance)?;
+        let out = generator.sample_with(
+            prompt,
+            n,
+            &ddim,
+            self.preset.sampling.guidance,
+            &mut |step, steps| {
+                progress(Stage::Drawing {
+                    gallery: kind,
+                    images: n,
+                    step,
+                    steps,
+                })
+            },
+        )?;
+        let out = out.ok_or(Cancelled)?;
         let seconds = t.elapsed().as_secs_f64();
         let images = tensor_to_images(&out)?;
         let scores = self.identity_scores(&out, &self.references_tensor(refs)?)?;

@@ -2,6 +2,7 @@
 
 use super::store::{EvalPoint, RunSummary};
 use super::try_it::{TryItEvent, TryItRequest};
+use crate::personalize::job::PersonaliseEvent;
 
 /// A run's phase, for the state line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,8 @@ pub enum Event {
     Refused(String),
     /// Progress of a Try-it prompt (answered between steps, or by the idle worker).
     TryIt(TryItEvent),
+    /// Progress and end of a personalisation (sent by the worker, never by a training run).
+    Personalise(PersonaliseEvent),
 }
 
 /// A run that failed: the error, and the run's record when it had started.
