@@ -75,14 +75,17 @@ pub fn from_bf16(x: u16) -> f32 {
 }
 
 /// A k×n operand packed for the B side of the tiles: per 32-column panel and 32-row k-block,
-/// two tiles of 16 k-pairs × 16 columns with each pair's two values side by side.
-struct PackedB {
+/// two tiles of 16 k-pairs × 16 columns with each pair's two values side by side. Pack a
+/// frozen weight once and multiply many row blocks by it.
+pub struct PackedB {
     data: Vec<u16>,
     kblocks: usize,
     panels: usize,
+    k: usize,
+    n: usize,
 }
 
-/// One f32 matrix as (pointer base, row stride, column stride).
+/// One f32 matrix as (buffer, offset of element (0, 0), row stride, column stride).
 #[derive(Clone, Copy)]
 pub struct Strided<'a> {
     /// The buffer.
@@ -101,40 +104,55 @@ impl Strided<'_> {
     }
 }
 
-fn pack_b(b: Strided, k: usize, n: usize) -> PackedB {
-    let kblocks = k.div_ceil(KB);
-    let panels = n.div_ceil(BLOCK);
-    let per_panel = kblocks * 2 * TILE;
-    let mut data = vec![0u16; panels * per_panel];
-    data.par_chunks_mut(per_panel)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for t in 0..2 {
-                for c in 0..16 {
-                    let j = p * BLOCK + t * 16 + c;
-                    if j >= n {
-                        continue;
-                    }
+impl PackedB {
+    /// Packs `b` (k×n) in bf16 (panels in parallel; reads `b` along its contiguous axis).
+    pub fn new(b: Strided, k: usize, n: usize) -> Self {
+        let kblocks = k.div_ceil(KB);
+        let panels = n.div_ceil(BLOCK);
+        let per_panel = kblocks * 2 * TILE;
+        let mut data = vec![0u16; panels * per_panel];
+        let slot = |kk: usize, j: usize| {
+            let (t, c) = ((j % BLOCK) / 16, j % 16);
+            ((kk / KB) * 2 + t) * TILE + ((kk % KB) / 2) * 32 + c * 2 + kk % 2
+        };
+        data.par_chunks_mut(per_panel)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = p * BLOCK..(p * BLOCK + BLOCK).min(n);
+                if b.cs == 1 {
                     for kk in 0..k {
-                        let (kb, r, e) = (kk / KB, (kk % KB) / 2, kk % 2);
-                        panel[(kb * 2 + t) * TILE + r * 32 + c * 2 + e] = to_bf16(b.at(kk, j));
+                        for j in cols.clone() {
+                            panel[slot(kk, j)] = to_bf16(b.at(kk, j));
+                        }
+                    }
+                } else {
+                    for j in cols {
+                        for kk in 0..k {
+                            panel[slot(kk, j)] = to_bf16(b.at(kk, j));
+                        }
                     }
                 }
-            }
-        });
-    PackedB {
-        data,
-        kblocks,
-        panels,
+            });
+        Self {
+            data,
+            kblocks,
+            panels,
+            k,
+            n,
+        }
+    }
+
+    /// (k, n).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
     }
 }
 
-/// `a` (m×k, row stride `lda`, starting at `start`) as bf16 rows of `kblocks·32` values,
-/// `rows` of them (zero beyond m and k).
+/// `a` (m×k) as bf16 rows of `kblocks·32` values, `rows` of them (zero beyond m and k).
 fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u16> {
     let width = kblocks * KB;
     let mut out = vec![0u16; rows * width];
-    out.par_chunks_mut(width).take(m).enumerate().for_each(|(i, row)| {
+    let convert = |i: usize, row: &mut [u16]| {
         if a.cs == 1 {
             let src = &a.data[a.start + i * a.rs..][..k];
             for (d, &s) in row.iter_mut().zip(src) {
@@ -145,16 +163,57 @@ fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u1
                 *d = to_bf16(a.at(i, kk));
             }
         }
-    });
+    };
+    if m * k >= 1 << 16 {
+        out.par_chunks_mut(width)
+            .take(m)
+            .enumerate()
+            .for_each(|(i, row)| convert(i, row));
+    } else {
+        out.chunks_mut(width)
+            .take(m)
+            .enumerate()
+            .for_each(|(i, row)| convert(i, row));
+    }
     out
 }
 
 /// `dst (+)= a·b` in bf16 × bf16 → f32 on AMX: `a` m×k, `b` k×n, `dst` m×n row-major. With
 /// `accumulate` the product is added to what `dst` holds (a bias, say); otherwise `dst` is
 /// overwritten. Call only when [`available`].
-pub fn gemm_bf16(a: Strided, b: Strided, (m, k, n): (usize, usize, usize), dst: &mut [f32], accumulate: bool) {
+pub fn gemm_bf16(
+    a: Strided,
+    b: Strided,
+    (m, k, n): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let packed = PackedB::new(b, k, n);
+    gemm_bf16_packed(a, m, &packed, dst, accumulate, true);
+}
+
+/// `dst (+)= a·b` for a `b` packed beforehand; `parallel` spreads the row blocks over rayon's
+/// threads (pass `false` inside a rayon task that already splits the rows). Call only when
+/// [`available`].
+pub fn gemm_bf16_packed(
+    a: Strided,
+    m: usize,
+    b: &PackedB,
+    dst: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(available(), "gemm_bf16 needs AMX");
-    assert_eq!(dst.len(), m * n, "gemm_bf16: output of {} values for {m}×{n}", dst.len());
+    let (k, n) = b.dims();
+    assert_eq!(
+        dst.len(),
+        m * n,
+        "gemm_bf16: output of {} values for {m}×{n}",
+        dst.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -164,19 +223,21 @@ pub fn gemm_bf16(a: Strided, b: Strided, (m, k, n): (usize, usize, usize), dst: 
         }
         return;
     }
-    let packed = pack_b(b, k, n);
     let row_blocks = m.div_ceil(BLOCK);
-    let width = packed.kblocks * KB;
-    let ap = pack_a(a, m, k, row_blocks * BLOCK, packed.kblocks);
-    dst.par_chunks_mut(BLOCK * n)
-        .enumerate()
-        .for_each(|(rb, out)| {
-            let rows = out.len() / n;
-            let a_block = &ap[rb * BLOCK * width..][..BLOCK * width];
-            // SAFETY: AMX is available (asserted above); each pointer covers what the block
-            // kernel reads or writes (see `block`).
-            unsafe { row_block(a_block, width, &packed, out, rows, n, accumulate) };
-        });
+    let width = b.kblocks * KB;
+    let ap = pack_a(a, m, k, row_blocks * BLOCK, b.kblocks);
+    let block = |(rb, out): (usize, &mut [f32])| {
+        let rows = out.len() / n;
+        let a_block = &ap[rb * BLOCK * width..][..BLOCK * width];
+        // SAFETY: AMX is available (asserted above); each pointer covers what the block
+        // kernel reads or writes (see `row_block`).
+        unsafe { row_block(a_block, width, b, out, rows, n, accumulate) };
+    };
+    if parallel {
+        dst.par_chunks_mut(BLOCK * n).enumerate().for_each(block);
+    } else {
+        dst.chunks_mut(BLOCK * n).enumerate().for_each(block);
+    }
 }
 
 /// One 32-row block of the output against every panel.
@@ -294,7 +355,12 @@ unsafe fn tile_kernel(
                 c = in(reg) c, c1 = in(reg) c1, cs = in(reg) cs,
             );
         } else {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3"
+            );
         }
         asm!(
             "2:",
@@ -380,7 +446,11 @@ mod tests {
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
             .collect()
     }
 
@@ -396,21 +466,43 @@ mod tests {
             for b_t in [false, true] {
                 // b as given (k×n row-major) or as the transpose of an n×k matrix.
                 let bs = if b_t {
-                    Strided { data: &b, start: 0, rs: 1, cs: k }
+                    Strided {
+                        data: &b,
+                        start: 0,
+                        rs: 1,
+                        cs: k,
+                    }
                 } else {
-                    Strided { data: &b, start: 0, rs: n, cs: 1 }
+                    Strided {
+                        data: &b,
+                        start: 0,
+                        rs: n,
+                        cs: 1,
+                    }
                 };
                 let want = reference(&a, &b, (m, k, n), b_t);
-                let a_s = Strided { data: &a, start: 0, rs: k, cs: 1 };
+                let a_s = Strided {
+                    data: &a,
+                    start: 0,
+                    rs: k,
+                    cs: 1,
+                };
                 let mut got = vec![f32::NAN; m * n];
                 gemm_bf16(a_s, bs, (m, k, n), &mut got, false);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}×{k}×{n}: {g} vs {w}"
+                    );
                 }
                 let mut acc = vec![1.5f32; m * n];
                 gemm_bf16(a_s, bs, (m, k, n), &mut acc, true);
                 for (g, w) in acc.iter().zip(&want) {
-                    assert!((g - (w + 1.5)).abs() <= 1e-4 * (2.5 + w.abs()), "accumulate: {g} vs {}", w + 1.5);
+                    assert!(
+                        (g - (w + 1.5)).abs() <= 1e-4 * (2.5 + w.abs()),
+                        "accumulate: {g} vs {}",
+                        w + 1.5
+                    );
                 }
             }
         }

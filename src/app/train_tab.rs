@@ -13,6 +13,7 @@ use crate::inspect::thousands;
 use crate::models::ModelSource;
 use crate::models::hub::BUILTIN_MODELS;
 use crate::models::llama::language_model::{SMOLLM2_NAME, smollm2_fetch_hint, smollm2_path};
+use crate::peft::MatmulPrecision;
 use crate::train::{Schedule, TrainMode};
 
 /// Draws the tab.
@@ -112,6 +113,9 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
         .on_hover_text(
             "the frozen GGUF weights stay 4-bit in memory and are unpacked per product: the same results, less memory, a few percent slower",
         );
+    }
+    if app.settings.config.mode == TrainMode::Adapter {
+        precision_choice(ui, &mut app.settings.config.model.matmul_precision);
     }
     let labels = app.form.num_classes();
     match app
@@ -788,4 +792,24 @@ fn spans_ui(ui: &mut Ui, spans: &[(String, crate::data::SpanKind)]) {
     }
     job.wrap.max_width = ui.available_width();
     ui.label(job);
+}
+
+/// The frozen base's matmul precision, saying what this CPU will run.
+fn precision_choice(ui: &mut Ui, precision: &mut MatmulPrecision) {
+    ui.horizontal(|ui| {
+        ui.label("frozen matmuls");
+        for (value, label) in [
+            (MatmulPrecision::F32, "f32"),
+            (MatmulPrecision::Bf16, "bf16"),
+        ] {
+            ui.radio_value(precision, value, label).on_hover_text(value.describe());
+        }
+        if *precision == MatmulPrecision::Bf16 {
+            ui.weak(precision.describe());
+        }
+    })
+    .response
+    .on_hover_text(
+        "bf16: the frozen base's products take bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later), as mixed-precision training does; adapters, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit.",
+    );
 }

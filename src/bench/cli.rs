@@ -267,7 +267,7 @@ fn run_variant_here(suite: Suite, v: &str, steps: usize) -> anyhow::Result<StepS
     match (suite, v) {
         (Suite::FrozenBackward, "plain") => frozen_backward(FrozenGrad::Plain, steps, 2),
         (Suite::FrozenBackward, "skip") => frozen_backward(FrozenGrad::Skip, steps, 2),
-        (Suite::Minilm, v) => minilm::minilm(&minilm::preset(v)?, steps),
+        (Suite::Minilm, v) => minilm::minilm(v, steps),
         (Suite::Smollm2, v) => llm::llm_step(v, steps),
         (s, v) => anyhow::bail!("unknown variant `{v}` for bench {}", s.name()),
     }

@@ -12,9 +12,11 @@ pub const MINILM_DIR: &str = "downloads/all-MiniLM-L6-v2";
 /// The corpus our side trains on (from `scripts/fetch-models.sh`).
 pub const SPAM_DATA: &str = "downloads/spam-assassin.jsonl";
 
-/// The MiniLM benchmark's variants: the preset each runs (under `presets/`).
-pub const MINILM_VARIANTS: [(&str, &str); 4] = [
+/// The MiniLM benchmark's variants: the preset each runs (under `presets/`); `-bf16` adds
+/// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX).
+pub const MINILM_VARIANTS: [(&str, &str); 5] = [
     ("lora", "minilm-spam-lora.toml"),
+    ("lora-bf16", "minilm-spam-lora.toml"),
     ("svfit", "minilm-spam-svfit.toml"),
     ("loldu", "minilm-spam-loldu.toml"),
     ("full", "minilm-spam-full.toml"),
@@ -23,7 +25,7 @@ pub const MINILM_VARIANTS: [(&str, &str); 4] = [
 /// The peer's `--mode` for a variant; `None` where PEFT has no such method (SVFit, LoLDU).
 pub fn peer_mode(variant: &str) -> Option<&'static str> {
     match variant {
-        "lora" => Some("lora"),
+        "lora" | "lora-bf16" => Some("lora"),
         "full" => Some("full"),
         _ => None,
     }
@@ -84,8 +86,9 @@ pub fn preset(v: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// One MiniLM variant: `steps` timed AdamW steps (after 2 warm-up steps) of the real trainer at
-/// batch 16 × 64 tokens, from the preset at `preset`.
-pub fn minilm(preset: &Path, steps: usize) -> anyhow::Result<StepStats> {
+/// batch 16 × 64 tokens, from the variant's preset.
+pub fn minilm(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
+    let preset = preset(variant)?;
     use crate::train::{Event, MetricLine, NeverStop, RunStore, TrainConfig};
     anyhow::ensure!(
         (1..=10_000).contains(&steps),
@@ -93,7 +96,9 @@ pub fn minilm(preset: &Path, steps: usize) -> anyhow::Result<StepStats> {
     );
     const WARMUP: usize = 2;
     let total = steps + WARMUP;
+    let bf16 = variant.ends_with("-bf16");
     let overrides = [
+        format!("model.matmul_precision={}", if bf16 { "bf16" } else { "f32" }),
         format!("optim.steps={total}"),
         format!("optim.eval_every={total}"),
         "optim.batch_size=16".to_string(),
@@ -102,7 +107,7 @@ pub fn minilm(preset: &Path, steps: usize) -> anyhow::Result<StepStats> {
         "data.max_train=400".to_string(),
         "data.max_eval=16".to_string(),
     ];
-    let cfg = TrainConfig::from_preset(preset, &overrides)?;
+    let cfg = TrainConfig::from_preset(&preset, &overrides)?;
     let dir = std::env::temp_dir().join(format!("peft-studio-bench-{}", std::process::id()));
     let store = RunStore::new(&dir);
     // Counters over the timed steps only: after warm-up step WARMUP, after the last step.
@@ -137,7 +142,11 @@ pub fn minilm(preset: &Path, steps: usize) -> anyhow::Result<StepStats> {
     times.sort_by(f64::total_cmp);
     let counters = before.zip(after).map(|(a, b)| b.since(&a, steps));
     Ok(StepStats {
-        variant: summary.name.clone(),
+        variant: if bf16 {
+            format!("{} bf16", summary.name)
+        } else {
+            summary.name.clone()
+        },
         steps,
         secs_per_step: times[times.len() / 2],
         best_secs: times[0],
@@ -159,12 +168,14 @@ mod tests {
             Path::new("presets/minilm-spam-lora.toml")
         );
         let err = preset("qlora").unwrap_err().to_string();
-        assert!(err.contains("lora, svfit, loldu, full"), "{err}");
+        assert!(err.contains("lora, lora-bf16, svfit, loldu, full"), "{err}");
+        assert_eq!(preset("lora-bf16").unwrap(), preset("lora").unwrap());
+        assert_eq!(peer_mode("lora-bf16"), Some("lora"));
         assert_eq!(peer_mode("full"), Some("full"));
         assert_eq!(peer_mode("svfit"), None);
         let a = peer_args("lora", 5, 2, Path::new("/m"));
         assert_eq!(a[..6], ["--mode", "lora", "--steps", "6", "--threads", "2"]);
         assert_eq!(a.last().map(String::as_str), Some("/m"));
-        assert!(minilm(Path::new("presets/minilm-spam-lora.toml"), 0).is_err());
+        assert!(minilm("lora", 0).is_err());
     }
 }

@@ -14,9 +14,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use rayon::prelude::*;
 
 use super::attention::{SharedOut, gemm_into};
-use crate::peft::fused_lora::FrozenWeight;
 use super::ops::{GRAIN, f32_rows, last_dim, par_fill, rows_per_task};
 use super::vmath;
+use crate::amx::{PackedB, Strided, gemm_bf16_packed};
+use crate::peft::fused_lora::FrozenWeight;
 
 fn fast(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -485,9 +486,9 @@ pub fn swiglu_down(
     down: &crate::peft::AdaptedLinear,
     train: bool,
 ) -> Result<Tensor> {
-    let weight = down
-        .frozen_only()
-        .filter(|_| fast(gate) && fast(up) && std::env::var_os("PEFT_STUDIO_UNFUSED_SWIGLU").is_none());
+    let weight = down.frozen_only().filter(|_| {
+        fast(gate) && fast(up) && std::env::var_os("PEFT_STUDIO_UNFUSED_SWIGLU").is_none()
+    });
     let Some(weight) = weight else {
         return down
             .forward_t(&swiglu(gate, up)?, train)
@@ -707,25 +708,51 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
         let mut dx: Vec<f32> = Vec::with_capacity(if with_grad { n * h } else { 0 });
         let dst = SharedOut(dx.as_mut_ptr());
         let scale = 1.0 / n as f32;
+        // bf16 on AMX (model.matmul_precision): W packed once, for the logits (Wᵀ) and for the
+        // gradient (W).
+        let packed = crate::peft::frozen::bf16_for(n).then(|| {
+            let as_b = |rs, cs, k, m| {
+                PackedB::new(
+                    Strided {
+                        data: w,
+                        start: 0,
+                        rs,
+                        cs,
+                    },
+                    k,
+                    m,
+                )
+            };
+            (as_b(1, h, h, v), with_grad.then(|| as_b(h, 1, v, h)))
+        });
         let losses: Vec<f64> = (0..n.div_ceil(HEAD_ROWS))
             .into_par_iter()
             .map(|blk| {
                 let first = blk * HEAD_ROWS;
                 let rows = HEAD_ROWS.min(n - first);
                 let mut z = vec![0f32; rows * v];
-                // SAFETY: z is rows×V; x's block is rows×h; W read as Wᵀ (h×V) with strides
-                // (1, h) stays inside the V×h weight.
-                unsafe {
-                    gemm_into(
-                        (rows, v, h),
-                        z.as_mut_ptr(),
-                        v,
-                        false,
-                        x[first * h..].as_ptr(),
-                        (h, 1),
-                        w.as_ptr(),
-                        (1, h),
-                    );
+                let x_block = Strided {
+                    data: x,
+                    start: first * h,
+                    rs: h,
+                    cs: 1,
+                };
+                match &packed {
+                    Some((wt, _)) => gemm_bf16_packed(x_block, rows, wt, &mut z, false, false),
+                    // SAFETY: z is rows×V; x's block is rows×h; W read as Wᵀ (h×V) with
+                    // strides (1, h) stays inside the V×h weight.
+                    None => unsafe {
+                        gemm_into(
+                            (rows, v, h),
+                            z.as_mut_ptr(),
+                            v,
+                            false,
+                            x[first * h..].as_ptr(),
+                            (h, 1),
+                            w.as_ptr(),
+                            (1, h),
+                        );
+                    },
                 }
                 let mut loss = 0f64;
                 for (r, row) in z.chunks_mut(v).enumerate() {
@@ -738,7 +765,21 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
                         row[t] -= scale;
                     }
                 }
-                if with_grad {
+                if let Some((_, Some(wn))) = &packed {
+                    let mut d = vec![0f32; rows * h];
+                    let probs = Strided {
+                        data: &z,
+                        start: 0,
+                        rs: v,
+                        cs: 1,
+                    };
+                    gemm_bf16_packed(probs, rows, wn, &mut d, false, false);
+                    // SAFETY: this block writes rows first…first+rows of the N×h gradient,
+                    // disjoint from every other block's.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(d.as_ptr(), dst.ptr().add(first * h), d.len())
+                    };
+                } else if with_grad {
                     // SAFETY: this block writes rows first…first+rows of the N×h gradient,
                     // disjoint from every other block's; W is read V×h with strides (h, 1).
                     unsafe {
@@ -992,8 +1033,7 @@ mod tests {
         for (down, w) in layers {
             assert!(down.frozen_only().is_some());
             let ours = swiglu_down(gate.as_tensor(), up.as_tensor(), &down, true).unwrap();
-            let gated =
-                (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
+            let gated = (candle_nn::ops::silu(gate.as_tensor()).unwrap() * up.as_tensor()).unwrap();
             let theirs = gated.broadcast_matmul(&w.t().unwrap()).unwrap();
             close(&ours, &theirs, 1e-4);
             let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();

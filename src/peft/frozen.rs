@@ -72,7 +72,7 @@ impl Drop for MatmulPrecisionGuard {
 }
 
 /// Whether a frozen product with `rows` output rows runs in bf16 on this thread.
-fn bf16_for(rows: usize) -> bool {
+pub(crate) fn bf16_for(rows: usize) -> bool {
     rows >= 16 && PRECISION.get() == MatmulPrecision::Bf16 && crate::amx::available()
 }
 
@@ -102,7 +102,13 @@ pub(crate) fn frozen_product(
         Some(bias) => bias.repeat(m),
         None => vec![0f32; m * n],
     };
-    crate::amx::gemm_bf16(strided(a, la), strided(b, lb), (m, k, n), &mut out, bias.is_some());
+    crate::amx::gemm_bf16(
+        strided(a, la),
+        strided(b, lb),
+        (m, k, n),
+        &mut out,
+        bias.is_some(),
+    );
     Ok(out)
 }
 

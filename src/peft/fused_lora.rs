@@ -12,7 +12,9 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
-use super::frozen::{frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc, matmul_no_grad};
+use super::frozen::{
+    frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc, matmul_no_grad,
+};
 
 /// A frozen weight W (out×in) as the fused CPU ops read it.
 #[derive(Debug, Clone)]
@@ -149,10 +151,10 @@ pub(crate) fn lora_linear(
         bias: bias.map(Tensor::contiguous).transpose()?,
         scale,
     };
-    let y = x
-        .reshape((rows, n))?
-        .contiguous()?
-        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+    let y =
+        x.reshape((rows, n))?
+            .contiguous()?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
     let mut out = lead.to_vec();
     out.push(m);
     y.reshape(out)
@@ -215,18 +217,26 @@ mod tests {
             let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
             let h = x.as_tensor().broadcast_matmul(&a.t().unwrap()).unwrap();
             let branch = (h.broadcast_matmul(&b.t().unwrap()).unwrap() * l.scale).unwrap();
-            let mut theirs = (x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap() + branch)
-                .unwrap();
+            let mut theirs =
+                (x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap() + branch).unwrap();
             if let Some(bias) = &bias {
                 theirs = theirs.broadcast_add(bias).unwrap();
             }
             let d = max_diff(&ours, &theirs);
             assert!(d < 1e-4, "packed {packed}: outputs differ by {d}");
             let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for (name, v) in [("x", &x), ("A", &l.a), ("B", &l.b)] {
                 let d = max_diff(go.get(v).unwrap(), gt.get(v).unwrap());
-                assert!(d < 1e-3, "packed {packed}: gradient of {name} differs by {d}");
+                assert!(
+                    d < 1e-3,
+                    "packed {packed}: gradient of {name} differs by {d}"
+                );
             }
         }
     }
@@ -252,8 +262,11 @@ mod tests {
         let t2 = layer.forward_t(&x, true).unwrap();
         assert!(max_diff(&t1, &t2) > 1e-3);
         let e = layer.forward_t(&x, false).unwrap();
-        let want = (x.matmul(&layer.base_weight().unwrap().t().unwrap()).unwrap()
-            + x.matmul(&layer.delta_weight().unwrap().t().unwrap()).unwrap())
+        let want = (x
+            .matmul(&layer.base_weight().unwrap().t().unwrap())
+            .unwrap()
+            + x.matmul(&layer.delta_weight().unwrap().t().unwrap())
+                .unwrap())
         .unwrap();
         assert!(max_diff(&e, &want) < 1e-4);
     }
