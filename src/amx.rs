@@ -13,6 +13,7 @@
 //! output with four accumulator tiles each, row blocks spread over rayon's threads. The tiles
 //! are set up once per process (the kernel's `ARCH_REQ_XCOMP_PERM`) and configured per task.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -59,14 +60,14 @@ fn detect() -> bool {
     false
 }
 
-/// f32 → bf16, rounding to nearest even (NaN stays NaN).
+/// f32 → bf16, rounding to nearest even (NaN stays NaN). Branch-free, so that loops over
+/// slices vectorise.
+#[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let rounding = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(rounding) >> 16) as u16
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+    let nan = (bits & 0x7FFF_FFFF) > 0x7F80_0000;
+    (if nan { (bits >> 16) | 0x40 } else { rounded }) as u16
 }
 
 /// bf16 → f32 (exact).
@@ -105,36 +106,19 @@ impl Strided<'_> {
 }
 
 impl PackedB {
-    /// Packs `b` (k×n) in bf16 (panels in parallel; reads `b` along its contiguous axis).
+    /// Packs `b` (k×n) in bf16, panels in parallel. Call only when [`available`].
     pub fn new(b: Strided, k: usize, n: usize) -> Self {
         let kblocks = k.div_ceil(KB);
         let panels = n.div_ceil(BLOCK);
         let per_panel = kblocks * 2 * TILE;
-        let mut data = vec![0u16; panels * per_panel];
-        let slot = |kk: usize, j: usize| {
-            let (t, c) = ((j % BLOCK) / 16, j % 16);
-            ((kk / KB) * 2 + t) * TILE + ((kk % KB) / 2) * 32 + c * 2 + kk % 2
-        };
+        let mut data = uninit(panels * per_panel);
         data.par_chunks_mut(per_panel)
             .enumerate()
-            .for_each(|(p, panel)| {
-                let cols = p * BLOCK..(p * BLOCK + BLOCK).min(n);
-                if b.cs == 1 {
-                    for kk in 0..k {
-                        for j in cols.clone() {
-                            panel[slot(kk, j)] = to_bf16(b.at(kk, j));
-                        }
-                    }
-                } else {
-                    for j in cols {
-                        for kk in 0..k {
-                            panel[slot(kk, j)] = to_bf16(b.at(kk, j));
-                        }
-                    }
-                }
-            });
+            // SAFETY: AMX CPUs have AVX-512 F and BW (the caller checked `available`).
+            .for_each(|(p, panel)| unsafe { pack_panel(b, k, n, p * BLOCK, panel) });
         Self {
-            data,
+            // SAFETY: `pack_panel` wrote every value of every panel.
+            data: unsafe { assume_init(data) },
             kblocks,
             panels,
             k,
@@ -148,34 +132,119 @@ impl PackedB {
     }
 }
 
+/// A vector of `len` values to be written before use.
+fn uninit(len: usize) -> Vec<MaybeUninit<u16>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The vector once every value has been written.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<u16>>) -> Vec<u16> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, layout and length; the caller vouches for the values.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<u16>(), v.len(), v.capacity()) }
+}
+
+/// Writes every value of the panel of columns `j0…j0+32` (zero beyond k and n): per k-block,
+/// tile t holds 16 rows (k-pairs) of 16 columns × 2.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_panel(b: Strided, k: usize, n: usize, j0: usize, panel: &mut [MaybeUninit<u16>]) {
+    let whole_cols = j0 + BLOCK <= n;
+    for (kb, tiles) in panel.chunks_exact_mut(2 * TILE).enumerate() {
+        let k0 = kb * KB;
+        let whole = whole_cols && k0 + KB <= k;
+        for (t, tile) in tiles.chunks_exact_mut(TILE).enumerate() {
+            let jt = j0 + t * 16;
+            if whole && b.cs == 1 {
+                // Rows of b are contiguous: interleave rows k0+2r and k0+2r+1.
+                for (r, out) in tile.chunks_exact_mut(32).enumerate() {
+                    let row0 = &b.data[b.start + (k0 + 2 * r) * b.rs + jt..][..16];
+                    let row1 = &b.data[b.start + (k0 + 2 * r + 1) * b.rs + jt..][..16];
+                    for (c, pair) in out.chunks_exact_mut(2).enumerate() {
+                        pair[0].write(to_bf16(row0[c]));
+                        pair[1].write(to_bf16(row1[c]));
+                    }
+                }
+            } else if whole && b.rs == 1 {
+                // Columns of b are contiguous (b is a weight's transpose): column j's 32
+                // values of this k-block fill column c of every tile row.
+                for c in 0..16 {
+                    let col = &b.data[b.start + (jt + c) * b.cs + k0..][..KB];
+                    let mut converted = [0u16; KB];
+                    for (d, &x) in converted.iter_mut().zip(col) {
+                        *d = to_bf16(x);
+                    }
+                    for r in 0..16 {
+                        tile[r * 32 + c * 2].write(converted[2 * r]);
+                        tile[r * 32 + c * 2 + 1].write(converted[2 * r + 1]);
+                    }
+                }
+            } else {
+                for r in 0..16 {
+                    for c in 0..16 {
+                        for e in 0..2 {
+                            let (kk, j) = (k0 + 2 * r + e, jt + c);
+                            let v = if kk < k && j < n {
+                                to_bf16(b.at(kk, j))
+                            } else {
+                                0
+                            };
+                            tile[r * 32 + c * 2 + e].write(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `a` (m×k) as bf16 rows of `kblocks·32` values, `rows` of them (zero beyond m and k).
 fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u16> {
     let width = kblocks * KB;
-    let mut out = vec![0u16; rows * width];
-    let convert = |i: usize, row: &mut [u16]| {
-        if a.cs == 1 {
-            let src = &a.data[a.start + i * a.rs..][..k];
-            for (d, &s) in row.iter_mut().zip(src) {
-                *d = to_bf16(s);
-            }
-        } else {
-            for (kk, d) in row.iter_mut().take(k).enumerate() {
-                *d = to_bf16(a.at(i, kk));
-            }
-        }
-    };
+    let mut out = uninit(rows * width);
+    // SAFETY (both calls): AMX CPUs have AVX-512 F and BW (the caller checked `available`).
     if m * k >= 1 << 16 {
         out.par_chunks_mut(width)
-            .take(m)
             .enumerate()
-            .for_each(|(i, row)| convert(i, row));
+            .for_each(|(i, row)| unsafe { pack_row(a, m, k, i, row) });
     } else {
         out.chunks_mut(width)
-            .take(m)
             .enumerate()
-            .for_each(|(i, row)| convert(i, row));
+            .for_each(|(i, row)| unsafe { pack_row(a, m, k, i, row) });
     }
-    out
+    // SAFETY: `pack_row` wrote every value of every row.
+    unsafe { assume_init(out) }
+}
+
+/// Writes row i of the packed `a` (zero beyond m and k).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_row(a: Strided, m: usize, k: usize, i: usize, row: &mut [MaybeUninit<u16>]) {
+    let (values, padding) = row.split_at_mut(if i < m { k } else { 0 });
+    if values.is_empty() {
+    } else if a.cs == 1 {
+        let src = &a.data[a.start + i * a.rs..][..values.len()];
+        for (d, &x) in values.iter_mut().zip(src) {
+            d.write(to_bf16(x));
+        }
+    } else {
+        for (kk, d) in values.iter_mut().enumerate() {
+            d.write(to_bf16(a.at(i, kk)));
+        }
+    }
+    for d in padding {
+        d.write(0);
+    }
 }
 
 /// `dst (+)= a·b` in bf16 × bf16 → f32 on AMX: `a` m×k, `b` k×n, `dst` m×n row-major. With

@@ -47,7 +47,10 @@ fn a_bf16_run_follows_the_f32_run_and_says_what_the_cpu_runs() {
         // The first step starts from the same weights: only rounding separates the losses.
         // Later steps follow diverging (high learning-rate) trajectories, so looser, and the
         // bf16 run must learn as the f32 run does.
-        assert!((a[0] - b[0]).abs() <= 0.01 * a[0], "f32 {a:?} vs bf16 {b:?}");
+        assert!(
+            (a[0] - b[0]).abs() <= 0.01 * a[0],
+            "f32 {a:?} vs bf16 {b:?}"
+        );
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 0.1 * x.abs(), "f32 {a:?} vs bf16 {b:?}");
         }

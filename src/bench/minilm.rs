@@ -98,7 +98,10 @@ pub fn minilm(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
     let total = steps + WARMUP;
     let bf16 = variant.ends_with("-bf16");
     let overrides = [
-        format!("model.matmul_precision={}", if bf16 { "bf16" } else { "f32" }),
+        format!(
+            "model.matmul_precision={}",
+            if bf16 { "bf16" } else { "f32" }
+        ),
         format!("optim.steps={total}"),
         format!("optim.eval_every={total}"),
         "optim.batch_size=16".to_string(),

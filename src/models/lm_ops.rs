@@ -725,11 +725,14 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
             };
             (as_b(1, h, h, v), with_grad.then(|| as_b(h, 1, v, h)))
         });
-        let losses: Vec<f64> = (0..n.div_ceil(HEAD_ROWS))
+        // With W packed beforehand, small blocks cost nothing more and keep the logits block
+        // (6 MB) in memory the allocator reuses; gemm packs W per call, so it gets 128 rows.
+        let block_rows = if packed.is_some() { 32 } else { HEAD_ROWS };
+        let losses: Vec<f64> = (0..n.div_ceil(block_rows))
             .into_par_iter()
             .map(|blk| {
-                let first = blk * HEAD_ROWS;
-                let rows = HEAD_ROWS.min(n - first);
+                let first = blk * block_rows;
+                let rows = block_rows.min(n - first);
                 let mut z = vec![0f32; rows * v];
                 let x_block = Strided {
                     data: x,
