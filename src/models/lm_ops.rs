@@ -486,9 +486,7 @@ pub fn swiglu_down(
     down: &crate::peft::AdaptedLinear,
     train: bool,
 ) -> Result<Tensor> {
-    let weight = down.frozen_only().filter(|_| {
-        fast(gate) && fast(up) && std::env::var_os("PEFT_STUDIO_UNFUSED_SWIGLU").is_none()
-    });
+    let weight = down.frozen_only().filter(|_| fast(gate) && fast(up));
     let Some(weight) = weight else {
         return down
             .forward_t(&swiglu(gate, up)?, train)

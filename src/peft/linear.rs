@@ -399,7 +399,6 @@ impl AdaptedLinear {
             && x.dtype() == DType::F32
             && lora.a.dtype() == DType::F32
             && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
-            && std::env::var_os("PEFT_STUDIO_UNFUSED_LORA").is_none()
             && let Some(w) = self.fused_weight()
         {
             let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
