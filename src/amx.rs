@@ -26,7 +26,8 @@ const KB: usize = 32;
 const TILE: usize = 512;
 
 /// Whether this CPU and kernel run AMX bf16 (checked once; asks the kernel for the tile
-/// state's permission the first time).
+/// state's permission the first time). `PEFT_STUDIO_NO_AMX=1` answers no (to compare, or to
+/// test the fallback on an AMX machine).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(detect)
@@ -34,6 +35,9 @@ pub fn available() -> bool {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn detect() -> bool {
+    if std::env::var_os("PEFT_STUDIO_NO_AMX").is_some_and(|v| v == "1") {
+        return false;
+    }
     // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
     // CPUID leaf 7 exists where leaf 0 reports a maximum of at least 7.
     let max_leaf = std::arch::x86_64::__cpuid(0).eax;

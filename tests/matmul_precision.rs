@@ -57,6 +57,11 @@ fn a_bf16_run_follows_the_f32_run_and_says_what_the_cpu_runs() {
         assert!(b[5] < 0.5 * b[0], "the bf16 run did not learn: {b:?}");
     } else {
         assert!(said.contains("no AMX"), "{said}");
-        assert_eq!(a, b, "without AMX the bf16 setting runs f32");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() < 1e-9,
+                "without AMX bf16 runs f32: {a:?} vs {b:?}"
+            );
+        }
     }
 }

@@ -113,8 +113,15 @@ pub(crate) fn frozen_product(
 }
 
 /// `x·W`ᵀ as a custom op: arg1 is x (rows×k, contiguous), arg2 is `Wᵀ` (k×m, any strides candle's matmul
-/// accepts). The backward returns the gradient of x alone.
-struct FrozenMatmul;
+/// accepts). The backward returns the gradient of x alone. With `frozen` the product follows
+/// the thread's [`MatmulPrecision`] (arg2 is a frozen weight); without, it is always f32 (an
+/// adapter's product applied without a backward).
+struct FrozenMatmul {
+    frozen: bool,
+}
+
+/// The product of a frozen weight.
+const FROZEN: FrozenMatmul = FrozenMatmul { frozen: true };
 
 impl FrozenMatmul {
     fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
@@ -133,6 +140,7 @@ impl FrozenMatmul {
     }
 
     fn cpu(
+        &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
@@ -141,7 +149,11 @@ impl FrozenMatmul {
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 let (rows, _, m) = Self::dims(l1, l2)?;
-                let out = frozen_product(a, l1, b, l2, None)?;
+                let out = if self.frozen {
+                    frozen_product(a, l1, b, l2, None)?
+                } else {
+                    gemm_f32(a, l1, b, l2, None)?
+                };
                 Ok((CpuStorage::F32(out), Shape::from((rows, m))))
             }
             _ => Self::fwd(s1, l1, s2, l2),
@@ -282,58 +294,12 @@ pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
 /// the thread's [`MatmulPrecision`].
 pub(crate) fn frozen_product_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // The frozen matmul's forward is exactly `a·b`; applied without a backward it records nothing.
-    a.apply_op2_no_bwd(b, &FrozenMatmul)
+    a.apply_op2_no_bwd(b, &FROZEN)
 }
 
 /// `a·b` of two 2-D tensors in f32, recorded without a backward pass (adapter gradients).
 pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &PlainMatmul)
-}
-
-/// `a·b` in f32 whatever the thread's precision, without a backward.
-struct PlainMatmul;
-
-impl CustomOp2 for PlainMatmul {
-    fn name(&self) -> &'static str {
-        "plain-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (rows, _, m) = FrozenMatmul::dims(l1, l2)?;
-                let out = gemm_f32(a, l1, b, l2, None)?;
-                Ok((CpuStorage::F32(out), Shape::from((rows, m))))
-            }
-            _ => FrozenMatmul::fwd(s1, l1, s2, l2),
-        }
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        FrozenMatmul::fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        FrozenMatmul::fwd(s1, l1, s2, l2)
-    }
+    a.apply_op2_no_bwd(b, &FrozenMatmul { frozen: false })
 }
 
 /// `x·Wᵀ` on the CPU for a rows×k `x` and `wt = Wᵀ` (k×m), as a custom op's forward.
@@ -343,7 +309,7 @@ pub(crate) fn frozen_matmul_cpu(
     s2: &CpuStorage,
     l2: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    FrozenMatmul::cpu(s1, l1, s2, l2)
+    FROZEN.cpu(s1, l1, s2, l2)
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -358,7 +324,7 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::cpu(s1, l1, s2, l2)
+        self.cpu(s1, l1, s2, l2)
     }
 
     fn cuda_fwd(
@@ -503,7 +469,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor>
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, n))?;
     let y = match mode {
-        FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FrozenMatmul)?,
+        FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FROZEN)?,
         FrozenGrad::Plain => x2.matmul(&w.t()?)?,
     };
     let mut out_dims = lead.to_vec();

@@ -391,16 +391,22 @@ fn show_result(s: &mut PersonaliseState, r: Arc<PersonaliseResult>) {
     s.result = Some(r);
 }
 
+/// Marks a reading of references begun and returns the personaliser's image size; `None`
+/// (nothing begun) without a personaliser or while another reading runs.
+fn start_reading(app: &mut StudioApp) -> Option<u32> {
+    let size = app.personalise.personaliser()?.image_size();
+    if app.personalise.reading {
+        return None;
+    }
+    app.personalise.reading = true;
+    Some(size)
+}
+
 /// Replaces the references with built-in sample person `index` (as its button does).
 pub fn choose_sample(app: &mut StudioApp, index: usize) {
-    let Some(p) = app.personalise.personaliser() else {
+    let Some(size) = start_reading(app) else {
         return;
     };
-    if app.personalise.reading {
-        return;
-    }
-    let size = p.image_size();
-    app.personalise.reading = true;
     let name = SAMPLE_PEOPLE[index % SAMPLE_PEOPLE.len()].0;
     if !spawn_task(app, "sample-person", move || {
         let res = guarded(|| Ok(sample_person(index, size)))
@@ -413,14 +419,9 @@ pub fn choose_sample(app: &mut StudioApp, index: usize) {
 
 /// Reads the references at `path` (a folder or one image) on a helper thread.
 fn read_references(app: &mut StudioApp, path: PathBuf) {
-    let Some(p) = app.personalise.personaliser() else {
+    let Some(size) = start_reading(app) else {
         return;
     };
-    if app.personalise.reading {
-        return;
-    }
-    let size = p.image_size();
-    app.personalise.reading = true;
     if !spawn_task(app, "references", move || {
         let res = guarded(|| Ok(load_references(&path, size)?))
             .map(|imgs| (path.display().to_string(), imgs));
