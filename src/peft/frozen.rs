@@ -96,10 +96,7 @@ pub(crate) fn frozen_product(
         cs: l.stride()[1],
     };
     let mut out = match bias {
-        Some(bias) if bias.len() != n => {
-            candle_core::bail!("matmul: {} bias values for {n} outputs", bias.len())
-        }
-        Some(bias) => bias.repeat(m),
+        Some(bias) => bias_rows(bias, m, n)?,
         None => vec![0f32; m * n],
     };
     crate::amx::gemm_bf16(
@@ -172,20 +169,9 @@ pub(crate) fn gemm_f32(
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let (m, _, n) = gemm_dims(a, la, b, lb)?;
-    if let Some(bias) = bias
-        && bias.len() != n
-    {
-        candle_core::bail!("matmul: {} bias values for {n} outputs", bias.len());
-    }
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let read_dst = match bias {
-        Some(bias) => {
-            for _ in 0..m {
-                out.extend_from_slice(bias);
-            }
-            true
-        }
-        None => false,
+    let (mut out, read_dst) = match bias {
+        Some(bias) => (bias_rows(bias, m, n)?, true),
+        None => (Vec::with_capacity(m * n), false),
     };
     // SAFETY: `gemm_dims` checked the operands' layouts against their buffers; `out` has room
     // for m·n values, and gemm writes every one of them before reading any when `read_dst` is
@@ -195,6 +181,14 @@ pub(crate) fn gemm_f32(
         out.set_len(m * n);
     }
     Ok(out)
+}
+
+/// m rows of `bias` (one value per output column: n of them), for a product to accumulate onto.
+fn bias_rows(bias: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    if bias.len() != n {
+        candle_core::bail!("matmul: {} bias values for {n} outputs", bias.len());
+    }
+    Ok(bias.repeat(m))
 }
 
 /// `dst += beta·a·b` for 2-D f32 operands of any strides; `dst` is the m×n row-major product's

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+
+use super::fused_lora::FrozenWeight;
 
 /// A frozen out×in weight in its stored (usually quantized) form.
 #[derive(Debug, Clone)]
@@ -81,7 +83,7 @@ impl PackedWeight {
 
 /// `x·Wᵀ` with W packed: arg is x (rows×in, f32, contiguous).
 struct PackedMatmul {
-    w: Arc<QTensor>,
+    w: FrozenWeight,
 }
 
 impl CustomOp1 for PackedMatmul {
@@ -94,22 +96,13 @@ impl CustomOp1 for PackedMatmul {
             candle_core::bail!("packed matmul: the input must be f32");
         };
         let (rows, _) = l.shape().dims2()?;
-        let w = self.w.dequantize(&Device::Cpu)?;
-        let (out_features, _) = w.dims2()?;
-        let (storage, wl) = w.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(wd)) = &*storage else {
-            candle_core::bail!("packed matmul: the weight did not dequantize to f32 on the CPU");
-        };
-        let y = super::frozen::frozen_product(x, l, wd, &wl.transpose(0, 1)?, None)?;
+        let (out_features, _) = self.w.dims()?;
+        let y = self.w.forward_cpu(x, l, None)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out_features))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.w.dequantize(grad.device())?;
-        Ok(Some(super::frozen::frozen_product_no_grad(
-            &grad.contiguous()?,
-            &w,
-        )?))
+        Ok(Some(self.w.input_grad(grad)?))
     }
 }
 
@@ -134,7 +127,9 @@ pub fn packed_linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
         .to_dtype(candle_core::DType::F32)?
         .reshape((rows, n))?
         .contiguous()?;
-    let y = x2.apply_op1(PackedMatmul { w: w.q.clone() })?;
+    let y = x2.apply_op1(PackedMatmul {
+        w: FrozenWeight::Packed(w.q.clone()),
+    })?;
     let mut out_dims = lead.to_vec();
     out_dims.push(m);
     y.reshape(out_dims)
