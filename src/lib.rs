@@ -5,6 +5,7 @@
 //!   `config.json`, enough to size an experiment without weights.
 //! - [`inspect`]: parameter counts of a model with an adapter.
 //! - [`bench`]: measured training-step time and peak memory, side by side with PyTorch + PEFT.
+//! - [`device`]: the compute device (CPU, CUDA, Metal), chosen once per job.
 //! - [`threads`]: one compute thread pool, the calling thread included.
 //! - [`train`]: the training loop and the run store; [`worker`]: the background thread.
 //! - [`fsio`]: atomic file writes, safetensors files and their checksums.
@@ -16,6 +17,7 @@ pub mod app;
 pub mod arch;
 pub mod bench;
 pub mod data;
+pub mod device;
 pub mod diffusion;
 pub mod export;
 pub mod fsio;
