@@ -321,7 +321,10 @@ mod tests {
     #[test]
     fn a_gpu_in_a_cpu_build_says_how_to_build_one() {
         let err = DeviceChoice::Cuda(0).resolve().unwrap_err().to_string();
-        assert!(err.contains("cuda:0") && err.contains("scripts/build-cuda.sh"), "{err}");
+        assert!(
+            err.contains("cuda:0") && err.contains("scripts/build-cuda.sh"),
+            "{err}"
+        );
         assert_eq!(test_devices().len(), 1);
     }
 }

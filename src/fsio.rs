@@ -14,6 +14,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
+
+use crate::device::HOST;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -194,7 +196,7 @@ pub fn safetensors_bytes(
 ) -> Result<Vec<u8>> {
     let cpu: Vec<(&str, Tensor)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .map(|(n, t)| Ok((n.as_str(), t.to_device(&HOST)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()
         .map_err(|e| FsError::format(path, format!("cannot gather the tensors: {e}")))?;
     let meta = (!metadata.is_empty()).then_some(metadata);

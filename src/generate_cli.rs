@@ -41,6 +41,10 @@ pub struct GenerateArgs {
     /// apply to the model.
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else the
+    /// CPU), cpu, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: peft_studio::device::DeviceChoice,
 }
 
 /// Runs the command.
@@ -64,8 +68,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let trained = a.adapter.as_deref().map(trained_at).transpose()?;
     let path = resolve_model(&a.model).map_err(anyhow::Error::msg)?;
-    let mut lm =
-        load_language_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let device = a.device.resolve()?;
+    let mut lm = load_language_model(&path, &device)
+        .with_context(|| format!("loading {}", path.display()))?;
     if let Some(t) = &trained {
         apply_trained(&mut lm, t)?;
     }

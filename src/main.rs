@@ -11,6 +11,7 @@ mod job_cli;
 
 use peft_studio::arch::ArchSpec;
 use peft_studio::bench;
+use peft_studio::device::DeviceChoice;
 use peft_studio::fsio::write_atomic;
 use peft_studio::inspect::inspect;
 use peft_studio::peft::{AdapterConfig, Method, Targets};
@@ -105,9 +106,13 @@ enum Command {
         /// Copy the trained model folder here (full fine-tuning runs).
         #[arg(long)]
         export_model: Option<PathBuf>,
+        /// Where it computes (overrides the preset's `device`): auto, cpu, cuda:N. A resumed
+        /// run uses its own setting.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
         /// Continue an interrupted run from its last checkpoint (`optim.checkpoint_every`):
         /// give its folder, e.g. `runs/20261129-004726-pretrain-…`.
-        #[arg(long, conflicts_with_all = ["preset", "overrides"])]
+        #[arg(long, conflicts_with_all = ["preset", "overrides", "device"])]
         resume: Option<PathBuf>,
         /// With `--resume` of a finished run: train a new run from its config instead of
         /// refusing.
@@ -126,6 +131,9 @@ enum Command {
         /// The run store; the table goes to `<out>/compare-<time>/`.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
+        /// Where every run computes (overrides the presets' `device`): auto, cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Build a DiffLoRA personaliser from a preset: generator, LoRA bank, encoders,
     /// hypernetwork. Resumable: run the same command again to continue an interrupted build.
@@ -139,6 +147,10 @@ enum Command {
         /// Run only `--stage` (its inputs must already be built).
         #[arg(long)]
         only: bool,
+        /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else
+        /// the CPU), cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Personalise from reference photos (DiffLoRA, no fine-tuning): writes a gallery, the
     /// LoRA as an adapter folder and report.json.
@@ -161,6 +173,10 @@ enum Command {
         /// A personaliser folder built by `difflora-build` (default: the built-in one).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else
+        /// the CPU), cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Evaluate a personaliser on its held-out people: DiffLoRA vs the base generator vs direct
     /// LoRA fine-tuning (identity similarity by a separate encoder, parameter error, seconds).
@@ -188,6 +204,10 @@ enum Command {
         /// Internal: evaluate shard `k/N` only and print its people's results as JSON.
         #[arg(long, hide = true)]
         shard: Option<String>,
+        /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else
+        /// the CPU), cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Time DiffLoRA against direct LoRA fine-tuning and a 4-image gallery on the built-in
     /// sample people; writes a markdown table.
@@ -198,6 +218,10 @@ enum Command {
         /// Where the table goes.
         #[arg(long, default_value = "bench-results/personalize.md")]
         out: PathBuf,
+        /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else
+        /// the CPU), cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
     },
     /// Export a finished run: a PEFT adapter folder, a merged Hugging Face model folder, or
     /// llama.cpp's LoRA GGUF (LLaMA-family models).
@@ -270,12 +294,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Train {
             preset,
-            overrides,
+            mut overrides,
             out,
             export_model,
             resume,
             force,
+            device,
         } => {
+            overrides.extend(device.map(|d| format!("device={d}")));
             let stop = SignalStop::install().context("installing the SIGINT/SIGTERM handler")?;
             let (summary, run_folder) = match &resume {
                 Some(folder) if force && finished(folder) => {
@@ -341,9 +367,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Compare {
             presets,
-            overrides,
+            mut overrides,
             out,
+            device,
         } => {
+            overrides.extend(device.map(|d| format!("device={d}")));
             let store = RunStore::new(&out);
             // Every preset is read before any trains: a typo stops the comparison at once.
             let configs = presets
@@ -421,10 +449,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
             model,
+            device,
         } => {
             let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
+            let device = device.unwrap_or_default().resolve()?;
             let report = peft_studio::personalize::commands::personalize_command(
-                &model, &refs, &prompt, n, seed, &out,
+                &model, &refs, &prompt, n, seed, &out, &device,
             )?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
@@ -463,7 +493,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             jobs,
             shard,
+            device,
         } => {
+            let device = device.unwrap_or_default().resolve()?;
             use peft_studio::personalize::commands::{EvalWorkers, default_eval_out, eval_command};
             let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
             let out = out.unwrap_or_else(|| default_eval_out(&model));
@@ -477,7 +509,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .split_once('/')
                     .and_then(|(k, t)| Some((k.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
                     .with_context(|| format!("--shard {shard}: expected k/N"))?;
-                let personaliser = peft_studio::personalize::pipeline::Personaliser::load(&model)?;
+                let personaliser =
+                    peft_studio::personalize::pipeline::Personaliser::load(&model, &device)?;
                 let part = peft_studio::personalize::evaluate::evaluate_shard(
                     &personaliser,
                     settings,
@@ -499,9 +532,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 EvalWorkers::InProcess
             };
-            let report = eval_command(&model, settings, workers, &out, &mut |i, total, what| {
-                eprintln!("[eval] {i}/{total} {what}")
-            })?;
+            let report = eval_command(
+                &model,
+                settings,
+                workers,
+                &out,
+                &device,
+                &mut |i, total, what| eprintln!("[eval] {i}/{total} {what}"),
+            )?;
             println!(
                 "{}",
                 report.markdown(&format!("eval-personalize: {}", model.display()))
@@ -509,10 +547,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("written: {}.md, {}.json", out.display(), out.display());
             Ok(())
         }
-        Command::BenchPersonalize { model, out } => {
+        Command::BenchPersonalize { model, out, device } => {
             let model = model.unwrap_or_else(peft_studio::personalize::pipeline::builtin_dir);
             peft_studio::personalize::commands::check_writable_file(&out, "--out")?;
-            let (_, table) = peft_studio::personalize::commands::bench_personalize(&model)?;
+            let device = device.unwrap_or_default().resolve()?;
+            let (_, table) =
+                peft_studio::personalize::commands::bench_personalize(&model, &device)?;
             print!("{table}");
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)
@@ -526,13 +566,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             preset,
             stage,
             only,
+            device,
         } => {
             let preset = peft_studio::personalize::build::DiffLoraPreset::load(&preset)?;
+            let device = device.unwrap_or_default().resolve()?;
             let mut reporter = StageReporter::default();
             peft_studio::personalize::build::build_stages(
                 &preset,
                 stage,
                 only,
+                &device,
                 &mut |name, step, total, loss| reporter.report(name, step, total, loss),
             )?;
             println!("built {}", preset.out.display());

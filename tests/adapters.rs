@@ -229,6 +229,7 @@ fn frozen_op_gives_the_same_gradients_as_plain_matmul() {
             },
             mode,
             3,
+            &candle_core::Device::Cpu,
         )
         .unwrap();
         let x = randn(&[2, 5, 32], 1.0, 4);

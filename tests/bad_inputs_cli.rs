@@ -278,9 +278,27 @@ fn personalize_into_a_used_folder_keeps_only_the_new_gallery() {
     let s = Scratch::new("regallery");
     let refs = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/samples/ada");
     let out = s.0.join("out");
-    personalize_command(&builtin_dir(), &refs, "", 3, 0, &out).unwrap();
+    personalize_command(
+        &builtin_dir(),
+        &refs,
+        "",
+        3,
+        0,
+        &out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     std::fs::write(out.join("images/notes.txt"), "mine").unwrap();
-    let r = personalize_command(&builtin_dir(), &refs, "", 1, 0, &out).unwrap();
+    let r = personalize_command(
+        &builtin_dir(),
+        &refs,
+        "",
+        1,
+        0,
+        &out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let mut names: Vec<String> = std::fs::read_dir(out.join("images"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -386,7 +386,7 @@ fn personalisation_presets_and_options() {
     let out = s.0.join("out");
     let file = s.write("a-file", b"x");
     let personalise = |n: usize, out: &Path| {
-        personalize_command(&model, &refs, "", n, 0, out)
+        personalize_command(&model, &refs, "", n, 0, out, &candle_core::Device::Cpu)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     };
@@ -406,9 +406,16 @@ fn personalisation_presets_and_options() {
             images,
             seed: 0,
         };
-        eval_command(&model, settings, workers, out, &mut |_, _, _| {})
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        eval_command(
+            &model,
+            settings,
+            workers,
+            out,
+            &candle_core::Device::Cpu,
+            &mut |_, _, _| {},
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
     };
     let exe = Path::new("peft-studio");
     t.expect_err("eval --refs 0", "--refs 0", || {
@@ -480,7 +487,7 @@ fn damaged_personaliser_folders() {
     let s = Scratch::new("damaged");
     let mut t = Tally::default();
     let load = |dir: PathBuf| {
-        Personaliser::load(&dir)
+        Personaliser::load(&dir, &candle_core::Device::Cpu)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     };

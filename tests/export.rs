@@ -83,7 +83,9 @@ fn read_peft_export(dir: &Path) -> Box<dyn Classifier> {
     let source = ModelSource::Builtin {
         name: "tiny-vit-fmnist".into(),
     };
-    let mut model = load_model(&source, 10, true, 123).unwrap().model;
+    let mut model = load_model(&source, 10, true, 123, &candle_core::Device::Cpu)
+        .unwrap()
+        .model;
     let (cfg, extra) = load_adapter_with(model.as_mut(), dir).unwrap();
     assert_eq!(cfg.method, Method::Lora, "an export is always a plain LoRA");
     for l in model.head_mut() {
@@ -106,7 +108,9 @@ fn read_merged(dir: &Path) -> Box<dyn Classifier> {
     let src = ModelSource::Folder {
         path: dir.to_path_buf(),
     };
-    load_model(&src, 10, false, 0).unwrap().model
+    load_model(&src, 10, false, 0, &candle_core::Device::Cpu)
+        .unwrap()
+        .model
 }
 
 #[test]

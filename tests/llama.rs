@@ -59,7 +59,7 @@ fn llama_reference(v: &Value, w: &HashMap<String, Tensor>, ids: &Tensor) -> Tens
 fn check_llama(v: Value, seed: u64) -> LlamaModel {
     let dir = TempDir::new("llama");
     let (_, w) = write_model(&dir.0, &v, seed);
-    let ours = load_folder(&dir.0).unwrap();
+    let ours = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let got = ours.forward(&ids(), None, false).unwrap();
     let want = llama_reference(&v, &w, &ids());
     assert_eq!(got.dims(), &[2, 7, 50]);
@@ -102,7 +102,7 @@ fn llama3_rope_scaling_matches_candle_transformers() {
     v["rope_scaling"] = Value::Null;
     let dir = TempDir::new("llama-plain");
     write_model(&dir.0, &v, 3);
-    let plain = load_folder(&dir.0).unwrap();
+    let plain = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let a = scaled.forward(&ids(), None, false).unwrap();
     let b = plain.forward(&ids(), None, false).unwrap();
     assert!(max_diff(&a, &b) > 1e-3);
@@ -114,7 +114,7 @@ fn qwen2_check(tied: bool, seed: u64) {
     let (cfg, w) = write_model(&dir.0, &v, seed);
     assert!(cfg.qkv_bias && !cfg.o_bias);
     assert!(w.contains_key("model.layers.1.self_attn.q_proj.bias"));
-    let ours = load_folder(&dir.0).unwrap();
+    let ours = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let got = ours.forward(&ids(), None, false).unwrap();
     let c: qwen2::Config = serde_json::from_value(v.clone()).unwrap();
     let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
@@ -143,7 +143,7 @@ fn mistral_with_explicit_head_dim_matches_candle_transformers() {
     v["head_dim"] = json!(16);
     let (cfg, w) = write_model(&dir.0, &v, 6);
     assert_eq!(cfg.head_dim, 16);
-    let ours = load_folder(&dir.0).unwrap();
+    let ours = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let got = ours.forward(&ids(), None, false).unwrap();
     let c: mistral::Config = serde_json::from_value(v.clone()).unwrap();
     let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
@@ -164,7 +164,7 @@ fn mistral_with_explicit_head_dim_matches_candle_transformers() {
 fn kv_cache_decoding_equals_the_full_forward() {
     let dir = TempDir::new("kv");
     write_model(&dir.0, &tiny_llama("qwen2", false), 7);
-    let m = load_folder(&dir.0).unwrap();
+    let m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let full = m.forward(&ids(), None, false).unwrap();
     let mut cache = KvCache::new();
     let mut parts = Vec::new();
@@ -187,7 +187,7 @@ fn kv_cache_decoding_equals_the_full_forward() {
 fn padded_keys_are_hidden_and_bad_ids_are_errors() {
     let dir = TempDir::new("pad");
     write_model(&dir.0, &tiny_llama("llama", false), 8);
-    let m = load_folder(&dir.0).unwrap();
+    let m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let short = Tensor::new(&[[3u32, 17, 42, 0]], &Device::Cpu).unwrap();
     let alone = m.forward(&short, None, false).unwrap();
     // The same row right-padded to 7 tokens, in a batch.
@@ -208,7 +208,7 @@ fn padded_keys_are_hidden_and_bad_ids_are_errors() {
 fn adapters_target_hugging_face_module_paths() {
     let dir = TempDir::new("adapt");
     write_model(&dir.0, &tiny_llama("llama", false), 9);
-    let mut m = load_folder(&dir.0).unwrap();
+    let mut m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let before = m.forward(&ids(), None, false).unwrap();
     let mut cfg = AdapterConfig::new(Method::Lora, 4);
     cfg.targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
@@ -227,7 +227,7 @@ fn adapters_target_hugging_face_module_paths() {
     let after = m.forward(&ids(), None, false).unwrap();
     assert!(max_diff(&before, &after) < 1e-5);
     // all-linear: the seven projections of each layer, never lm_head.
-    let mut m = load_folder(&dir.0).unwrap();
+    let mut m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     cfg.targets = Targets::Pattern("all-linear".into());
     let report = attach_adapters(&mut m, &cfg).unwrap();
     assert_eq!(report.layers.len(), 14);
@@ -268,7 +268,7 @@ fn sharded_f16_checkpoint_loads() {
         index.to_string(),
     )
     .unwrap();
-    let m = load_folder(&dir.0).unwrap();
+    let m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let got = m.forward(&ids(), None, false).unwrap();
     let rounded: HashMap<String, Tensor> = half
         .iter()
@@ -278,7 +278,9 @@ fn sharded_f16_checkpoint_loads() {
     assert!(max_diff(&got, &want) < TOL);
     // A shard the index names but the folder lacks.
     std::fs::remove_file(dir.0.join("model-00002-of-00002.safetensors")).unwrap();
-    let e = load_folder(&dir.0).unwrap_err().to_string();
+    let e = load_folder(&dir.0, &candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
 }
 
@@ -289,7 +291,9 @@ fn missing_and_misshapen_tensors_are_named() {
     let (_, mut w) = write_model(&dir.0, &v, 11);
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, dir.0.join("model.safetensors")).unwrap();
-    let e = load_folder(&dir.0).unwrap_err().to_string();
+    let e = load_folder(&dir.0, &candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
         "{e}"
@@ -299,10 +303,14 @@ fn missing_and_misshapen_tensors_are_named() {
         randn(&[48, 31], 1.0, 0),
     );
     candle_core::safetensors::save(&w, dir.0.join("model.safetensors")).unwrap();
-    let e = load_folder(&dir.0).unwrap_err().to_string();
+    let e = load_folder(&dir.0, &candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[48, 31]") && e.contains("[48, 32]"), "{e}");
     std::fs::remove_file(dir.0.join("model.safetensors")).unwrap();
-    let e = load_folder(&dir.0).unwrap_err().to_string();
+    let e = load_folder(&dir.0, &candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -400,7 +408,7 @@ fn parameter_counts_match_the_published_ones() {
     // The loaded model counts the same, biases included (qwen2, untied).
     let dir = TempDir::new("count");
     let (cfg, w) = write_model(&dir.0, &tiny_llama("qwen2", false), 12);
-    let m = load_folder(&dir.0).unwrap();
+    let m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let stored: usize = w.values().map(Tensor::elem_count).sum();
     assert_eq!(m.parameter_count(), stored);
     assert_eq!(cfg.parameter_count(), stored);
@@ -412,7 +420,7 @@ fn lm_loss_through_the_fused_head_equals_logits_then_cross_entropy() {
     use peft_studio::train::lm_batches::{LmExample, lm_batch, lm_loss, trained_logits};
     let dir = TempDir::new("lmloss");
     write_model(&dir.0, &tiny_llama("llama", true), 13);
-    let mut m = load_folder(&dir.0).unwrap();
+    let mut m = load_folder(&dir.0, &candle_core::Device::Cpu).unwrap();
     let mut cfg = AdapterConfig::new(Method::Lora, 4);
     cfg.targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
     attach_adapters(&mut m, &cfg).unwrap();

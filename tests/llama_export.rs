@@ -33,7 +33,7 @@ fn base_folder(v: &Value, dir: &Path, seed: u64) -> LlamaModel {
     std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
     write_merged_llama(&m, None, dir).unwrap();
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
-    load_folder(dir).unwrap()
+    load_folder(dir, &candle_core::Device::Cpu).unwrap()
 }
 
 /// Attaches `method` at rank 4 on `targets` and moves the trainable values away from their
@@ -111,7 +111,7 @@ fn peft_export_of_lora_and_svfit_reads_back_with_the_same_logits() {
         assert_eq!((a.dims(), b.dims()), (&[4usize, 32][..], &[16usize, 4][..]));
         assert_eq!(w.len(), 8);
         // Read back onto a fresh copy of the base: PEFT's LoRA with the same logits.
-        let mut back = load_folder(&base).unwrap();
+        let mut back = load_folder(&base, &candle_core::Device::Cpu).unwrap();
         let read = load_adapter(&mut back, &out).unwrap();
         assert_eq!((read.method, read.rank), (Method::Lora, 4));
         let got = logits(&back);
@@ -137,7 +137,7 @@ fn merged_export_loads_as_a_plain_model_with_the_same_logits() {
         std::fs::create_dir_all(&out).unwrap();
         let copied = write_merged_llama(&m, Some(&base), &out).unwrap();
         assert_eq!(copied, vec!["tokenizer.json"]);
-        let back = load_folder(&out).unwrap();
+        let back = load_folder(&out, &candle_core::Device::Cpu).unwrap();
         assert!(back.linears().iter().all(|l| l.adapter().is_none()));
         let d = max_diff(&logits(&back), &want);
         assert!(d < TOL, "{family}: merged logits differ by {d}");
@@ -148,7 +148,10 @@ fn merged_export_loads_as_a_plain_model_with_the_same_logits() {
         let out2 = tmp.0.join("merged2");
         std::fs::create_dir_all(&out2).unwrap();
         write_merged_llama(&m, None, &out2).unwrap();
-        let d = max_diff(&logits(&load_folder(&out2).unwrap()), &want);
+        let d = max_diff(
+            &logits(&load_folder(&out2, &candle_core::Device::Cpu).unwrap()),
+            &want,
+        );
         assert!(
             d < TOL,
             "{family}: merged (own config) logits differ by {d}"
@@ -277,7 +280,7 @@ fn interop_export() {
         return;
     };
     let base = Path::new(&model);
-    let mut m = load_folder(base).unwrap();
+    let mut m = load_folder(base, &candle_core::Device::Cpu).unwrap();
     let cfg = AdapterConfig {
         method: Method::Lora,
         rank: 8,

@@ -204,15 +204,15 @@ fn tiny_pair(dir: &TempDir, v: &Value, arch: &str, seed: u64) -> (PathBuf, PathB
 fn assert_same_logits(v: &Value, arch: &str, seed: u64) {
     let dir = TempDir::new(arch);
     let (gguf, folder) = tiny_pair(&dir, v, arch, seed);
-    let from_gguf = load_gguf(&gguf).unwrap();
-    let from_folder = load_folder(&folder).unwrap();
+    let from_gguf = load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
+    let from_folder = load_folder(&folder, &candle_core::Device::Cpu).unwrap();
     assert_eq!(from_gguf.config(), from_folder.config());
     let a = from_gguf.forward(&ids(), None, false).unwrap();
     let b = from_folder.forward(&ids(), None, false).unwrap();
     let d = max_diff(&a, &b);
     assert!(d < 1e-4, "{arch}: GGUF vs folder logits differ by {d}");
     // Kept packed as stored (QLoRA's base), the same logits.
-    let packed = load_gguf_packed(&gguf).unwrap();
+    let packed = load_gguf_packed(&gguf, &candle_core::Device::Cpu).unwrap();
     let c = packed.forward(&ids(), None, false).unwrap();
     let d = max_diff(&c, &b);
     assert!(
@@ -254,11 +254,11 @@ fn without_unpermuting_the_logits_would_differ() {
     let folder = dir.path("ref/x").parent().unwrap().to_path_buf();
     std::fs::write(folder.join("config.json"), v.to_string()).unwrap();
     candle_core::safetensors::save(&reference, folder.join("model.safetensors")).unwrap();
-    let a = load_gguf(&gguf)
+    let a = load_gguf(&gguf, &candle_core::Device::Cpu)
         .unwrap()
         .forward(&ids(), None, false)
         .unwrap();
-    let b = load_folder(&folder)
+    let b = load_folder(&folder, &candle_core::Device::Cpu)
         .unwrap()
         .forward(&ids(), None, false)
         .unwrap();
@@ -283,7 +283,10 @@ fn broken_gguf(
 }
 
 fn load_err(p: &Path) -> String {
-    load_gguf(p).map(|_| ()).unwrap_err().to_string()
+    load_gguf(p, &candle_core::Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -533,7 +536,7 @@ fn transformers_5_rope_parameters_are_read() {
 fn tiny_model() -> peft_studio::models::llama::LlamaModel {
     let dir = TempDir::new("gen");
     let (gguf, _) = tiny_pair(&dir, &tiny("llama", false), "llama", 60);
-    load_gguf(&gguf).unwrap()
+    load_gguf(&gguf, &candle_core::Device::Cpu).unwrap()
 }
 
 fn greedy(n: usize) -> GenerateOptions {
@@ -704,7 +707,7 @@ fn smollm2_gguf_equals_its_f32_folder() {
     let Some((gguf, folder)) = smollm2_files() else {
         return;
     };
-    let a = load_language_model(&gguf).unwrap();
+    let a = load_language_model(&gguf, &candle_core::Device::Cpu).unwrap();
     let c = a.model.config();
     assert_eq!(
         (c.num_hidden_layers, c.hidden_size, c.num_attention_heads),
@@ -717,7 +720,7 @@ fn smollm2_gguf_equals_its_f32_folder() {
     assert_eq!(c.rope_theta, 100_000.0);
     assert!(c.tie_word_embeddings);
     assert_eq!(a.model.parameter_count(), 134_515_008);
-    let b = load_language_model(&folder).unwrap();
+    let b = load_language_model(&folder, &candle_core::Device::Cpu).unwrap();
     assert_eq!(a.model.config().rope_theta, b.model.config().rope_theta);
 
     let ids = a
@@ -773,7 +776,7 @@ fn smollm2_streams_whole_characters_and_stops_at_im_end() {
     let Some((gguf, _)) = smollm2_files() else {
         return;
     };
-    let lm = load_language_model(&gguf).unwrap();
+    let lm = load_language_model(&gguf, &candle_core::Device::Cpu).unwrap();
     let tok = &lm.tokenizer;
     let template = peft_studio::train::causal_lm::chat_template(tok, &gguf)
         .unwrap()
@@ -847,10 +850,10 @@ fn llama3_rope_scaling_is_read_from_rope_freqs() {
     let folder = dir.path("ref/x").parent().unwrap().to_path_buf();
     std::fs::write(folder.join("config.json"), v.to_string()).unwrap();
     candle_core::safetensors::save(&reference, folder.join("model.safetensors")).unwrap();
-    let a = load_gguf(&gguf).unwrap();
+    let a = load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
     assert_eq!(a.config().rope_scaling, c.rope_scaling);
     let la = a.forward(&ids(), None, false).unwrap();
-    let lb = load_folder(&folder)
+    let lb = load_folder(&folder, &candle_core::Device::Cpu)
         .unwrap()
         .forward(&ids(), None, false)
         .unwrap();
@@ -884,8 +887,8 @@ fn a_packed_base_trains_lora_like_the_f32_base() {
         targets: Targets::Pattern("all-linear".into()),
         ..AdapterConfig::default()
     };
-    let mut dense = load_gguf(&gguf).unwrap();
-    let mut packed = load_gguf_packed(&gguf).unwrap();
+    let mut dense = load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
+    let mut packed = load_gguf_packed(&gguf, &candle_core::Device::Cpu).unwrap();
     attach_adapters(&mut dense, &cfg).unwrap();
     attach_adapters(&mut packed, &cfg).unwrap();
     // Every quantized or F16 weight stays packed under its adapter (F32 ones were never packed).

@@ -56,7 +56,7 @@ fn check(case: &str) {
         );
         eprintln!("{case} {what}: max |Δlogit| {d:.3e} (max |logit| {scale:.2})");
     };
-    let mut m = load_folder(&dir).unwrap();
+    let mut m = load_folder(&dir, &candle_core::Device::Cpu).unwrap();
     compare(
         &m.forward(&ids, None, false).unwrap(),
         &tensor3(&r["base"]),

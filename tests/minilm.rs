@@ -34,7 +34,7 @@ fn minilm_loads_and_adapters_preserve_its_output() {
     let source = ModelSource::Folder {
         path: root().join("downloads/all-MiniLM-L6-v2"),
     };
-    let loaded = load_model(&source, 2, true, 0).unwrap();
+    let loaded = load_model(&source, 2, true, 0, &candle_core::Device::Cpu).unwrap();
     assert_eq!(
         peft_studio::models::parameter_count(loaded.model.as_ref()),
         22_713_216 + 384 * 2 + 2,
@@ -61,7 +61,9 @@ fn minilm_loads_and_adapters_preserve_its_output() {
     let (batch, _) = split.batch(&idx, &candle_core::Device::Cpu).unwrap();
     let before = loaded.model.forward_t(&batch, false).unwrap();
     for method in Method::ALL {
-        let mut m = load_model(&source, 2, true, 0).unwrap().model;
+        let mut m = load_model(&source, 2, true, 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .model;
         let report = attach_adapters(m.as_mut(), &AdapterConfig::new(method, 8)).unwrap();
         assert_eq!(report.layers.len(), 12);
         let after = m.forward_t(&batch, false).unwrap();

@@ -216,19 +216,31 @@ fn wrong_shapes_and_missing_files_are_named() {
         tmp.join("model.safetensors"),
     )
     .unwrap();
-    let e = load_model(&ModelSource::Folder { path: tmp.clone() }, 4, false, 0)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_model(
+        &ModelSource::Folder { path: tmp.clone() },
+        4,
+        false,
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("model.safetensors") && e.contains("vit.embeddings.cls_token"),
         "{e}"
     );
     std::fs::remove_file(tmp.join("model.safetensors")).unwrap();
-    let e = load_model(&ModelSource::Folder { path: tmp.clone() }, 4, false, 0)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_model(
+        &ModelSource::Folder { path: tmp.clone() },
+        4,
+        false,
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
     let e = load_model(
         &ModelSource::Folder {
@@ -237,6 +249,7 @@ fn wrong_shapes_and_missing_files_are_named() {
         4,
         false,
         0,
+        &candle_core::Device::Cpu,
     )
     .err()
     .unwrap()

@@ -31,12 +31,17 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let dir = TempDir::new("difflora-tiny");
     let preset = DiffLoraPreset::tiny(&dir.path("model"));
     let mut stages = Vec::new();
-    build(&preset, Stage::All, &mut |s, _, _, l| {
-        assert!(l.is_finite(), "{s}: loss {l}");
-        if stages.last() != Some(&s.to_string()) {
-            stages.push(s.to_string());
-        }
-    })
+    build(
+        &preset,
+        Stage::All,
+        &candle_core::Device::Cpu,
+        &mut |s, _, _, l| {
+            assert!(l.is_finite(), "{s}: loss {l}");
+            if stages.last() != Some(&s.to_string()) {
+                stages.push(s.to_string());
+            }
+        },
+    )
     .unwrap();
     assert_eq!(
         stages,
@@ -69,7 +74,13 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     );
     // A second build finds everything done and trains nothing.
     let mut calls = 0;
-    build(&preset, Stage::All, &mut |_, _, _, _| calls += 1).unwrap();
+    build(
+        &preset,
+        Stage::All,
+        &candle_core::Device::Cpu,
+        &mut |_, _, _, _| calls += 1,
+    )
+    .unwrap();
     assert_eq!(calls, 0);
     // A lost ensemble member is retrained alone, identically (its seed is fixed).
     let member = preset.out.join("latent_denoiser.1.safetensors");
@@ -79,11 +90,16 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let first = load(&preset.out.join(files::DENOISER));
     std::fs::remove_file(&member).unwrap();
     let mut retrained = Vec::new();
-    build(&preset, Stage::All, &mut |s, _, _, _| {
-        if retrained.last() != Some(&s.to_string()) {
-            retrained.push(s.to_string());
-        }
-    })
+    build(
+        &preset,
+        Stage::All,
+        &candle_core::Device::Cpu,
+        &mut |s, _, _, _| {
+            if retrained.last() != Some(&s.to_string()) {
+                retrained.push(s.to_string());
+            }
+        },
+    )
     .unwrap();
     assert_eq!(retrained, ["latent-denoiser 2/2"]);
     // Equal up to float summation order (the thread count may differ between the two runs).
@@ -101,7 +117,7 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     assert_eq!(bank.vectors.len(), 6);
     assert_eq!(bank.person, [0, 0, 1, 1, 2, 2]);
 
-    let p = Personaliser::load(&preset.out).unwrap();
+    let p = Personaliser::load(&preset.out, &candle_core::Device::Cpu).unwrap();
     let refs = sample_person(0, 32);
     let a = p.personalise(&refs, "smile, hat", 2, 5).unwrap();
     let b = p.personalise(&refs, "smile, hat", 2, 5).unwrap();
@@ -137,7 +153,16 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         save_png(r, &refs_dir.join(format!("{i}.png"))).unwrap();
     }
     let out = dir.path("out");
-    let report = personalize_command(&preset.out, &refs_dir, "surprised", 3, 1, &out).unwrap();
+    let report = personalize_command(
+        &preset.out,
+        &refs_dir,
+        "surprised",
+        3,
+        1,
+        &out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(report.reference_count, 4);
     assert_eq!(report.identity_scores.len(), 3);
     for f in [
@@ -159,17 +184,44 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     let empty = dir.path("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let bad_out = dir.path("bad-out");
-    let err = personalize_command(&preset.out, &empty, "", 2, 0, &bad_out).unwrap_err();
+    let err = personalize_command(
+        &preset.out,
+        &empty,
+        "",
+        2,
+        0,
+        &bad_out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("no images"), "{err:#}");
     let broken = dir.path("broken");
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("a.png"), b"not a png").unwrap();
-    let err = personalize_command(&preset.out, &broken, "", 2, 0, &bad_out).unwrap_err();
+    let err = personalize_command(
+        &preset.out,
+        &broken,
+        "",
+        2,
+        0,
+        &bad_out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("a.png"), "{err:#}");
     let tiny = dir.path("tiny");
     std::fs::create_dir_all(&tiny).unwrap();
     save_png(&image::RgbImage::new(8, 8), &tiny.join("small.png")).unwrap();
-    let err = personalize_command(&preset.out, &tiny, "", 2, 0, &bad_out).unwrap_err();
+    let err = personalize_command(
+        &preset.out,
+        &tiny,
+        "",
+        2,
+        0,
+        &bad_out,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("too small"), "{err:#}");
     assert!(!bad_out.exists(), "a failed run wrote files");
 
@@ -180,7 +232,16 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         &one,
     )
     .unwrap();
-    let report = personalize_command(&preset.out, &one, "", 1, 0, &dir.path("one-out")).unwrap();
+    let report = personalize_command(
+        &preset.out,
+        &one,
+        "",
+        1,
+        0,
+        &dir.path("one-out"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
 
     // The prediction settings are read from the folder's preset: the LoRA strength scales the
@@ -199,7 +260,7 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         copy
     };
     let doubled = with_prediction("doubled", &|p| p.prediction.lora_strength *= 2.0);
-    let (_, v2, _) = Personaliser::load(&doubled)
+    let (_, v2, _) = Personaliser::load(&doubled, &candle_core::Device::Cpu)
         .unwrap()
         .predict_lora(&refs, 5)
         .unwrap();
@@ -227,7 +288,7 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     }
     assert!(b_values > 0 && b_values < v2.len());
     let three = with_prediction("three-members", &|p| p.prediction.members = 3);
-    let err = Personaliser::load(&three)
+    let err = Personaliser::load(&three, &candle_core::Device::Cpu)
         .err()
         .expect("member 3 is missing");
     assert!(
@@ -235,7 +296,7 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         "{err:#}"
     );
     let none = with_prediction("no-members", &|p| p.prediction.members = 0);
-    let err = Personaliser::load(&none)
+    let err = Personaliser::load(&none, &candle_core::Device::Cpu)
         .err()
         .expect("0 members is invalid");
     assert!(format!("{err:#}").contains("prediction.members"), "{err:#}");
@@ -516,7 +577,8 @@ fn generator_training_resumes_exactly() {
 #[test]
 fn builtin_personaliser_on_a_sample_person() {
     use peft_studio::personalize::pipeline::builtin_dir;
-    let p = Personaliser::load(&builtin_dir()).expect("the built-in personaliser ships in assets/");
+    let p = Personaliser::load(&builtin_dir(), &candle_core::Device::Cpu)
+        .expect("the built-in personaliser ships in assets/");
     let refs = sample_person(2, p.image_size());
     let r = p
         .personalise(&refs, "smile, blue background", 4, 0)
@@ -539,7 +601,7 @@ fn builtin_personaliser_on_a_sample_person() {
 #[test]
 fn builtin_personaliser_beats_the_base_generator_on_sample_people() {
     use peft_studio::personalize::pipeline::builtin_dir;
-    let p = Personaliser::load(&builtin_dir()).unwrap();
+    let p = Personaliser::load(&builtin_dir(), &candle_core::Device::Cpu).unwrap();
     let (mut base, mut diff) = (0.0, 0.0);
     for i in 0..4 {
         let refs = sample_person(i, p.image_size());

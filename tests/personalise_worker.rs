@@ -35,10 +35,14 @@ fn tiny() -> Arc<Personaliser> {
             build(
                 &DiffLoraPreset::tiny(&dir),
                 BuildStage::All,
+                &candle_core::Device::Cpu,
                 &mut |_, _, _, _| {},
             )
             .expect("the tiny personaliser builds");
-            Arc::new(Personaliser::load(&dir).expect("the tiny personaliser loads"))
+            Arc::new(
+                Personaliser::load(&dir, &candle_core::Device::Cpu)
+                    .expect("the tiny personaliser loads"),
+            )
         })
         .clone()
 }

@@ -29,6 +29,7 @@ fn request(id: u64, target: TryItTarget) -> TryItRequest {
         prompt: PROMPT.into(),
         max_new_tokens: 6,
         target,
+        device: peft_studio::device::DeviceChoice::Cpu,
     }
 }
 
@@ -78,7 +79,7 @@ fn collect(events: &[TryItEvent], id: u64) -> Answers {
 
 /// The greedy answer `generate --model MODEL [--adapter RUN]` gives to [`PROMPT`].
 fn reference_answer(model: &Path, run: Option<&Path>) -> String {
-    let mut lm = load_language_model(model).unwrap();
+    let mut lm = load_language_model(model, &candle_core::Device::Cpu).unwrap();
     if let Some(run) = run {
         apply_trained(&mut lm, &trained_at(run).unwrap()).unwrap();
     }

@@ -40,6 +40,7 @@ fn tiny_model() -> &'static Path {
         build(
             &DiffLoraPreset::tiny(&dir),
             Stage::All,
+            &candle_core::Device::Cpu,
             &mut |_, _, _, _| {},
         )
         .expect("the tiny personaliser builds");

@@ -12,6 +12,7 @@
 
 mod background;
 mod compare_tab;
+mod device_picker;
 mod dialogs;
 mod export_dialog;
 mod form;
@@ -198,6 +199,8 @@ pub struct StudioApp {
     picking: bool,
     /// Store problems already reported (each is shown once).
     reported: HashSet<String>,
+    /// The devices this binary can compute on here (read once at start).
+    devices: Vec<crate::device::DeviceInfo>,
 }
 
 /// Starts the worker on `store`; its wake-ups ask for a frame within [`EVENT_REPAINT`].
@@ -258,6 +261,7 @@ impl StudioApp {
             ctx: ctx.clone(),
             typed_path: None,
             picking: false,
+            devices: crate::device::available(),
             reported: HashSet::new(),
         };
         app.refresh_runs();
@@ -635,6 +639,8 @@ impl eframe::App for StudioApp {
                             egui::Visuals::light()
                         });
                     }
+                    ui.separator();
+                    device_picker::show(ui, &mut self.settings.config.device, &self.devices);
                 });
             });
             if !self.errors.is_empty() {

@@ -145,7 +145,13 @@ impl TryItView {
     }
 
     /// Starts a request: both answers wait.
-    fn ask(&mut self, prompt: &str, max_new_tokens: usize, target: TryItTarget) -> TryItRequest {
+    fn ask(
+        &mut self,
+        prompt: &str,
+        max_new_tokens: usize,
+        target: TryItTarget,
+        device: crate::device::DeviceChoice,
+    ) -> TryItRequest {
         self.next_id += 1;
         self.pending = Some(self.next_id);
         for a in [&mut self.base, &mut self.tuned] {
@@ -159,6 +165,7 @@ impl TryItView {
             prompt: prompt.to_string(),
             max_new_tokens,
             target,
+            device,
         }
     }
 }
@@ -306,7 +313,10 @@ pub fn show(app: &mut StudioApp, ui: &mut Ui) {
         }
         if (ask.clicked() || ctrl_enter) && can_ask {
             let s = &app.settings.try_it;
-            let req = app.try_it.ask(s.prompt.trim(), s.max_new_tokens, target);
+            let device = app.settings.config.device;
+            let req = app
+                .try_it
+                .ask(s.prompt.trim(), s.max_new_tokens, target, device);
             app.send(Command::TryIt(req));
         }
     });

@@ -12,6 +12,7 @@ use super::minilm::{self, MINILM_DIR};
 use super::peer::Peer;
 use super::table::{BenchRun, RoundResult};
 use super::{StepStats, frozen_backward};
+use crate::device::DeviceChoice;
 use crate::peft::FrozenGrad;
 
 /// Which benchmark.
@@ -81,6 +82,9 @@ pub struct BenchArgs {
     /// Only these variants (comma-separated; default: all of the suite).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Where ours computes: auto, cpu, cuda:N (the peer stays on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Do not run the peer even when it is installed.
     #[arg(long)]
     pub no_peer: bool,
@@ -137,7 +141,7 @@ impl BenchArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     if let Some(v) = &args.variant {
-        let stats = run_variant_here(args.suite, v, args.steps)?;
+        let stats = run_variant_here(args.suite, v, args.steps, args.device)?;
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(());
     }
@@ -178,6 +182,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         title: args.suite.title(args.threads),
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         cpu: CpuInfo::detect(),
+        device: device_description(args.device)?,
         threads: args.threads,
         steps: args.steps,
         rounds: args.rounds,
@@ -263,12 +268,21 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// One variant in this process.
-fn run_variant_here(suite: Suite, v: &str, steps: usize) -> anyhow::Result<StepStats> {
+fn run_variant_here(
+    suite: Suite,
+    v: &str,
+    steps: usize,
+    device: DeviceChoice,
+) -> anyhow::Result<StepStats> {
     match (suite, v) {
-        (Suite::FrozenBackward, "plain") => frozen_backward(FrozenGrad::Plain, steps, 2),
-        (Suite::FrozenBackward, "skip") => frozen_backward(FrozenGrad::Skip, steps, 2),
-        (Suite::Minilm, v) => minilm::minilm(v, steps),
-        (Suite::Smollm2, v) => llm::llm_step(v, steps),
+        (Suite::FrozenBackward, "plain") => {
+            frozen_backward(FrozenGrad::Plain, steps, 2, &device.resolve()?)
+        }
+        (Suite::FrozenBackward, "skip") => {
+            frozen_backward(FrozenGrad::Skip, steps, 2, &device.resolve()?)
+        }
+        (Suite::Minilm, v) => minilm::minilm(v, steps, device),
+        (Suite::Smollm2, v) => llm::llm_step(v, steps, &device.resolve()?),
         (s, v) => anyhow::bail!("unknown variant `{v}` for bench {}", s.name()),
     }
 }
@@ -279,6 +293,7 @@ fn run_child(exe: &Path, args: &BenchArgs, v: &str) -> anyhow::Result<StepStats>
         .args(["bench", args.suite.name(), "--steps"])
         .arg(args.steps.to_string())
         .args(["--threads", &args.threads.to_string(), "--variant", v])
+        .args(["--device", &args.device.to_string()])
         .env("RAYON_NUM_THREADS", args.threads.to_string())
         .output()
         .with_context(|| format!("running variant {v}"))?;
@@ -288,6 +303,17 @@ fn run_child(exe: &Path, args: &BenchArgs, v: &str) -> anyhow::Result<StepStats>
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).with_context(|| format!("reading variant {v}'s result"))
+}
+
+/// What the table says ours ran on; fails now when the device cannot be opened.
+fn device_description(choice: DeviceChoice) -> anyhow::Result<String> {
+    let device = choice.resolve()?;
+    let label = crate::device::label(&device);
+    Ok(crate::device::available()
+        .into_iter()
+        .find(|d| d.choice.to_string() == label)
+        .filter(|_| !device.is_cpu())
+        .map_or(label, |d| d.describe()))
 }
 
 /// Fails now, not after minutes of work, when `out` cannot be written.
@@ -371,7 +397,7 @@ mod tests {
 
     #[test]
     fn zero_steps_is_an_error_not_a_panic() {
-        let err = frozen_backward(FrozenGrad::Skip, 0, 0).unwrap_err();
+        let err = frozen_backward(FrozenGrad::Skip, 0, 0, &candle_core::Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
     }
 

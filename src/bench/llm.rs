@@ -109,7 +109,7 @@ fn trainable(model: &mut LlamaModel, variant: &str) -> anyhow::Result<Vec<Var>> 
 }
 
 /// One variant: `steps` timed AdamW steps after one warm-up step, on seeded random tokens.
-pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
+pub fn llm_step(variant: &str, steps: usize, device: &Device) -> anyhow::Result<StepStats> {
     anyhow::ensure!(
         (1..=10_000).contains(&steps),
         "--steps must be 1 to 10000, got {steps}"
@@ -121,9 +121,9 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
     let mut model = if variant == "qlora" {
         let gguf = crate::models::llama::smollm2_path()
             .ok_or_else(|| anyhow::anyhow!("{}", crate::models::llama::smollm2_fetch_hint()))?;
-        crate::models::llama::load_gguf_packed(&gguf)?
+        crate::models::llama::load_gguf_packed(&gguf, device)?
     } else {
-        load_folder(&dir)?
+        load_folder(&dir, device)?
     };
     let vars = trainable(&mut model, variant)?;
     let count: usize = vars.iter().map(|v| v.elem_count()).sum();
@@ -144,7 +144,7 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
         })
         .collect();
     let refs: Vec<&LmExample> = examples.iter().collect();
-    let batch = lm_batch(&refs, 0, &Device::Cpu)?
+    let batch = lm_batch(&refs, 0, device)?
         .ok_or_else(|| anyhow::anyhow!("the benchmark batch has no trained token"))?;
     crate::memory::reset_peak_rss();
     let mut times = Vec::with_capacity(steps);
@@ -158,6 +158,8 @@ pub fn llm_step(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
         let grads = loss.backward()?;
         opt.step(&grads)?;
         drop(grads);
+        // A GPU queues work: the step ends when its kernels have run.
+        device.synchronize()?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::StepStats;
 use super::machine::ProcCounters;
+use crate::device::DeviceChoice;
 
 /// The model folder both sides read (from `scripts/fetch-models.sh`), relative to the repository.
 pub const MINILM_DIR: &str = "downloads/all-MiniLM-L6-v2";
@@ -87,7 +88,7 @@ pub fn preset(v: &str) -> anyhow::Result<PathBuf> {
 
 /// One MiniLM variant: `steps` timed AdamW steps (after 2 warm-up steps) of the real trainer at
 /// batch 16 × 64 tokens, from the variant's preset.
-pub fn minilm(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
+pub fn minilm(variant: &str, steps: usize, device: DeviceChoice) -> anyhow::Result<StepStats> {
     let preset = preset(variant)?;
     use crate::train::{Event, MetricLine, NeverStop, RunStore, TrainConfig};
     anyhow::ensure!(
@@ -102,6 +103,7 @@ pub fn minilm(variant: &str, steps: usize) -> anyhow::Result<StepStats> {
             "model.matmul_precision={}",
             if bf16 { "bf16" } else { "f32" }
         ),
+        format!("device={device}"),
         format!("optim.steps={total}"),
         format!("optim.eval_every={total}"),
         "optim.batch_size=16".to_string(),
@@ -179,6 +181,6 @@ mod tests {
         let a = peer_args("lora", 5, 2, Path::new("/m"));
         assert_eq!(a[..6], ["--mode", "lora", "--steps", "6", "--threads", "2"]);
         assert_eq!(a.last().map(String::as_str), Some("/m"));
-        assert!(minilm("lora", 0).is_err());
+        assert!(minilm("lora", 0, DeviceChoice::Cpu).is_err());
     }
 }

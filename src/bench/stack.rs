@@ -38,12 +38,16 @@ impl Default for StackShape {
 
 /// A stack of `layers` frozen `width×width` linear layers with GELU between them, each with a
 /// LoRA r=8 (B set non-zero so every gradient is live).
-pub fn lora_stack(shape: StackShape, mode: FrozenGrad, seed: u64) -> anyhow::Result<LayerSet> {
-    let dev = Device::Cpu;
+pub fn lora_stack(
+    shape: StackShape,
+    mode: FrozenGrad,
+    seed: u64,
+    dev: &Device,
+) -> anyhow::Result<LayerSet> {
     let mut set = LayerSet::default();
     for i in 0..shape.layers {
-        let w = seeded_normal(&[shape.width, shape.width], 0.02, seed + i as u64, &dev)?;
-        let b = Tensor::zeros(shape.width, DType::F32, &dev)?;
+        let w = seeded_normal(&[shape.width, shape.width], 0.02, seed + i as u64, dev)?;
+        let b = Tensor::zeros(shape.width, DType::F32, dev)?;
         let mut l = AdaptedLinear::new(format!("layers.{i}.dense"), w, Some(b));
         l.set_frozen_grad(mode);
         set.layers.push(l);
@@ -55,7 +59,7 @@ pub fn lora_stack(shape: StackShape, mode: FrozenGrad, seed: u64) -> anyhow::Res
     for (name, var) in trainable_vars(&set) {
         if name.ends_with("lora_B") {
             let dims = var.dims().to_vec();
-            var.set(&seeded_normal(&dims, 0.01, seed ^ 77, &dev)?)?;
+            var.set(&seeded_normal(&dims, 0.01, seed ^ 77, dev)?)?;
         }
     }
     Ok(set)
@@ -83,13 +87,18 @@ pub fn stack_forward(set: &LayerSet, x: &Tensor) -> anyhow::Result<Tensor> {
 
 /// Times `steps` AdamW steps (after `warmup`) on the LoRA stack with the given frozen path.
 /// `steps` must be at least 1.
-pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow::Result<StepStats> {
+pub fn frozen_backward(
+    mode: FrozenGrad,
+    steps: usize,
+    warmup: usize,
+    device: &Device,
+) -> anyhow::Result<StepStats> {
     anyhow::ensure!(
         steps >= 1,
         "the benchmark needs at least 1 timed step, got {steps}"
     );
     let shape = StackShape::default();
-    let set = lora_stack(shape, mode, 1)?;
+    let set = lora_stack(shape, mode, 1, device)?;
     let vars: Vec<_> = trainable_vars(&set).into_iter().map(|(_, v)| v).collect();
     let trainable = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(
@@ -99,12 +108,7 @@ pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow:
             ..Default::default()
         },
     )?;
-    let x = seeded_normal(
-        &[shape.batch, shape.tokens, shape.width],
-        1.0,
-        9,
-        &Device::Cpu,
-    )?;
+    let x = seeded_normal(&[shape.batch, shape.tokens, shape.width], 1.0, 9, device)?;
     let mut times = Vec::new();
     let mut before = None;
     for i in 0..warmup + steps {
@@ -114,6 +118,8 @@ pub fn frozen_backward(mode: FrozenGrad, steps: usize, warmup: usize) -> anyhow:
         let t = Instant::now();
         let loss = stack_forward(&set, &x)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
+        // A GPU queues work: the step ends when its kernels have run.
+        device.synchronize()?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }

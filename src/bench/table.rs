@@ -34,6 +34,10 @@ pub struct BenchRun {
     pub date: String,
     /// The CPU.
     pub cpu: CpuInfo,
+    /// Where ours computed (`cpu`, `cuda:0 — NVIDIA H200 (139.8 GiB)`); empty in records
+    /// from before the setting existed (the CPU).
+    #[serde(default)]
+    pub device: String,
     /// Threads of both sides.
     pub threads: usize,
     /// Timed steps per variant and round.
@@ -164,10 +168,14 @@ impl BenchRun {
         let sums = self.summaries();
         let mut s = format!("## {}\n\n", self.title);
         s += &format!(
-            "Measured {} on {}; {} threads{}; {} round(s) of {} timed steps per \
+            "Measured {} on {}{}; {} threads{}; {} round(s) of {} timed steps per \
              variant{}. s/step: median of the per-round medians (per-round figures in brackets).\n\n",
             self.date,
             self.cpu.describe(),
+            match self.device.as_str() {
+                "" | "cpu" => String::new(),
+                d => format!(", peft-studio on {d}"),
+            },
             self.threads,
             if self.has_peer { " for both sides" } else { "" },
             self.rounds,
@@ -354,6 +362,7 @@ mod tests {
             title: "t".into(),
             date: "d".into(),
             cpu: CpuInfo::parse("processor : 0\nmodel name : Test CPU\nflags : avx2 fma\n"),
+            device: String::new(),
             threads: 2,
             steps: 3,
             rounds: 2,

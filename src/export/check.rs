@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+
+use crate::device::HOST;
 use serde_json::json;
 
 use crate::fsio;
@@ -38,7 +40,8 @@ pub fn write(
 
 /// The fixed input for a classifier (two examples) and its logits.
 pub fn write_classifier(dir: &Path, model: &dyn Classifier) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    // Exports run in host memory (see export::run).
+    let dev = HOST;
     match model.input() {
         InputKind::Image {
             channels,

@@ -22,6 +22,7 @@ use std::str::FromStr;
 
 use anyhow::bail;
 
+use crate::device::HOST;
 use crate::models::{Classifier, InputKind};
 use run::{RunKind, TrainedRun};
 use staging::Staging;
@@ -185,7 +186,7 @@ fn export_language_model_run(
         );
     }
     let base = model_path(&cfg.model.source)?;
-    let mut lm = crate::models::llama::load_language_model(&base)?;
+    let mut lm = crate::models::llama::load_language_model(&base, &HOST)?;
     apply_trained(&mut lm, &trained)?;
     let report = export_llama(
         &lm.model,

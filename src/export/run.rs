@@ -1,11 +1,14 @@
-//! A finished run's trained model, rebuilt from its folder for export: the base model plus
+//! A finished run's trained model, rebuilt in host memory ([`HOST`]) from its folder for
+//! export (exports are file conversions: no GPU needed): the base model plus
 //! `adapter/` (adapter runs), `model/` (full fine-tuning) or `head/` (head-only runs).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+
+use crate::device::HOST;
 
 use crate::fsio;
 use crate::models::{Classifier, LoadedModel, ModelSource, hub, load_model};
@@ -78,11 +81,7 @@ fn base_folder(source: &ModelSource) -> anyhow::Result<Option<PathBuf>> {
 
 /// Reads a safetensors file's tensors.
 fn read_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
-    Ok(fsio::parse_safetensors(
-        path,
-        &fsio::read(path)?,
-        &Device::Cpu,
-    )?)
+    Ok(fsio::parse_safetensors(path, &fsio::read(path)?, &HOST)?)
 }
 
 /// Classes of the head stored in `tensors` (`<prefix>classifier.weight`, or RoBERTa's
@@ -158,7 +157,7 @@ pub fn load_run(folder: &Path) -> anyhow::Result<TrainedRun> {
                 crate::peft::checkpoint::KEY_PREFIX,
                 &wfile,
             )?;
-            let LoadedModel { mut model, .. } = load_model(source, classes, true, seed)?;
+            let LoadedModel { mut model, .. } = load_model(source, classes, true, seed, &HOST)?;
             let (_, extra) = load_adapter_with(model.as_mut(), &dir)
                 .with_context(|| format!("run {}", folder.display()))?;
             set_head(model.as_mut(), &extra, &wfile)?;
@@ -167,16 +166,26 @@ pub fn load_run(folder: &Path) -> anyhow::Result<TrainedRun> {
         RunKind::Head => {
             let file = layout.head().join(HEAD_FILE);
             let tensors = read_tensors(&file)?;
-            let LoadedModel { mut model, .. } =
-                load_model(source, head_classes(&tensors, "", &file)?, true, seed)?;
+            let LoadedModel { mut model, .. } = load_model(
+                source,
+                head_classes(&tensors, "", &file)?,
+                true,
+                seed,
+                &HOST,
+            )?;
             set_head(model.as_mut(), &tensors, &file)?;
             model
         }
         RunKind::Full => {
             let file = layout.model().join(MODEL_WEIGHTS_FILE);
             let tensors = read_tensors(&file)?;
-            let LoadedModel { mut model, .. } =
-                load_model(source, head_classes(&tensors, "", &file)?, true, seed)?;
+            let LoadedModel { mut model, .. } = load_model(
+                source,
+                head_classes(&tensors, "", &file)?,
+                true,
+                seed,
+                &HOST,
+            )?;
             set_head(model.as_mut(), &tensors, &file)?;
             for l in model.linears_mut() {
                 let w = tensors

@@ -163,7 +163,7 @@ fn check_trained(cfg: &TrainConfig, out: &Path) -> anyhow::Result<PathBuf> {
             );
             let wpath = dir.join(WEIGHTS_FILE);
             let tensors =
-                fsio::parse_safetensors(&wpath, &fsio::read(&wpath)?, &candle_core::Device::Cpu)?;
+                fsio::parse_safetensors(&wpath, &fsio::read(&wpath)?, &crate::device::HOST)?;
             let marker = match acfg.method {
                 Method::Lora => ".lora_A.weight".to_string(),
                 m => format!(".{}.z", m.name()),

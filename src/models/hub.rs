@@ -102,15 +102,15 @@ pub fn builtin_folder(name: &str) -> Result<PathBuf, ModelError> {
     Ok(crate::data::assets_dir().join("models").join(name))
 }
 
-/// Loads a model with a `num_labels`-way head. `fresh_head` re-initialises a head the
-/// checkpoint has; `seed` seeds every initialisation.
+/// Loads a model onto `device` with a `num_labels`-way head. `fresh_head` re-initialises a
+/// head the checkpoint has; `seed` seeds every initialisation.
 pub fn load_model(
     source: &ModelSource,
     num_labels: usize,
     fresh_head: bool,
     seed: u64,
+    device: &Device,
 ) -> Result<LoadedModel, ModelError> {
-    let device = Device::Cpu;
     let (config_path, weights, folder) = match source {
         ModelSource::Builtin { name } => {
             let f = builtin_folder(name)?;
@@ -176,14 +176,14 @@ pub fn load_model(
         .and_then(Value::as_f64)
         .unwrap_or(0.02) as f32;
     let mut reader = match &weights {
-        Some(w) if w.is_file() => WeightReader::open(w, prefix, std, seed, &device)?,
+        Some(w) if w.is_file() => WeightReader::open(w, prefix, std, seed, device)?,
         Some(w) => {
             return Err(ModelError::File {
                 path: w.display().to_string(),
                 reason: "the model folder has no model.safetensors".into(),
             });
         }
-        None => WeightReader::random(prefix, std, seed, &device),
+        None => WeightReader::random(prefix, std, seed, device),
     };
     let model: Box<dyn Classifier> = if model_type == "vit" {
         Box::new(VitClassifier::load(

@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use super::ModelError;
+use crate::device::HOST;
 use crate::peft::PackedWeight;
 
 /// How a parameter is initialised when the checkpoint lacks it.
@@ -53,9 +54,12 @@ impl WeightReader {
         name: &str,
         dims: (usize, usize),
     ) -> Result<Option<PackedWeight>, ModelError> {
-        let Some(p) = self.packed.remove(name) else {
+        let Some(mut p) = self.packed.remove(name) else {
             return Ok(None);
         };
+        if !self.device.is_cpu() {
+            p = packed_onto(&p, &self.device)?;
+        }
         if p.dims() != dims {
             return Err(ModelError::Weights {
                 file: self.file.clone(),
@@ -77,7 +81,7 @@ impl WeightReader {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let tensors =
-            candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| ModelError::File {
+            candle_core::safetensors::load(file, &HOST).map_err(|e| ModelError::File {
                 path: file.display().to_string(),
                 reason: format!("cannot read the weights: {e}"),
             })?;
@@ -240,6 +244,15 @@ impl WeightReader {
             ),
         })
     }
+}
+
+/// A packed weight's bytes copied onto `device`, where candle's quantized kernels multiply
+/// them.
+fn packed_onto(p: &PackedWeight, device: &Device) -> candle_core::Result<PackedWeight> {
+    use candle_core::quantized::{QStorage, QTensor};
+    let q = p.shared();
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    PackedWeight::new(QTensor::new(storage, q.shape().clone())?)
 }
 
 /// The first tensor (in name order) holding NaN or infinite values, if any. The sum of |x|

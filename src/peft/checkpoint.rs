@@ -11,12 +11,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::{Value, json};
 
 use super::config::{AdapterConfig, Init, Method, Targets};
 use super::linear::{AdaptedLinear, Adapter, LinearLayers};
 use super::{PeftError, Result};
+use crate::device::HOST;
 use crate::fsio::{self, FileDigest};
 
 /// File name of the adapter's configuration.
@@ -60,7 +61,7 @@ fn read_weights(dir: &Path, config: &Value) -> Result<HashMap<String, Tensor>> {
             })?;
         digest.verify(&wpath, &bytes)?;
     }
-    Ok(fsio::parse_safetensors(&wpath, &bytes, &Device::Cpu)?)
+    Ok(fsio::parse_safetensors(&wpath, &bytes, &HOST)?)
 }
 
 fn targets_json(t: &Targets) -> Value {
@@ -583,6 +584,8 @@ fn restore_values(layer: &mut AdaptedLinear, t: &ModuleTensors) -> std::result::
                     &v.to_dtype(DType::F32)
                         .map_err(err)?
                         .reshape(1)
+                        .map_err(err)?
+                        .to_device(s.device())
                         .map_err(err)?,
                 )
                 .map_err(err)?;

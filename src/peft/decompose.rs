@@ -6,6 +6,7 @@
 //!
 //! All run in f64; callers convert to the model's dtype afterwards.
 
+use crate::device::HOST;
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use rand::SeedableRng;
@@ -64,14 +65,14 @@ pub fn mat_to_tensor(
             data.push(m[(i, j)]);
         }
     }
-    Tensor::from_vec(data, (rows, cols), &Device::Cpu)?
+    Tensor::from_vec(data, (rows, cols), &HOST)?
         .to_dtype(dtype)?
         .to_device(device)
 }
 
 /// Converts a slice to a 1-D tensor of `dtype` on `device`.
 pub fn vec_to_tensor(v: &[f64], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(v, v.len(), &Device::Cpu)?
+    Tensor::from_slice(v, v.len(), &HOST)?
         .to_dtype(dtype)?
         .to_device(device)
 }

@@ -179,6 +179,14 @@ impl AdaptedLinear {
         })
     }
 
+    /// The device the frozen weight (and so the adapter) lives on.
+    pub fn device(&self) -> candle_core::Device {
+        match &self.base {
+            Frozen::Dense(t) => t.device().clone(),
+            Frozen::Packed(p) => p.shared().device(),
+        }
+    }
+
     /// The packed weight, when the frozen weight is kept as stored.
     pub fn packed_weight(&self) -> Option<&PackedWeight> {
         match &self.base {
@@ -513,11 +521,7 @@ impl AdaptedLinear {
         match &self.adapter {
             None => {
                 let (m, n) = self.shape();
-                Ok(Tensor::zeros(
-                    (m, n),
-                    DType::F32,
-                    &candle_core::Device::Cpu,
-                )?)
+                Ok(Tensor::zeros((m, n), DType::F32, &self.device())?)
             }
             Some(a) => {
                 let (b, a) = a.lora_form()?;

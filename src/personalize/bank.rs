@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::people::PersonImages;
 use super::progress::Cancelled;
 use super::tensors::images_to_tensor;
+use crate::device::HOST;
 use crate::fsio::{read_safetensors, write_safetensors};
 use crate::models::unet::Generator;
 use crate::peft::linear::{Adapter, LinearLayers, attach_adapters};
@@ -342,9 +343,9 @@ impl LoraBank {
         };
         let json = serde_json::to_string(&meta).map_err(|e| err(e.to_string()))?;
         let m = if self.vectors.is_empty() {
-            Tensor::zeros((0, self.layout.len()), DType::F32, &Device::Cpu)?
+            Tensor::zeros((0, self.layout.len()), DType::F32, &HOST)?
         } else {
-            self.matrix(&Device::Cpu)?
+            self.matrix(&HOST)?
         };
         write_safetensors(
             path,
@@ -360,8 +361,8 @@ impl LoraBank {
             path: path.display().to_string(),
             reason,
         };
-        let (tensors, json) = read_safetensors(path, META_KEY, "LoRA bank", &Device::Cpu)
-            .map_err(|e| err(e.reason()))?;
+        let (tensors, json) =
+            read_safetensors(path, META_KEY, "LoRA bank", &HOST).map_err(|e| err(e.reason()))?;
         let meta: BankMeta = serde_json::from_str(&json).map_err(|e| err(e.to_string()))?;
         let m = tensors
             .get("vectors")

@@ -227,16 +227,19 @@ pub fn stack_people(
 pub fn build(
     preset: &DiffLoraPreset,
     stage: Stage,
+    device: &Device,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<()> {
-    build_stages(preset, stage, false, progress)
+    build_stages(preset, stage, false, device, progress)
 }
 
-/// [`build`]; with `only`, just `stage` runs (its inputs must exist).
+/// [`build`]; with `only`, just `stage` runs (its inputs must exist). Every stage computes on
+/// `device`.
 pub fn build_stages(
     preset: &DiffLoraPreset,
     stage: Stage,
     only: bool,
+    device: &Device,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<()> {
     let out = &preset.out;
@@ -260,11 +263,11 @@ pub fn build_stages(
     for s in &order[first..=last] {
         let t = Instant::now();
         let ran = match s {
-            Stage::Generator => build_generator(preset, progress)?,
-            Stage::Bank => build_lora_bank(preset, progress)?,
-            Stage::Encoders => build_encoders(preset, &mut report, progress)?,
-            Stage::Autoencoder => build_autoencoder(preset, &mut report, progress)?,
-            Stage::Denoiser => build_denoiser(preset, progress)?,
+            Stage::Generator => build_generator(preset, device, progress)?,
+            Stage::Bank => build_lora_bank(preset, device, progress)?,
+            Stage::Encoders => build_encoders(preset, &mut report, device, progress)?,
+            Stage::Autoencoder => build_autoencoder(preset, &mut report, device, progress)?,
+            Stage::Denoiser => build_denoiser(preset, device, progress)?,
             Stage::All => false,
         };
         if ran {
@@ -303,14 +306,17 @@ impl BuildReport {
     }
 }
 
-fn build_generator(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+fn build_generator(
+    preset: &DiffLoraPreset,
+    device: &Device,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<bool> {
     let path = preset.out.join(files::GENERATOR);
     if path.exists() {
         return Ok(false);
     }
-    let device = Device::Cpu;
     let people = preset.people.generator.load(preset.image_size)?;
-    let (images, prompts) = stack_people(&people, &device)?;
+    let (images, prompts) = stack_people(&people, device)?;
     log::info!(
         "generator: {} images of {} people",
         prompts.len(),
@@ -331,13 +337,17 @@ fn build_generator(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyh
     Ok(true)
 }
 
-fn load_generator(preset: &DiffLoraPreset) -> anyhow::Result<Generator> {
+fn load_generator(preset: &DiffLoraPreset, device: &Device) -> anyhow::Result<Generator> {
     let path = preset.out.join(files::GENERATOR);
-    Generator::load(&path, &Device::Cpu)
+    Generator::load(&path, device)
         .map_err(|e| anyhow::anyhow!("{e} (build the `generator` stage first)"))
 }
 
-fn build_lora_bank(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+fn build_lora_bank(
+    preset: &DiffLoraPreset,
+    device: &Device,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<bool> {
     let path = preset.out.join(files::BANK);
     let people = preset.people.bank.load(preset.image_size)?;
     let done = LoraBank::load(&path)
@@ -346,7 +356,7 @@ fn build_lora_bank(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyh
     if done {
         return Ok(false);
     }
-    let generator = load_generator(preset)?;
+    let generator = load_generator(preset, device)?;
     build_bank(
         &generator,
         &people,
@@ -374,10 +384,10 @@ fn train_encoder(
     name: &str,
     people: &[PersonImages],
     cfg: &EncoderConfig,
+    device: &Device,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<(IdentityEncoder, f32)> {
-    let device = Device::Cpu;
-    let (images, labels) = labelled(people, &device)?;
+    let (images, labels) = labelled(people, device)?;
     let mut train_idx = Vec::new();
     let mut test_idx = Vec::new();
     let mut offset = 0;
@@ -388,7 +398,7 @@ fn train_encoder(
         offset += k;
     }
     let take = |idx: &[u32]| -> anyhow::Result<(Tensor, Vec<usize>)> {
-        let t = images.index_select(&Tensor::from_slice(idx, idx.len(), &device)?, 0)?;
+        let t = images.index_select(&Tensor::from_slice(idx, idx.len(), device)?, 0)?;
         Ok((t, idx.iter().map(|&i| labels[i as usize]).collect()))
     };
     let (train_x, train_y) = take(&train_idx)?;
@@ -407,6 +417,7 @@ fn train_encoder(
 fn build_encoders(
     preset: &DiffLoraPreset,
     report: &mut BuildReport,
+    device: &Device,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<bool> {
     let mut ran = false;
@@ -418,7 +429,13 @@ fn build_encoders(
             .as_ref()
             .unwrap_or(&preset.people.generator);
         let people = source.load(preset.image_size)?;
-        let (encoder, acc) = train_encoder("identity-encoder", &people, &preset.encoder, progress)?;
+        let (encoder, acc) = train_encoder(
+            "identity-encoder",
+            &people,
+            &preset.encoder,
+            device,
+            progress,
+        )?;
         encoder.save(&path)?;
         report
             .encoder_accuracy
@@ -428,10 +445,15 @@ fn build_encoders(
     let path = preset.out.join(files::EVAL_ENCODER);
     if !path.exists() {
         let people = preset.people.eval_encoder.load(preset.image_size)?;
-        let (encoder, acc) =
-            train_encoder("eval-encoder", &people, &preset.eval_encoder, progress)?;
+        let (encoder, acc) = train_encoder(
+            "eval-encoder",
+            &people,
+            &preset.eval_encoder,
+            device,
+            progress,
+        )?;
         if preset.people.eval_encoder.is_synthetic() {
-            let (images, _) = stack_people(&people, &Device::Cpu)?;
+            let (images, _) = stack_people(&people, device)?;
             let params: Vec<f32> = people
                 .iter()
                 .flat_map(|p| {
@@ -439,7 +461,7 @@ fn build_encoders(
                     std::iter::repeat_n(v, p.images.len()).flatten()
                 })
                 .collect();
-            let targets = Tensor::from_vec(params, (images.dim(0)?, IDENTITY_DIMS), &Device::Cpu)?;
+            let targets = Tensor::from_vec(params, (images.dim(0)?, IDENTITY_DIMS), device)?;
             let reg = ParamRegressor::fit(&encoder.embed(&images)?, &targets, 1e-2)?;
             reg.save(&preset.out.join(files::PARAM_REGRESSOR))?;
         }
@@ -458,6 +480,7 @@ fn load_bank(preset: &DiffLoraPreset) -> anyhow::Result<LoraBank> {
 fn build_autoencoder(
     preset: &DiffLoraPreset,
     report: &mut BuildReport,
+    device: &Device,
     progress: BuildProgress<'_>,
 ) -> anyhow::Result<bool> {
     let path = preset.out.join(files::AUTOENCODER);
@@ -465,7 +488,7 @@ fn build_autoencoder(
         return Ok(false);
     }
     let bank = load_bank(preset)?;
-    let vectors = bank.matrix(&Device::Cpu)?;
+    let vectors = bank.matrix(device)?;
     let total = preset.autoencoder.steps;
     let ae = LoraAutoencoder::train(&vectors, &preset.autoencoder, &mut |s, l| {
         progress("lora-autoencoder", s, total, l)
@@ -475,7 +498,11 @@ fn build_autoencoder(
     Ok(true)
 }
 
-fn build_denoiser(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyhow::Result<bool> {
+fn build_denoiser(
+    preset: &DiffLoraPreset,
+    device: &Device,
+    progress: BuildProgress<'_>,
+) -> anyhow::Result<bool> {
     preset.prediction.validate()?;
     let members = preset.prediction.members;
     let missing: Vec<usize> = (0..members)
@@ -484,19 +511,18 @@ fn build_denoiser(preset: &DiffLoraPreset, progress: BuildProgress<'_>) -> anyho
     if missing.is_empty() {
         return Ok(false);
     }
-    let device = Device::Cpu;
     let bank = load_bank(preset)?;
-    let ae = LoraAutoencoder::load(&preset.out.join(files::AUTOENCODER), &device)?;
-    let encoder = IdentityEncoder::load(&preset.out.join(files::ENCODER), &device)?;
+    let ae = LoraAutoencoder::load(&preset.out.join(files::AUTOENCODER), device)?;
+    let encoder = IdentityEncoder::load(&preset.out.join(files::ENCODER), device)?;
     let people = preset.people.bank.load(preset.image_size)?;
     anyhow::ensure!(
         people.iter().map(|p| &p.name).eq(bank.people.iter()),
         "the bank's people differ from the preset's `people.bank`; rebuild the bank"
     );
-    let latents = ae.encode(&bank.matrix(&device)?)?;
+    let latents = ae.encode(&bank.matrix(device)?)?;
     let embeddings = people
         .iter()
-        .map(|p| Ok(encoder.embed(&images_to_tensor(&p.images, &device)?)?))
+        .map(|p| Ok(encoder.embed(&images_to_tensor(&p.images, device)?)?))
         .collect::<anyhow::Result<Vec<Tensor>>>()?;
     let mut cfg = preset.denoiser.clone();
     cfg.latent_dim = ae.latent_dim();

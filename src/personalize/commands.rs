@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Device;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
@@ -119,6 +120,7 @@ pub fn personalize_command(
     n: usize,
     seed: u64,
     out: &Path,
+    device: &Device,
 ) -> anyhow::Result<PersonaliseReport> {
     anyhow::ensure!(
         (1..=MAX_IMAGES).contains(&n),
@@ -126,7 +128,7 @@ pub fn personalize_command(
     );
     check_writable_dir(out, "--out")?;
     let t = Instant::now();
-    let personaliser = Personaliser::load(model)
+    let personaliser = Personaliser::load(model, device)
         .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
     let references = load_references(refs, personaliser.image_size())?;
     let load_seconds = t.elapsed().as_secs_f64();
@@ -257,6 +259,7 @@ pub fn eval_command(
     settings: EvalSettings,
     workers: EvalWorkers<'_>,
     out: &Path,
+    device: &Device,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> anyhow::Result<EvalReport> {
     settings.validate()?;
@@ -264,6 +267,11 @@ pub fn eval_command(
         anyhow::ensure!(
             (1..=MAX_JOBS).contains(&jobs),
             "--jobs {jobs}: must be between 1 and {MAX_JOBS}"
+        );
+        anyhow::ensure!(
+            jobs == 1 || device.is_cpu(),
+            "--jobs {jobs} splits the evaluation over CPU processes; on {} give --jobs 1",
+            crate::device::label(device)
         );
     }
     check_writable_file(&out.with_extension("md"), "--out")?;
@@ -273,7 +281,7 @@ pub fn eval_command(
             &evaluate_in_processes(exe, model, settings, jobs)?,
         )?,
         _ => {
-            let personaliser = Personaliser::load(model).map_err(|e| {
+            let personaliser = Personaliser::load(model, device).map_err(|e| {
                 anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display())
             })?;
             evaluate(&personaliser, settings, progress)?
@@ -314,6 +322,7 @@ fn evaluate_in_processes(
             .args(["--n", &settings.images.to_string()])
             .args(["--seed", &settings.seed.to_string()])
             .args(["--shard", &format!("{k}/{jobs}")])
+            .args(["--device", "cpu"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit());
         if single_thread {
@@ -377,8 +386,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Measures DiffLoRA against direct LoRA fine-tuning on each built-in sample person, and the
 /// 4-image gallery; returns the numbers and a markdown table.
-pub fn bench_personalize(model: &Path) -> anyhow::Result<(PersonaliseBench, String)> {
-    let personaliser = Personaliser::load(model)
+pub fn bench_personalize(
+    model: &Path,
+    device: &Device,
+) -> anyhow::Result<(PersonaliseBench, String)> {
+    let personaliser = Personaliser::load(model, device)
         .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
     let size = personaliser.image_size();
     // Warm-up (first-touch allocations, thread pools).

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -169,7 +169,7 @@ pub fn evaluate_shard(
     let preset = personaliser.preset();
     let people = preset.people.eval.load(preset.image_size)?;
     anyhow::ensure!(!people.is_empty(), "no evaluation people");
-    let device = Device::Cpu;
+    let device = personaliser.device().clone();
     let mut results = Vec::new();
     for (i, person) in people.iter().enumerate() {
         if i % shards != shard {

@@ -25,6 +25,7 @@ use rand_distr::StandardNormal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::device::HOST;
 use crate::diffusion::{
     DdimConfig, DiffusionError, NoiseSchedule, Prediction, ScheduleConfig, ScheduleKind,
     ddim_sample, guided, seeded_normal,
@@ -374,7 +375,7 @@ fn save_file(
             } else {
                 DType::F32
             };
-            let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?;
+            let t = t.to_device(&HOST)?.to_dtype(dtype)?.contiguous()?;
             Ok((n.clone(), t))
         })
         .collect::<Result<_>>()?;
@@ -1118,7 +1119,7 @@ impl LatentDenoiser {
             }
             let t = t.to_dtype(DType::F32)?;
             check_finite(&what, &t)?;
-            embs.push(t.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+            embs.push(t.to_device(&HOST)?.to_vec2::<f32>()?);
         }
         for (j, &i) in row_identity.iter().enumerate() {
             match embs.get(i) {
@@ -1149,7 +1150,7 @@ impl LatentDenoiser {
         }
 
         // Standardisation (per coordinate, std floored).
-        let rows = lat.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let rows = lat.to_device(&HOST)?.to_vec2::<f32>()?;
         let mut mean = vec![0f64; l];
         for r in &rows {
             mean.iter_mut()

@@ -100,6 +100,7 @@ pub fn reference_warnings(refs: &[RgbImage]) -> Vec<String> {
 /// A built personaliser: generator, encoders, LoRA autoencoder and latent denoiser.
 pub struct Personaliser {
     dir: PathBuf,
+    device: Device,
     preset: DiffLoraPreset,
     generator: Generator,
     encoder: IdentityEncoder,
@@ -111,10 +112,10 @@ pub struct Personaliser {
 }
 
 impl Personaliser {
-    /// Loads the personaliser built into `dir` by `difflora-build`; the error names the missing
-    /// or bad file.
-    pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let device = Device::Cpu;
+    /// Loads the personaliser built into `dir` by `difflora-build` onto `device`; the error
+    /// names the missing or bad file.
+    pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let device = device.clone();
         let file = |name: &str| dir.join(name);
         let preset_path = file(files::PRESET);
         let text = std::fs::read_to_string(&preset_path).map_err(|e| {
@@ -146,6 +147,7 @@ impl Personaliser {
         );
         Ok(Self {
             dir: dir.to_path_buf(),
+            device,
             preset,
             generator,
             encoder,
@@ -155,6 +157,11 @@ impl Personaliser {
             denoisers,
             layout,
         })
+    }
+
+    /// Where it computes.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The folder it was loaded from.
@@ -215,7 +222,7 @@ impl Personaliser {
                 r.height()
             );
         }
-        Ok(images_to_tensor(refs, &Device::Cpu)?)
+        Ok(images_to_tensor(refs, &self.device)?)
     }
 
     /// References → LoRA (no fine-tuning): the generator with the predicted LoRA attached,

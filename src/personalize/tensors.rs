@@ -4,6 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::device::HOST;
+
 /// Stacks same-sized RGB images into one (N, 3, H, W) f32 tensor with values in [-1, 1].
 ///
 /// Errors when `images` is empty or the sizes differ.
@@ -37,7 +39,7 @@ pub fn tensor_to_images(t: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
         )));
     }
     let hwc = t
-        .to_device(&Device::Cpu)?
+        .to_device(&HOST)?
         .to_dtype(DType::F32)?
         .clamp(-1.0, 1.0)?
         .permute((0, 2, 3, 1))?

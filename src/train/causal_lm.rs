@@ -77,7 +77,7 @@ impl CausalLm {
     /// Mean next-token loss over the trained tokens of training examples `idx`.
     pub fn train_loss(&self, idx: &[usize]) -> anyhow::Result<candle_core::Tensor> {
         let examples: Vec<&LmExample> = idx.iter().map(|&i| &self.train[i]).collect();
-        let batch = lm_batch(&examples, self.pad_id, &Device::Cpu)?.ok_or_else(|| {
+        let batch = lm_batch(&examples, self.pad_id, self.model.device())?.ok_or_else(|| {
             anyhow::anyhow!(
                 "a batch of training examples ({idx:?}) has no trained token: every example needs an answer to learn"
             )
@@ -91,7 +91,7 @@ impl CausalLm {
         let (mut loss_sum, mut correct, mut tokens) = (0.0f64, 0usize, 0usize);
         let refs: Vec<&LmExample> = self.eval.iter().collect();
         for chunk in refs.chunks(batch_size.max(1)) {
-            if let Some(batch) = lm_batch(chunk, self.pad_id, &Device::Cpu)? {
+            if let Some(batch) = lm_batch(chunk, self.pad_id, self.model.device())? {
                 let (l, c) = lm_eval_sums(&self.model, &batch)?;
                 loss_sum += l;
                 correct += c;
@@ -279,8 +279,9 @@ fn exact_match_scorer(tokenizer: LlmTokenizer, max_new_tokens: usize) -> Box<Ans
     })
 }
 
-/// Loads the language model and its data for `cfg` and makes the configured parts trainable.
-pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
+/// Loads the language model onto `device` with its data for `cfg` and makes the configured
+/// parts trainable.
+pub fn prepare(cfg: &TrainConfig, device: &Device) -> anyhow::Result<Prepared> {
     let (train_path, eval_path) = data_files(cfg)?;
     let path = model_path(&cfg.model.source)?;
     let packed = cfg.model.packed_base && cfg.mode == TrainMode::Adapter && path.is_file();
@@ -288,7 +289,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         mut model,
         tokenizer,
         ..
-    } = load_language_model_with(&path, packed)?;
+    } = load_language_model_with(&path, packed, device)?;
     let template = chat_template(&tokenizer, &path)?;
     let encoder = InstructEncoder::new(
         &tokenizer.tokenizer,
@@ -474,7 +475,7 @@ pub fn apply_trained(lm: &mut LanguageModel, trained: &Trained) -> anyhow::Resul
             crate::peft::load_adapter(&mut lm.model, dir)?;
         }
         Trained::Weights(dir) => {
-            let tuned = crate::models::llama::load_folder(dir)?;
+            let tuned = crate::models::llama::load_folder(dir, lm.model.device())?;
             anyhow::ensure!(
                 tuned.config() == lm.model.config(),
                 "{}: the fine-tuned model's config does not match the base model's",

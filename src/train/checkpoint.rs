@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::layout::RunLayout;
+use crate::device::HOST;
 use crate::fsio::{self, FileDigest, FsError, fault_point};
 
 /// The tensors of a checkpoint.
@@ -231,7 +232,7 @@ fn read_verified(
             ));
         }
     }
-    let tensors = fsio::parse_safetensors(&state_path, &bytes, &Device::Cpu)?;
+    let tensors = fsio::parse_safetensors(&state_path, &bytes, &HOST)?;
     Ok(Checkpoint {
         meta,
         tensors,

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
+use crate::device::DeviceChoice;
 use crate::models::ModelSource;
 use crate::peft::{AdapterConfig, Method};
 
@@ -159,6 +160,9 @@ pub struct TrainConfig {
     pub name: Option<String>,
     /// What trains.
     pub mode: TrainMode,
+    /// Where it computes: `auto` (a GPU when the binary has a GPU backend and one is present,
+    /// else the CPU), `cpu`, `cuda:N` or `metal:N`.
+    pub device: DeviceChoice,
     /// The model.
     pub model: ModelConfig,
     /// The data.
@@ -196,6 +200,7 @@ impl Default for TrainConfig {
         Self {
             name: None,
             mode: TrainMode::Adapter,
+            device: DeviceChoice::Auto,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             adapter: AdapterConfig::default(),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::batches::EncodedSplit;
 use super::config::{TrainConfig, TrainMode};
@@ -89,6 +89,7 @@ pub fn reload_and_evaluate(run_path: &Path) -> anyhow::Result<EvalPoint> {
 /// The run's trained model (no trainable variables), with its data encoded.
 fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared> {
     let layout = RunLayout::new(run_path);
+    let device = cfg.device.resolve()?;
     let data = load_data(cfg, None)?;
     let (source, fresh) = match cfg.mode {
         TrainMode::Full => (
@@ -103,7 +104,7 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
         mut model,
         tokenizer,
         ..
-    } = load_model(&source, data.num_classes(), fresh, cfg.optim.seed)?;
+    } = load_model(&source, data.num_classes(), fresh, cfg.optim.seed, &device)?;
     let head_file = match cfg.mode {
         TrainMode::Adapter => {
             let (_, extra) = load_adapter_with(model.as_mut(), &layout.adapter())?;
@@ -114,7 +115,7 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
             Some(fsio::parse_safetensors(
                 &path,
                 &fsio::read(&path)?,
-                &Device::Cpu,
+                &device,
             )?)
         }
         TrainMode::Full => None,
@@ -138,6 +139,7 @@ fn prepare_frozen(cfg: &TrainConfig, run_path: &Path) -> anyhow::Result<Prepared
             data,
             train,
             eval,
+            device,
         })),
         groups: Vec::new(),
         trainable: 0,

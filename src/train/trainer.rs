@@ -74,8 +74,9 @@ pub struct Prepared {
 /// Loads data and model and makes the configured parts trainable.
 pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let device = cfg.device.resolve()?;
     if causal_lm::is_language_model(&cfg.model.source)? {
-        return causal_lm::prepare(cfg);
+        return causal_lm::prepare(cfg, &device);
     }
     let mut data = load_data(cfg, None)?;
     let dataset = cfg.data.source.describe();
@@ -97,6 +98,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         data.num_classes(),
         cfg.model.new_head,
         cfg.optim.seed,
+        &device,
     )?;
     if matches!(cfg.data.source, DataSource::ImageFolder { size: None, .. }) {
         data = load_data(cfg, Some(model.input()))?;
@@ -164,6 +166,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             data,
             train,
             eval,
+            device,
         })),
         groups,
         trainable,
@@ -173,18 +176,18 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     })
 }
 
-/// Mean loss and accuracy of `model` on `split`.
+/// Mean loss and accuracy of `model` (on `dev`) on `split`.
 pub fn evaluate(
     model: &dyn Classifier,
     split: &EncodedSplit,
     batch_size: usize,
     step: usize,
+    dev: &Device,
 ) -> anyhow::Result<EvalPoint> {
-    let dev = Device::Cpu;
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
     let idx: Vec<usize> = (0..split.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
-        let (batch, labels) = split.batch(chunk, &dev)?;
+        let (batch, labels) = split.batch(chunk, dev)?;
         let logits = model.forward_t(&batch, false)?.detach();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * chunk.len() as f64;
@@ -519,6 +522,11 @@ pub(super) fn drive(
     run.write_summary(&summary)?;
     let precision = cfg.model.matmul_precision;
     let _precision = crate::peft::MatmulPrecisionGuard::set(precision);
+    emit(Event::Log(format!(
+        "computing on {} (device = \"{}\")",
+        crate::device::label(&p.work.device()),
+        cfg.device
+    )));
     if precision != crate::peft::MatmulPrecision::F32 {
         emit(Event::Log(format!(
             "frozen base products (model.matmul_precision): {}",

@@ -12,6 +12,7 @@ use super::causal_lm::{Trained, apply_trained, chat_template, model_path, traine
 use super::config::TrainConfig;
 use super::layout::RunLayout;
 use crate::data::{ChatTemplate, Message};
+use crate::device::DeviceChoice;
 use crate::models::ModelSource;
 use crate::models::llama::LlamaModel;
 use crate::models::llama::generate::{GenerateOptions, StopReason, generate_text};
@@ -42,6 +43,8 @@ pub struct TryItRequest {
     pub max_new_tokens: usize,
     /// Used when no run is in progress (a run in progress answers with itself).
     pub target: TryItTarget,
+    /// Where a model loaded for the answer computes (a run in progress answers on its own).
+    pub device: DeviceChoice,
 }
 
 /// Which model answers.
@@ -226,6 +229,7 @@ pub fn report_failure(
 /// prompt with the same target.
 struct Loaded {
     target: TryItTarget,
+    device: DeviceChoice,
     tuned: Option<(LanguageModel, String)>,
     /// The base model when it is not the tuned one with its adapter off (full fine-tuning,
     /// or no run).
@@ -253,10 +257,14 @@ impl TryItSession {
     /// Answers `req` with its target: the base model's answer, then the fine-tuned one's.
     pub fn serve(&mut self, req: &TryItRequest, emit: &mut dyn FnMut(TryItEvent)) {
         report_failure(req.id, emit, |emit| {
-            if self.loaded.as_ref().is_none_or(|l| l.target != req.target) {
+            if self
+                .loaded
+                .as_ref()
+                .is_none_or(|l| l.target != req.target || l.device != req.device)
+            {
                 // The old model goes before the new one loads: never two in memory.
                 self.loaded = None;
-                self.loaded = Some(load_target(&req.target)?);
+                self.loaded = Some(load_target(&req.target, req.device)?);
             }
             let Some(l) = self.loaded.as_mut() else {
                 anyhow::bail!("no model is loaded");
@@ -295,8 +303,11 @@ impl TryItSession {
     }
 }
 
-/// Loads what `target` names.
-fn load_target(target: &TryItTarget) -> anyhow::Result<Loaded> {
+/// Loads what `target` names onto the device `choice` names.
+fn load_target(target: &TryItTarget, choice: DeviceChoice) -> anyhow::Result<Loaded> {
+    let device = choice.resolve()?;
+    let load =
+        |path: &Path| -> anyhow::Result<LanguageModel> { Ok(load_language_model(path, &device)?) };
     match target {
         TryItTarget::Model(source) => {
             let path = model_path(source)?;
@@ -304,6 +315,7 @@ fn load_target(target: &TryItTarget) -> anyhow::Result<Loaded> {
             let template = chat_template(&base.tokenizer, &path)?;
             Ok(Loaded {
                 target: target.clone(),
+                device: choice,
                 tuned: None,
                 base: Some(base),
                 template,
@@ -328,16 +340,13 @@ fn load_target(target: &TryItTarget) -> anyhow::Result<Loaded> {
             let name = RunLayout::new(run).id().unwrap_or_else(|| cfg.label());
             Ok(Loaded {
                 target: target.clone(),
+                device: choice,
                 tuned: Some((tuned, format!("fine-tuned: {name}"))),
                 base,
                 template,
             })
         }
     }
-}
-
-fn load(path: &Path) -> anyhow::Result<LanguageModel> {
-    Ok(load_language_model(path)?)
 }
 
 /// A run folder's config, refused unless it trains a language model.

@@ -25,6 +25,8 @@ pub struct Classification {
     pub train: EncodedSplit,
     /// Eval split, encoded.
     pub eval: EncodedSplit,
+    /// Where the model computes.
+    pub device: Device,
 }
 
 /// The model and data of a run.
@@ -49,7 +51,7 @@ impl Work {
     pub fn loss(&self, idx: &[usize]) -> anyhow::Result<Tensor> {
         match self {
             Work::Classify(c) => {
-                let (batch, labels) = c.train.batch(idx, &Device::Cpu)?;
+                let (batch, labels) = c.train.batch(idx, &c.device)?;
                 let logits = c.model.forward_t(&batch, true)?;
                 Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
             }
@@ -61,7 +63,7 @@ impl Work {
     pub fn evaluate(&self, batch_size: usize, step: usize) -> anyhow::Result<EvalPoint> {
         match self {
             Work::Classify(c) => {
-                super::trainer::evaluate(c.model.as_ref(), &c.eval, batch_size, step)
+                super::trainer::evaluate(c.model.as_ref(), &c.eval, batch_size, step, &c.device)
             }
             Work::CausalLm(lm) => lm.evaluate(batch_size, step),
         }
@@ -90,6 +92,14 @@ impl Work {
                 error: "this run trains a classifier; Try it answers with language models".into(),
             }),
             Work::CausalLm(lm) => lm.try_it(req, step, total_steps, emit),
+        }
+    }
+
+    /// Where the model computes.
+    pub fn device(&self) -> Device {
+        match self {
+            Work::Classify(c) => c.device.clone(),
+            Work::CausalLm(lm) => lm.model.device().clone(),
         }
     }
 

@@ -27,6 +27,7 @@ pub use view::show;
 
 use super::dialogs::PickPurpose;
 use super::{StudioApp, TaskResult};
+use crate::device::DeviceChoice;
 use crate::personalize::build::files;
 use crate::personalize::commands::{SAMPLE_PEOPLE, contact_sheet, sample_person, save_png};
 use crate::personalize::job::{PersonaliseEvent, PersonaliseRequest, PersonaliseResult};
@@ -128,7 +129,7 @@ impl GalleryRow {
 /// A finished helper task of this tab.
 pub(crate) enum Done {
     /// The personaliser in this folder loaded, or why not.
-    Loaded(PathBuf, Result<Arc<Personaliser>, String>),
+    Loaded((PathBuf, DeviceChoice), Result<Arc<Personaliser>, String>),
     /// New references (source in words, images), or why they could not be read.
     References(Result<(String, Vec<RgbImage>), String>),
     /// A save finished: what was written, or (title, details) of the error.
@@ -162,7 +163,7 @@ pub struct PersonaliseState {
     ref_textures: Vec<TextureHandle>,
     reading: bool,
     saving: bool,
-    loaded_from: Option<PathBuf>,
+    loaded_from: Option<(PathBuf, DeviceChoice)>,
 }
 
 impl Default for PersonaliseState {
@@ -274,22 +275,24 @@ fn spawn_task(app: &mut StudioApp, name: &str, f: impl FnOnce() -> Done + Send +
     }
 }
 
-/// Looks for the personaliser the first time (and whenever the folder option changes) and loads
-/// it on a helper thread.
+/// Looks for the personaliser the first time (and whenever the folder or the device changes)
+/// and loads it onto the chosen device on a helper thread.
 fn ensure_model(app: &mut StudioApp) {
     let dir = app.options.personaliser_dir.clone();
-    if app.personalise.loaded_from.as_ref() == Some(&dir) {
+    let choice = app.settings.config.device;
+    let key = (dir.clone(), choice);
+    if app.personalise.loaded_from.as_ref() == Some(&key) {
         return;
     }
-    app.personalise.loaded_from = Some(dir.clone());
+    app.personalise.loaded_from = Some(key.clone());
     if !dir.join(files::PRESET).is_file() {
         app.personalise.model = ModelState::Missing(dir);
         return;
     }
     app.personalise.model = ModelState::Loading;
     let ok = spawn_task(app, "personaliser-load", move || {
-        let loaded = guarded(|| Personaliser::load(&dir)).map(Arc::new);
-        Done::Loaded(dir, loaded)
+        let loaded = guarded(|| Personaliser::load(&dir, &choice.resolve()?)).map(Arc::new);
+        Done::Loaded(key, loaded)
     });
     if !ok {
         app.personalise.model = ModelState::Failed("the loading thread did not start".into());
@@ -300,9 +303,9 @@ fn ensure_model(app: &mut StudioApp) {
 pub(crate) fn task_done(app: &mut StudioApp, done: Done) {
     let s = &mut app.personalise;
     match done {
-        Done::Loaded(dir, _) if s.loaded_from.as_ref() != Some(&dir) => {}
+        Done::Loaded(key, _) if s.loaded_from.as_ref() != Some(&key) => {}
         Done::Loaded(_, Ok(p)) => s.model = ModelState::Ready(p),
-        Done::Loaded(dir, Err(e)) => {
+        Done::Loaded((dir, _), Err(e)) => {
             s.model = ModelState::Failed(e.clone());
             let dir = dir.display().to_string();
             app.report(format!("The personaliser at {dir} could not be loaded"), e);

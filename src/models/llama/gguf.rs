@@ -14,6 +14,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+
+use crate::device::HOST;
 use serde_json::json;
 
 use super::config::{DecoderFamily, Llama3RopeScaling, LlamaConfig};
@@ -151,7 +153,7 @@ impl GgufFile {
     /// A tensor dequantized to f32.
     pub fn tensor(&mut self, name: &str) -> Result<Tensor, ModelError> {
         let q = self.qtensor(name)?;
-        q.dequantize(&Device::Cpu).map_err(|e| {
+        q.dequantize(&HOST).map_err(|e| {
             file_err(
                 &self.path,
                 format!("cannot dequantize tensor `{name}`: {e}"),
@@ -167,7 +169,7 @@ impl GgufFile {
             return Err(file_err(&self.path, format!("tensor `{name}` is missing")));
         }
         self.content
-            .tensor(&mut self.reader, name, &Device::Cpu)
+            .tensor(&mut self.reader, name, &HOST)
             .map_err(|e| file_err(&self.path, format!("cannot read tensor `{name}`: {e}")))
     }
 }
@@ -535,24 +537,19 @@ pub fn read_packed_linears(
 /// as stored: QLoRA's recipe, a packed frozen base under f32 adapters. Outputs equal
 /// [`load_gguf`]'s (the same dequantization, done per product); the embedding and norms are
 /// f32.
-pub fn load_gguf_packed(path: &Path) -> Result<LlamaModel, ModelError> {
+pub fn load_gguf_packed(path: &Path, device: &Device) -> Result<LlamaModel, ModelError> {
     let mut g = GgufFile::open(path)?;
     let config = config_from_gguf(&mut g)?;
     let packed = read_packed_linears(&mut g, &config)?;
     let tensors = read_tensors_except(&mut g, &config, |h| packed.contains_key(h))?;
-    let mut r = WeightReader::from_tensors(
-        tensors,
-        path,
-        config.initializer_range as f32,
-        0,
-        &Device::Cpu,
-    )?
-    .with_packed(packed);
+    let mut r =
+        WeightReader::from_tensors(tensors, path, config.initializer_range as f32, 0, device)?
+            .with_packed(packed);
     LlamaModel::load(&config, &mut r)
 }
 
-/// Loads the model in the GGUF file `path` onto the CPU, weights dequantized to f32.
-pub fn load_gguf(path: &Path) -> Result<LlamaModel, ModelError> {
+/// Loads the model in the GGUF file `path` onto `device`, weights dequantized to f32.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LlamaModel, ModelError> {
     let mut g = GgufFile::open(path)?;
     let config = config_from_gguf(&mut g)?;
     let params = config.parameter_count();
@@ -571,12 +568,7 @@ pub fn load_gguf(path: &Path) -> Result<LlamaModel, ModelError> {
         ));
     }
     let tensors = read_tensors(&mut g, &config)?;
-    let mut r = WeightReader::from_tensors(
-        tensors,
-        path,
-        config.initializer_range as f32,
-        0,
-        &Device::Cpu,
-    )?;
+    let mut r =
+        WeightReader::from_tensors(tensors, path, config.initializer_range as f32, 0, device)?;
     LlamaModel::load(&config, &mut r)
 }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+
 use super::gguf::{GgufFile, load_gguf};
 use super::load::load_folder;
 use super::model::LlamaModel;
@@ -27,17 +29,22 @@ pub struct LanguageModel {
     pub source: PathBuf,
 }
 
-/// Loads a model folder (`config.json`, safetensors, `tokenizer.json`) or a `.gguf` file.
-pub fn load_language_model(path: &Path) -> Result<LanguageModel, ModelError> {
-    load_language_model_with(path, false)
+/// Loads a model folder (`config.json`, safetensors, `tokenizer.json`) or a `.gguf` file onto
+/// `device`.
+pub fn load_language_model(path: &Path, device: &Device) -> Result<LanguageModel, ModelError> {
+    load_language_model_with(path, false, device)
 }
 
 /// [`load_language_model`]; with `packed`, a GGUF file's quantized linear weights stay as
 /// stored (see [`load_gguf_packed`](super::gguf::load_gguf_packed)).
-pub fn load_language_model_with(path: &Path, packed: bool) -> Result<LanguageModel, ModelError> {
+pub fn load_language_model_with(
+    path: &Path,
+    packed: bool,
+    device: &Device,
+) -> Result<LanguageModel, ModelError> {
     if path.is_dir() {
         let tokenizer = LlmTokenizer::from_folder(path)?;
-        let model = load_folder(path)?;
+        let model = load_folder(path, device)?;
         return Ok(LanguageModel {
             model,
             tokenizer,
@@ -53,9 +60,9 @@ pub fn load_language_model_with(path: &Path, packed: bool) -> Result<LanguageMod
     // The tokenizer first: its errors are cheap, the weights are not.
     let tokenizer = LlmTokenizer::from_gguf(&GgufFile::open(path)?)?;
     let model = if packed {
-        super::gguf::load_gguf_packed(path)?
+        super::gguf::load_gguf_packed(path, device)?
     } else {
-        load_gguf(path)?
+        load_gguf(path, device)?
     };
     Ok(LanguageModel {
         model,

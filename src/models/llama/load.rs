@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::config::LlamaConfig;
 use super::model::LlamaModel;
+use crate::device::HOST;
 use crate::models::ModelError;
 use crate::models::weights::WeightReader;
 
@@ -24,7 +25,7 @@ fn file_err(path: &Path, reason: impl Into<String>) -> ModelError {
 }
 
 fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &HOST)
         .map_err(|e| file_err(path, format!("cannot read the weights: {e}")))
 }
 
@@ -92,8 +93,8 @@ pub fn read_checkpoint(
     Ok((tensors, index))
 }
 
-/// Loads the model in the Hugging Face folder `dir` onto the CPU.
-pub fn load_folder(dir: &Path) -> Result<LlamaModel, ModelError> {
+/// Loads the model in the Hugging Face folder `dir` onto `device`.
+pub fn load_folder(dir: &Path, device: &Device) -> Result<LlamaModel, ModelError> {
     let config_path = dir.join("config.json");
     let config = LlamaConfig::from_file(&config_path)?;
     // Refuse a model whose f32 weights exceed the memory available, before reading them.
@@ -113,12 +114,7 @@ pub fn load_folder(dir: &Path) -> Result<LlamaModel, ModelError> {
         ));
     }
     let (tensors, file) = read_checkpoint(dir)?;
-    let mut r = WeightReader::from_tensors(
-        tensors,
-        &file,
-        config.initializer_range as f32,
-        0,
-        &Device::Cpu,
-    )?;
+    let mut r =
+        WeightReader::from_tensors(tensors, &file, config.initializer_range as f32, 0, device)?;
     LlamaModel::load(&config, &mut r)
 }
