@@ -6,6 +6,7 @@
 #
 #   scripts/build-cuda.sh check            # cargo check --features cuda (CI)
 #   scripts/build-cuda.sh build            # cargo build --release --features cuda --bin peft-studio
+#   scripts/build-cuda.sh test             # cargo test --release --features cuda (on a GPU machine)
 #   scripts/build-cuda.sh build --no-default-features ...   # extra arguments go to cargo
 #
 # Environment:
@@ -23,9 +24,9 @@ cd "$(dirname "$0")/.."
 mode="${1:-build}"
 shift || true
 case "$mode" in
-    check | build) ;;
+    check | build | test) ;;
     *)
-        echo "usage: scripts/build-cuda.sh check|build [cargo arguments]" >&2
+        echo "usage: scripts/build-cuda.sh check|build|test [cargo arguments]" >&2
         exit 2
         ;;
 esac
@@ -58,7 +59,7 @@ install_wheels() {
 
 mkdir -p "$toolkit"
 install_wheels compiler "${compiler_wheels[@]}"
-[ "$mode" = build ] && install_wheels libraries "${library_wheels[@]}"
+[ "$mode" != check ] && install_wheels libraries "${library_wheels[@]}"
 
 cuda="$toolkit/site/nvidia/cu13"
 [ -x "$cuda/bin/nvcc" ] || {
@@ -77,7 +78,7 @@ done
 
 # A stub libcuda.so: every driver entry point cudarc declares, as an empty function. It is only
 # linked against (soname libcuda.so.1); at run time the real driver's library is loaded.
-if [ "$mode" = build ] && [ ! -f "$toolkit/stubs/libcuda.so" ]; then
+if [ "$mode" != check ] && [ ! -f "$toolkit/stubs/libcuda.so" ]; then
     cudarc="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -1)"
     [ -n "$cudarc" ] || cargo fetch --quiet
     cudarc="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -1)"
@@ -98,6 +99,10 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$toolkit/cuda/lib -L native=$toolkit/
 start=$(date +%s)
 if [ "$mode" = check ]; then
     cargo check --features cuda --all-targets "$@"
+elif [ "$mode" = test ]; then
+    # The real driver, not the stub, must be found at run time.
+    LD_LIBRARY_PATH="$toolkit/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --release --features cuda "$@"
 else
     cargo build --release --features cuda --bin peft-studio "$@"
     bin="$CARGO_TARGET_DIR/release/peft-studio"

@@ -439,3 +439,36 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     );
     std::fs::remove_dir_all(s.root()).unwrap();
 }
+
+/// The device setting: a preset's `device` reaches the run (its log says where it computed), and
+/// a GPU this binary cannot use fails before any work with an error that says how to get one.
+#[test]
+fn the_device_setting_is_used_and_a_missing_gpu_is_a_clear_error() {
+    let s = store("device");
+    let cfg = quick("quickstart-lora.toml", &["device=cpu", "optim.steps=4"]);
+    assert_eq!(cfg.device, peft_studio::device::DeviceChoice::Cpu);
+    let mut logs = Vec::new();
+    let summary = train(&cfg, &s, &mut NeverStop, &mut |e| {
+        if let peft_studio::train::Event::Log(l) = e {
+            logs.push(l);
+        }
+    })
+    .unwrap();
+    assert_eq!(summary.status, RunStatus::Finished);
+    assert!(
+        logs.iter()
+            .any(|l| l == "computing on cpu (device = \"cpu\")"),
+        "{logs:?}"
+    );
+    if peft_studio::device::cuda_device_count() == 0 {
+        let cfg = quick("quickstart-lora.toml", &["device=cuda:0"]);
+        let err = format!(
+            "{:#}",
+            train(&cfg, &s, &mut NeverStop, &mut |_| {}).unwrap_err()
+        );
+        assert!(err.contains("cuda:0"), "{err}");
+    }
+    let bad = TrainConfig::from_preset(&preset("quickstart-lora.toml"), &["device=gpu".into()]);
+    let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("device") && err.contains("gpu"), "{err}");
+}
