@@ -47,21 +47,27 @@ library_wheels=(
     nvidia-curand==10.4.0.35
 )
 
+# Each group in its own folder: pip --target does not merge into an existing `nvidia/`.
 install_wheels() {
-    local stamp="$toolkit/.installed-$1"
+    local group=$1
     shift
-    [ -f "$stamp" ] && return 0
-    echo "build-cuda: installing $* into $toolkit" >&2
+    [ -f "$toolkit/$group/.installed" ] && return 0
+    python3 -m pip --version >/dev/null 2>&1 || {
+        echo "build-cuda: python3 -m pip is needed to fetch CUDA from PyPI" >&2
+        exit 1
+    }
+    echo "build-cuda: installing $* into $toolkit/$group" >&2
+    rm -rf "${toolkit:?}/$group"
     python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --target "$toolkit/site" "$@"
-    touch "$stamp"
+        --target "$toolkit/$group" "$@"
+    touch "$toolkit/$group/.installed"
 }
 
 mkdir -p "$toolkit"
 install_wheels compiler "${compiler_wheels[@]}"
 [ "$mode" != check ] && install_wheels libraries "${library_wheels[@]}"
 
-cuda="$toolkit/site/nvidia/cu13"
+cuda="$toolkit/compiler/nvidia/cu13"
 [ -x "$cuda/bin/nvcc" ] || {
     echo "build-cuda: $cuda/bin/nvcc is missing after the install" >&2
     exit 1
@@ -69,7 +75,7 @@ cuda="$toolkit/site/nvidia/cu13"
 
 # The linker wants unversioned names (libcublas.so); the wheels ship libcublas.so.13.
 mkdir -p "$toolkit/cuda/lib"
-for lib in "$cuda"/lib/lib*.so.*; do
+for lib in "$cuda"/lib/lib*.so.* "$toolkit"/libraries/nvidia/cu13/lib/lib*.so.*; do
     [ -e "$lib" ] || continue
     base="$(basename "$lib")"
     ln -sf "$lib" "$toolkit/cuda/lib/$base"
@@ -79,9 +85,13 @@ done
 # A stub libcuda.so: every driver entry point cudarc declares, as an empty function. It is only
 # linked against (soname libcuda.so.1); at run time the real driver's library is loaded.
 if [ "$mode" != check ] && [ ! -f "$toolkit/stubs/libcuda.so" ]; then
-    cudarc="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -1)"
+    find_cudarc() {
+        find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -mindepth 2 -maxdepth 2 -name 'cudarc-0.19.*' |
+            sort | tail -1
+    }
+    cudarc="$(find_cudarc)"
     [ -n "$cudarc" ] || cargo fetch --quiet
-    cudarc="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -1)"
+    cudarc="$(find_cudarc)"
     mkdir -p "$toolkit/stubs"
     grep -hoE '^\s+fn cu[A-Za-z0-9_]+\(' "$cudarc/src/driver/sys/mod.rs" | sed -E 's/^\s+fn //; s/\($//' | sort -u |
         sed 's/.*/void &(void) {}/' >"$toolkit/stubs/libcuda.c"
