@@ -8,7 +8,9 @@
 //! output and one log-sum-exp per query row; the backward recomputes each head's probabilities
 //! (one T×T buffer per worker at a time) and writes the gradients of q, k and v in one pass.
 //! The masked entries get the same additive −1e9 as the composite mask, so a row whose every
-//! key is masked gives the same (finite) result.
+//! key is masked gives the same (finite) result. On a GPU (and for dtypes other than f32)
+//! [`causal_attention`] computes the same with standard candle ops
+//! ([`composed::causal_attention`](super::composed::causal_attention)).
 
 use std::sync::{Arc, OnceLock};
 
@@ -363,15 +365,23 @@ impl CausalAttention {
     }
 }
 
+/// Whether an op on `x` runs as a composition of standard candle ops (the GPU path): the
+/// kernel here implements `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
+
 /// Whether [`causal_attention`] runs the fused kernel on these inputs.
 pub fn fused_attention_applies(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32
+    !composed(q) && q.dtype() == DType::F32
 }
 
 /// Causal self-attention over a whole sequence: `q` (B, H, T, d), `k` and `v` (B, H_kv, T, d)
 /// (query head h reads kv head h / (H / H_kv)); `pad` (B, T) is 1 for tokens and 0 for padded
 /// keys; `window` limits how far back a query sees. Returns (B, T, H·d), the layout the
-/// output projection reads. f32 on the CPU (see [`fused_attention_applies`]).
+/// output projection reads. The fused kernel for f32 on the CPU (see
+/// [`fused_attention_applies`]); elsewhere
+/// [`composed::causal_attention`](super::composed::causal_attention).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -380,6 +390,9 @@ pub fn causal_attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor> {
+    if !fused_attention_applies(q) {
+        return super::composed::causal_attention(q, k, v, pad, scale, window);
+    }
     let pad = match pad {
         None => None,
         Some(m) => {

@@ -6,7 +6,8 @@
 //! tensor per element-wise step and keep every one of them alive until the backward pass; these
 //! run one pass per row, rayon-parallel, and keep only what their backward needs (RMSNorm: its
 //! input and one `1/rms` per row; cross-entropy: the logits and one log-sum-exp per row). f32 on
-//! the CPU; other dtypes and devices use the composite formulas.
+//! the CPU; other dtypes, and tensors on a GPU, use the compositions of standard candle ops in
+//! [`composed`](super::composed), whose backward is candle's autograd.
 
 use std::sync::{Arc, OnceLock};
 
@@ -14,13 +15,21 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use rayon::prelude::*;
 
 use super::attention::{SharedOut, gemm_into};
+use super::composed as gpu;
 use super::ops::{GRAIN, f32_rows, last_dim, par_fill, rows_per_task};
 use super::vmath;
 use crate::amx::{PackedB, Strided, gemm_bf16_packed};
 use crate::peft::fused_lora::FrozenWeight;
 
+/// Whether an op on `t` runs as a composition of standard candle ops (the GPU path): the
+/// kernels here implement `cpu_fwd` only.
+fn composed(t: &Tensor) -> bool {
+    !t.device().is_cpu()
+}
+
+/// Whether the fused CPU kernels take `t`: f32 on the CPU.
 fn fast(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    !composed(t) && t.dtype() == DType::F32
 }
 
 /// RMSNorm as candle ops: `x / √(mean(x²) + eps) · w` (the reference for the fused kernel).
@@ -217,7 +226,8 @@ impl CustomOp2 for RmsNormWeightGrad {
 }
 
 /// RMSNorm over the last dimension, `x / √(mean(x²) + eps) · w`, computed in f32, with a
-/// backward pass for x and, when it trains, w.
+/// backward pass for x and, when it trains, w. The fused kernel on the CPU, else
+/// [`composed::rms_norm`](super::composed::rms_norm).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     if fast(&x) && w.dtype() == DType::F32 {
@@ -229,7 +239,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             },
         )
     } else {
-        rms_norm_composite(&x, w, eps)
+        gpu::rms_norm(&x, w, eps)
     }
 }
 
@@ -327,16 +337,17 @@ impl CustomOp3 for Rope {
 
 /// The rotary embedding of Hugging Face's LLaMA (`rotate_half` convention) applied to heads
 /// laid out as a linear layer writes them, `x` (B, T, H, d), returning (B, H, T, d) — the
-/// transpose comes free with the rotation. `cos` and `sin` are (T, d/2).
+/// transpose comes free with the rotation. `cos` and `sin` are (T, d/2). The fused kernel on
+/// the CPU, else [`composed::rope_heads`](super::composed::rope_heads).
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fast(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.device().is_cpu() {
+    if fast(x) && fast(cos) && fast(sin) {
         x.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
             Rope { inverse: false },
         )
     } else {
-        rope_composite(&x.transpose(1, 2)?.contiguous()?, cos, sin)
+        gpu::rope_heads(x, cos, sin)
     }
 }
 
@@ -425,12 +436,13 @@ impl CustomOp3 for SwiGluBackward {
     }
 }
 
-/// SwiGLU's gated product `silu(gate)·up` with a fused backward for both inputs.
+/// SwiGLU's gated product `silu(gate)·up` with a fused backward for both inputs (on the CPU;
+/// elsewhere [`composed::swiglu`](super::composed::swiglu)).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fast(gate) && fast(up) {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
-        candle_nn::ops::silu(gate)? * up
+        gpu::swiglu(gate, up)
     }
 }
 
@@ -479,7 +491,8 @@ impl CustomOp2 for SwiGluLinear {
 }
 
 /// `swiglu(gate, up)·Wᵀ` with `down` a frozen layer ([`AdaptedLinear::frozen_only`]): one
-/// fused op on the CPU in f32; otherwise `down.forward_t(swiglu(gate, up))`.
+/// fused op on the CPU in f32; otherwise (a GPU, another dtype, a layer that trains something)
+/// `down.forward_t(swiglu(gate, up))`, whose parts have their own GPU paths.
 pub fn swiglu_down(
     gate: &Tensor,
     up: &Tensor,
@@ -649,9 +662,10 @@ impl CustomOp2 for CrossEntropyBackward {
 }
 
 /// Mean cross-entropy of `logits` (N, V) against class ids `targets` (N, u32), with a fused
-/// backward `(softmax − onehot)/N` (no log-softmax tensor is kept).
+/// backward `(softmax − onehot)/N` (no log-softmax tensor is kept). The fused kernel on the
+/// CPU, else [`composed::cross_entropy`](super::composed::cross_entropy).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if fast(logits) && targets.device().is_cpu() {
+    if fast(logits) && !composed(targets) {
         logits.contiguous()?.apply_op2(
             &targets.to_dtype(DType::U32)?.contiguous()?,
             CrossEntropy {
@@ -659,7 +673,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             },
         )
     } else {
-        candle_nn::loss::cross_entropy(logits, targets)
+        gpu::cross_entropy(logits, targets)
     }
 }
 
@@ -830,10 +844,12 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
 /// Mean cross-entropy of `hidden·Wᵀ` (hidden (N, h), a frozen output projection `w` (V, h))
 /// against `targets` (N, u32), without materialising the (N, V) logits: the forward forms the
 /// hidden states' gradient block by block when `hidden` is tracked, and the backward only
-/// scales it. `w`'s gradient is never computed: use it for a frozen head (f32, CPU).
+/// scales it. `w`'s gradient is never computed: use it for a frozen head. Fused on the CPU in
+/// f32; elsewhere the whole logits through the frozen product's GPU path
+/// ([`composed::frozen_head_cross_entropy`](super::composed::frozen_head_cross_entropy)).
 pub fn frozen_head_cross_entropy(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !(fast(hidden) && fast(w)) {
-        return cross_entropy(&hidden.matmul(&w.t()?)?, targets);
+        return gpu::frozen_head_cross_entropy(hidden, w, targets);
     }
     let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     hidden.contiguous()?.apply_op2(

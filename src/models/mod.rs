@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod composed;
 pub mod encoder;
 pub mod hub;
 pub mod llama;

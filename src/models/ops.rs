@@ -3,16 +3,23 @@
 //! candle-nn 0.11's `softmax_last_dim` and `layer_norm` are forward-only (`apply_op*_no_bwd`):
 //! training through them silently drops gradients, and the composite versions allocate many
 //! temporaries. These run one pass per row (rayon-parallel) and have a real backward. f32 on
-//! the CPU; other dtypes and devices use the composite formulas.
+//! the CPU; other dtypes, and tensors on a GPU, use the compositions of standard candle ops in
+//! [`composed`](super::composed), whose backward is candle's autograd.
 
 use std::mem::MaybeUninit;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
-use super::vmath;
+use super::{composed as gpu, vmath};
+
+/// Whether an op on `x` runs as a composition of standard candle ops (the GPU path): the
+/// kernels here implement `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
 
 /// Elements per parallel task of the element-wise kernels: large enough that scheduling costs
 /// nothing next to the work, small enough to split a (16·64·1536) activation evenly.
@@ -127,12 +134,13 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
-/// Softmax over the last dimension, with a backward pass.
+/// Softmax over the last dimension, with a backward pass: the fused kernel for f32 on the
+/// CPU, else [`composed::softmax_last_dim`](super::composed::softmax_last_dim).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(Softmax)
+    if composed(x) || x.dtype() != DType::F32 {
+        gpu::softmax_last_dim(x)
     } else {
-        candle_nn::ops::softmax(x, D::Minus1)
+        x.contiguous()?.apply_op1(Softmax)
     }
 }
 
@@ -199,25 +207,20 @@ impl CustomOp2 for MaskedSoftmax {
 }
 
 /// `softmax(scale·scores + bias)` over the last dimension; `bias` (B, T_k) is broadcast over
-/// heads and queries (0 for tokens, a large negative number for padding).
+/// heads and queries (0 for tokens, a large negative number for padding). The fused kernel
+/// for f32 on the CPU, else [`composed::masked_softmax`](super::composed::masked_softmax).
 pub fn masked_softmax(scores: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let fast = scores.device().is_cpu() && scores.dtype() == DType::F32;
+    if composed(scores) || scores.dtype() != DType::F32 {
+        return gpu::masked_softmax(scores, bias, scale);
+    }
     match bias {
-        Some(b) if fast => scores.contiguous()?.apply_op2(
+        Some(b) => scores.contiguous()?.apply_op2(
             &b.contiguous()?,
             MaskedSoftmax {
                 scale: scale as f32,
             },
         ),
-        None if fast => softmax_last_dim(&(scores * scale)?),
-        Some(b) => {
-            let (bs, _, _, tk) = scores.dims4()?;
-            candle_nn::ops::softmax(
-                &(scores * scale)?.broadcast_add(&b.reshape((bs, 1, 1, tk))?)?,
-                D::Minus1,
-            )
-        }
-        None => candle_nn::ops::softmax(&(scores * scale)?, D::Minus1),
+        None => softmax_last_dim(&(scores * scale)?),
     }
 }
 
@@ -276,12 +279,13 @@ impl CustomOp2 for GeluErfBackward {
     }
 }
 
-/// The exact GELU, `x·Φ(x)`, with a fused backward (f32 CPU; candle's elsewhere).
+/// The exact GELU, `x·Φ(x)`, with a fused backward (f32 CPU; elsewhere candle's op,
+/// [`composed::gelu_erf`](super::composed::gelu_erf)).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(GeluErf)
+    if composed(x) || x.dtype() != DType::F32 {
+        gpu::gelu_erf(x)
     } else {
-        x.gelu_erf()
+        x.contiguous()?.apply_op1(GeluErf)
     }
 }
 
@@ -443,20 +447,21 @@ impl CustomOp2 for LayerNormParamGrads {
 }
 
 /// Layer norm over the last dimension, `(x − mean)/√(var + eps) · w + b`, with a backward
-/// pass for x and, when they train, w and b.
+/// pass for x and, when they train, w and b. The fused kernel for f32 on the CPU, else
+/// [`composed::layer_norm`](super::composed::layer_norm).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+    if composed(x) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        gpu::layer_norm(x, w, b, eps)
+    } else {
         x.contiguous()?
             .apply_op3(w, b, LayerNorm { eps: eps as f32 })
-    } else {
-        candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{D, Device, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b)

@@ -185,13 +185,17 @@ impl DiagonalAdapter {
     /// The whole adapted layer `x·(W_res + s·L·diag(act(z))·R)ᵀ (+ b)` with one matmul over the
     /// rows: the m×n weight is formed once per call (per step), the backward gives x's gradient
     /// through it and z's as `diag(Lᵀ·(gᵀ·x)·Rᵀ)`. Same function as the factored form (up to
-    /// float rounding); f32 on the CPU.
+    /// float rounding). One op for f32 on the CPU; on a GPU
+    /// [`merged_forward_composed`](Self::merged_forward_composed).
     pub fn merged_forward(
         &self,
         x: &Tensor,
         w_res: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if composed(x) {
+            return self.merged_forward_composed(x, w_res, bias);
+        }
         let coef = self.coefficients()?;
         let w_eff = (w_res + self.product(&coef.detach())?)?;
         let (m, n) = w_eff.dims2()?;
@@ -210,6 +214,30 @@ impl DiagonalAdapter {
         let y = y.reshape(out_dims)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// [`merged_forward`](Self::merged_forward) as standard candle ops on x's device (the GPU
+    /// path): `W_eff = W_res + L·diag(s·act(z))·R` with `W_res` detached, then `x·W_effᵀ (+ b)`;
+    /// candle's autograd carries the gradient to x, z and a trainable s through W_eff. The
+    /// product runs in f32 (W_eff carries a gradient, so it is not a frozen product).
+    pub fn merged_forward_composed(
+        &self,
+        x: &Tensor,
+        w_res: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let w_eff = (w_res.detach() + self.product(&self.coefficients()?)?)?;
+        let (m, n) = w_eff.dims2()?;
+        let dims = x.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        let y = x.reshape(((), n))?.matmul(&w_eff.t()?)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(m);
+        let y = y.reshape(out_dims)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(&b.detach())?,
             None => y,
         })
     }
@@ -257,6 +285,12 @@ impl DiagonalAdapter {
             Scale::Trainable(v) => v.as_tensor().flatten_all()?.to_vec1::<f32>()?[0] as f64,
         })
     }
+}
+
+/// Whether a product with input `x` runs as standard candle ops on the device (the GPU path):
+/// the fused kernel here implements `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
 }
 
 /// `x·W_effᵀ` over (x, W_effᵀ, c) whose backward yields the gradients of x and of the

@@ -5,11 +5,21 @@
 //! gradient of both operands, even when one is a frozen weight: a third more FLOPs per linear
 //! layer and a model-sized gradient store, the very memory PEFT exists to save. [`frozen_linear`]
 //! runs the same matmul kernel through a [`CustomOp2`] whose backward returns `(Some(g·W), None)`.
+//!
+//! On a GPU the product is candle's own matmul of the device's storage (see
+//! [`frozen_linear_composed`]), in bf16 when the thread asked for [`MatmulPrecision::Bf16`].
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, MetalStorage, Result,
+    Shape, Tensor,
 };
+
+/// Whether a product with input `x` runs as standard candle ops on the device (the GPU path):
+/// the fused kernels here implement `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
 
 /// How the backward pass treats a frozen weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -33,7 +43,8 @@ pub enum MatmulPrecision {
     #[default]
     F32,
     /// bf16 operands, f32 sums, on Intel AMX where the CPU has it (Xeon 4th generation and
-    /// later); f32 elsewhere.
+    /// later), f32 on other CPUs; on a GPU the frozen weight's products run in bf16 (input and
+    /// weight cast to bf16, the product cast back to f32).
     Bf16,
 }
 
@@ -44,6 +55,15 @@ impl MatmulPrecision {
             MatmulPrecision::F32 => "f32",
             MatmulPrecision::Bf16 if crate::amx::available() => "bf16 on AMX (f32 sums)",
             MatmulPrecision::Bf16 => "f32 (bf16 was asked for, but this CPU has no AMX)",
+        }
+    }
+
+    /// What `device` runs for this setting, in words: [`describe`](Self::describe) on the CPU.
+    pub fn describe_on(self, device: &Device) -> &'static str {
+        match self {
+            _ if device.is_cpu() => self.describe(),
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16 frozen products on the GPU (f32 adapters and gradients)",
         }
     }
 }
@@ -74,6 +94,15 @@ impl Drop for MatmulPrecisionGuard {
 /// Whether a frozen product with `rows` output rows runs in bf16 on this thread.
 pub(crate) fn bf16_for(rows: usize) -> bool {
     rows >= 16 && PRECISION.get() == MatmulPrecision::Bf16 && crate::amx::available()
+}
+
+/// The dtype of a frozen product on the device: bf16 when this thread asked for
+/// [`MatmulPrecision::Bf16`], else the input's.
+fn device_product_dtype(x: &Tensor) -> DType {
+    match PRECISION.get() {
+        MatmulPrecision::Bf16 => DType::BF16,
+        MatmulPrecision::F32 => x.dtype(),
+    }
 }
 
 /// `a·b (+ bias rows)` where b is a frozen weight (or its transpose): f32 through gemm, or
@@ -401,14 +430,16 @@ impl CustomOp3 for FrozenMatmulBias {
     }
 }
 
-/// `x·Wᵀ + b` for a frozen weight and bias: fused on the CPU in f32, else [`frozen_linear`]
-/// plus a broadcast add.
+/// `x·Wᵀ + b` for a frozen weight and bias: fused on the CPU in f32; on a GPU
+/// [`frozen_linear_composed`]; else [`frozen_linear`] plus a broadcast add.
 pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
+    if mode == FrozenGrad::Skip && composed(x) {
+        return frozen_linear_composed(x, w, Some(b));
+    }
     let fused = mode == FrozenGrad::Skip
-        && x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && w.dtype() == candle_core::DType::F32
-        && b.dtype() == candle_core::DType::F32;
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && b.dtype() == DType::F32;
     if !fused {
         return frozen_linear(x, w, mode)?.broadcast_add(b);
     }
@@ -436,7 +467,8 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) 
 
 /// `x·Wᵀ` for `x` of shape (…, n) and a frozen `w` of shape (m, n); returns (…, m).
 ///
-/// With [`FrozenGrad::Skip`] the backward pass computes the gradient of `x` only.
+/// With [`FrozenGrad::Skip`] the backward pass computes the gradient of `x` only; on a GPU the
+/// product is [`frozen_linear_composed`].
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -450,6 +482,9 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) 
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
+    if mode == FrozenGrad::Skip && composed(x) {
+        return frozen_linear_composed(x, w, None);
+    }
     let (m, n) = w.dims2()?;
     let dims = x.dims();
     let Some((&last, lead)) = dims.split_last() else {
@@ -466,6 +501,96 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor>
         FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FROZEN)?,
         FrozenGrad::Plain => x2.matmul(&w.t()?)?,
     };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(m);
+    y.reshape(out_dims)
+}
+
+/// `x·Wᵀ` as the backend's own matmul (candle's `BackendStorage::matmul`, the kernel behind
+/// `Tensor::matmul` on every device), with a backward that yields x's gradient alone: arg1 is x
+/// (rows×k, contiguous), arg2 `Wᵀ` (k×m). The GPU path of the frozen product; on the CPU it
+/// runs the same storage matmul (the reference the tests compare with the fused kernels).
+///
+/// candle's `matmul` backward would also form the weight's m×k gradient and keep it in the
+/// gradient store: a model-sized buffer per step for nothing.
+struct DeviceMatmul;
+
+impl CustomOp2 for DeviceMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-device"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        FrozenMatmul::fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        wt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = grad
+            .to_dtype(wt.dtype())?
+            .contiguous()?
+            .apply_op2_no_bwd(&wt.t()?, &DeviceMatmul)?;
+        Ok((Some(gx), None))
+    }
+}
+
+/// `x·Wᵀ (+ b)` for `x` (…, n) and a frozen `w` (m, n) as standard ops on `x`'s device: the
+/// GPU path of [`frozen_linear`], [`frozen_linear_bias`] and the fused LoRA and packed products.
+/// The product is the backend's matmul and its backward yields x's gradient alone (neither the
+/// weight nor the bias get one). With [`MatmulPrecision::Bf16`] set on this thread, x and W are
+/// cast to bf16 for the product (and its backward) and the result back to x's dtype; the bias
+/// is added after, in x's dtype.
+pub fn frozen_linear_composed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (m, n) = w.dims2()?;
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("frozen linear: the input is a scalar");
+    };
+    if last != n || bias.is_some_and(|b| b.dims() != [m]) {
+        candle_core::bail!(
+            "frozen linear: input has {last} features and bias {:?}, the weight {m}×{n} expects {n} and [{m}]",
+            bias.map(|b| b.dims().to_vec())
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let dtype = device_product_dtype(x);
+    let x2 = x.reshape((rows, n))?.to_dtype(dtype)?.contiguous()?;
+    let wt = w.detach().to_dtype(dtype)?.t()?;
+    let mut y = x2.apply_op2(&wt, DeviceMatmul)?.to_dtype(x.dtype())?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.detach().to_dtype(x.dtype())?)?;
+    }
     let mut out_dims = lead.to_vec();
     out_dims.push(m);
     y.reshape(out_dims)

@@ -6,6 +6,9 @@
 //! step's peak memory. [`lora_linear`] writes the output once (the base product, then the branch
 //! accumulated onto it by gemm) and its backward recomputes `x·Aᵀ` (rank r, cheap). Gradients:
 //! `dx = g·W + s·(g·B)·A`, `dA = s·(g·B)ᵀ·x`, `dB = s·gᵀ·(x·Aᵀ)`.
+//!
+//! The op implements `cpu_fwd` only; on a GPU [`lora_linear`] computes the same with standard
+//! candle ops ([`lora_linear_composed`]), whose backward is candle's autograd.
 
 use std::sync::Arc;
 
@@ -13,10 +16,17 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::frozen::{
-    frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc, matmul_no_grad,
+    frozen_linear_composed, frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc,
+    matmul_no_grad,
 };
 
-/// A frozen weight W (out×in) as the fused CPU ops read it.
+/// Whether a product with input `x` runs as standard candle ops on the device (the GPU path):
+/// the fused kernels here implement `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
+
+/// A frozen weight W (out×in) as the fused ops read it.
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenWeight {
     /// W in f32.
@@ -26,12 +36,25 @@ pub(crate) enum FrozenWeight {
 }
 
 impl FrozenWeight {
-    /// W as an f32 tensor (a fresh one for a packed weight).
+    /// W as an f32 tensor on the CPU (a fresh one for a packed weight).
     fn dense(&self) -> Result<Tensor> {
+        self.dense_on(&Device::Cpu)
+    }
+
+    /// W as an f32 tensor on `device`: a dense weight moved there if it lives elsewhere, a
+    /// packed one dequantized (a fresh tensor each call).
+    pub(crate) fn dense_on(&self, device: &Device) -> Result<Tensor> {
         match self {
-            FrozenWeight::Dense(w) => Ok(w.clone()),
-            FrozenWeight::Packed(q) => q.dequantize(&Device::Cpu),
+            FrozenWeight::Dense(w) => w.to_device(device),
+            FrozenWeight::Packed(q) => q.dequantize(device),
         }
+    }
+
+    /// `x·Wᵀ (+ bias)` for `x` (…, in) as standard candle ops on x's device
+    /// ([`frozen_linear_composed`], W dequantized onto that device when packed): the GPU path
+    /// of the fused products. The backward yields x's gradient alone.
+    pub(crate) fn forward_composed(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        frozen_linear_composed(x, &self.dense_on(x.device())?, bias)
     }
 
     /// (out, in).
@@ -123,8 +146,8 @@ impl CustomOp3 for FusedLora {
     }
 }
 
-/// `x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ` for `x` of shape (…, in), f32 on the CPU; gradients
-/// reach x, A and B (never W or the bias).
+/// `x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ` for `x` of shape (…, in); gradients reach x, A and B
+/// (never W or the bias). One fused op for f32 on the CPU; on a GPU [`lora_linear_composed`].
 pub(crate) fn lora_linear(
     x: &Tensor,
     weight: &FrozenWeight,
@@ -145,6 +168,9 @@ pub(crate) fn lora_linear(
             b.dims()
         );
     }
+    if composed(x) {
+        return lora_linear_composed(x, weight, bias, a, b, scale);
+    }
     let rows: usize = lead.iter().product();
     let op = FusedLora {
         weight: weight.clone(),
@@ -158,6 +184,24 @@ pub(crate) fn lora_linear(
     let mut out = lead.to_vec();
     out.push(m);
     y.reshape(out)
+}
+
+/// [`lora_linear`] as standard candle ops on x's device (the GPU path): the frozen product
+/// ([`FrozenWeight::forward_composed`]) plus the branch `scale·(x·Aᵀ)·Bᵀ`, autograd giving the
+/// gradients of x, A and B.
+pub(crate) fn lora_linear_composed(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let base = weight.forward_composed(x, bias)?;
+    let x2 = x.reshape(((), a.dim(1)?))?;
+    let branch = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
+    let branch = branch.reshape(base.shape())?;
+    base + branch
 }
 
 #[cfg(test)]
@@ -269,5 +313,112 @@ mod tests {
                 .unwrap())
         .unwrap();
         assert!(max_diff(&e, &want) < 1e-4);
+    }
+
+    /// The GPU path: `lora_linear_composed` equals the fused op on the CPU, forward (1e-5
+    /// relative) and the gradients of x, A and B (1e-4), for dense, dense-with-bias and packed
+    /// weights and ragged shapes; W and the bias get no gradient on either path. The entry
+    /// function on every test device gives the CPU op's result.
+    #[test]
+    fn the_composed_lora_product_equals_the_fused_op() {
+        use super::{FrozenWeight, lora_linear, lora_linear_composed};
+        use std::sync::Arc;
+        let rel = |a: &Tensor, b: &Tensor| {
+            let a = a.to_device(&Device::Cpu).unwrap();
+            let s = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            max_diff(&a, b) / s.max(1.0)
+        };
+        for (packed, with_bias, x_shape, rank) in [
+            (false, false, &[2, 5, 64][..], 3),
+            (false, true, &[7, 64], 1),
+            (true, false, &[3, 64], 4),
+            (true, true, &[1, 1, 64], 2),
+        ] {
+            let (m, n) = (13, 64);
+            let w = randn(&[m, n], 0.3);
+            let bias = with_bias.then(|| randn(&[m], 1.0));
+            let weight = if packed {
+                FrozenWeight::Packed(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+            } else {
+                FrozenWeight::Dense(w.clone())
+            };
+            let x = randn(x_shape, 1.0);
+            let a = randn(&[rank, n], 0.3);
+            let b = randn(&[m, rank], 0.5);
+            let mut rdims = x_shape.to_vec();
+            *rdims.last_mut().unwrap() = m;
+            let r = randn(&rdims, 1.0);
+            let run = |dev: &Device, composed: bool| {
+                let vars: Vec<Var> = [&x, &a, &b]
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap())
+                    .collect();
+                let wv = Var::from_tensor(&w.to_device(dev).unwrap()).unwrap();
+                let weight = match &weight {
+                    FrozenWeight::Dense(_) => FrozenWeight::Dense(wv.as_tensor().clone()),
+                    p => p.clone(),
+                };
+                let bias = bias
+                    .as_ref()
+                    .map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+                let f = if composed {
+                    lora_linear_composed
+                } else {
+                    lora_linear
+                };
+                let (xt, at, bt) = (
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                );
+                let y = f(
+                    xt,
+                    &weight,
+                    bias.as_ref().map(|v| v.as_tensor()),
+                    at,
+                    bt,
+                    1.7,
+                )
+                .unwrap();
+                let g = (&y * r.to_device(dev).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                assert!(g.get(&wv).is_none(), "the frozen weight got a gradient");
+                if let Some(bv) = &bias {
+                    assert!(g.get(bv).is_none(), "the frozen bias got a gradient");
+                }
+                let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+                let grads: Vec<Tensor> = vars.iter().map(|v| cpu(g.get(v).unwrap())).collect();
+                (cpu(&y), grads)
+            };
+            let (want, want_g) = run(&Device::Cpu, false);
+            let mut got = vec![("composed".to_string(), run(&Device::Cpu, true))];
+            for dev in crate::device::test_devices() {
+                got.push((crate::device::label(&dev), run(&dev, false)));
+            }
+            for (label, (y, g)) in got {
+                let e = rel(&y, &want);
+                assert!(
+                    e < 1e-5,
+                    "packed {packed}, bias {with_bias}, {label}: output differs by {e}"
+                );
+                for (i, (a, b)) in g.iter().zip(&want_g).enumerate() {
+                    let e = rel(a, b);
+                    assert!(
+                        e < 1e-4,
+                        "packed {packed}, {label}: gradient {i} differs by {e}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,9 @@
 //! file into f32 at load, so the result equals the f32 model's) into a buffer that lives for
 //! the one product, and its backward does the same for `g·W`: only the packed bytes stay
 //! resident, never an f32 copy of the base. The gradient of x is the only one computed.
+//!
+//! The op implements `cpu_fwd` only; on a GPU [`packed_linear`] dequantizes W onto the input's
+//! device and multiplies with standard candle ops ([`packed_linear_composed`]).
 
 use std::sync::Arc;
 
@@ -52,6 +55,11 @@ impl PackedWeight {
     /// The weight as f32 (a new tensor each call).
     pub fn dequantize(&self) -> Result<Tensor> {
         self.q.dequantize(&Device::Cpu)
+    }
+
+    /// The weight as f32 on `device` (a new tensor each call).
+    pub fn dequantize_on(&self, device: &Device) -> Result<Tensor> {
+        self.q.dequantize(device)
     }
 
     /// The same weight with its rows reordered by `order` (row `i` of the result is row
@@ -106,8 +114,14 @@ impl CustomOp1 for PackedMatmul {
     }
 }
 
+/// Whether a product with input `x` runs as standard candle ops on the device (the GPU path):
+/// the fused kernel here implements `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
+
 /// `x·Wᵀ` (x of any rank, last dimension `in`) with a packed W; the backward yields the
-/// gradient of x alone. CPU only.
+/// gradient of x alone. Fused on the CPU; on a GPU [`packed_linear_composed`].
 pub fn packed_linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
     let (m, n) = w.dims();
     let dims = x.dims();
@@ -119,8 +133,8 @@ pub fn packed_linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
             "packed linear: input has {last} features, the weight {m}×{n} expects {n}"
         );
     }
-    if !x.device().is_cpu() {
-        candle_core::bail!("a packed (quantized) base weight runs on the CPU only");
+    if composed(x) {
+        return packed_linear_composed(x, w);
     }
     let rows: usize = lead.iter().product();
     let x2 = x
@@ -133,4 +147,13 @@ pub fn packed_linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
     let mut out_dims = lead.to_vec();
     out_dims.push(m);
     y.reshape(out_dims)
+}
+
+/// [`packed_linear`] as standard candle ops on x's device (the GPU path): W dequantized onto
+/// that device for this product, then the frozen product of
+/// [`frozen_linear_composed`](super::frozen::frozen_linear_composed) (x's gradient alone; bf16
+/// when the thread asked for it). The f32 copy of W lives until the backward pass has run.
+pub fn packed_linear_composed(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    FrozenWeight::Packed(w.q.clone()).forward_composed(&x, None)
 }

@@ -287,11 +287,11 @@ impl CustomOp1 for Im2Col {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (_, _, _, c) = arg.dims4()?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { c })?))
+        Ok(Some(col2im(grad, c)?))
     }
 }
 
-/// The adjoint of [`Im2Col`]: (B, H, W, 9·C) → (B, H, W, C).
+/// The adjoint of [`Im2Col`]: (B, H, W, 9·C) → (B, H, W, C). Its backward is [`Im2Col`].
 struct Col2Im {
     c: usize,
 }
@@ -336,24 +336,88 @@ impl CustomOp1 for Col2Im {
         });
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, c))))
     }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(im2col(grad)?))
+    }
+}
+
+/// Whether an op on `x` runs as a composition of standard candle ops (the GPU path): the
+/// kernels here implement `cpu_fwd` only.
+fn composed(x: &Tensor) -> bool {
+    !x.device().is_cpu()
+}
+
+/// 3×3 patches of a channels-last (B, H, W, C) map with zero padding 1: (B, H, W, 9·C), the
+/// patch laid out as (dy, dx, c). The kernel for f32 on the CPU, else [`im2col_composed`].
+pub(crate) fn im2col(x: &Tensor) -> candle_core::Result<Tensor> {
+    if composed(x) || x.dtype() != DType::F32 {
+        im2col_composed(x)
+    } else {
+        x.contiguous()?.apply_op1(Im2Col)
+    }
+}
+
+/// [`im2col`] as standard candle ops: the zero-padded map's nine shifted (H, W) views,
+/// concatenated along the channels. Autograd gives the backward (narrow and cat).
+pub(crate) fn im2col_composed(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut shifted = Vec::with_capacity(9);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            shifted.push(xp.narrow(1, dy, h)?.narrow(2, dx, w)?);
+        }
+    }
+    Tensor::cat(&shifted, 3)
+}
+
+/// The adjoint of [`im2col`], (B, H, W, 9·C) → (B, H, W, C): every pixel sums the patch
+/// entries that read it. The kernel for f32 on the CPU, else [`col2im_composed`].
+pub(crate) fn col2im(g: &Tensor, c: usize) -> candle_core::Result<Tensor> {
+    if composed(g) || g.dtype() != DType::F32 {
+        col2im_composed(g, c)
+    } else {
+        g.contiguous()?.apply_op1(Col2Im { c })
+    }
+}
+
+/// [`col2im`] as standard candle ops: patch slot (dy, dx) of pixel (y, x) read pixel
+/// (y + dy − 1, x + dx − 1), so each slot's (B, H, W, C) slice, zero-padded and shifted back by
+/// (dy, dx), is added to the result.
+pub(crate) fn col2im_composed(g: &Tensor, c: usize) -> candle_core::Result<Tensor> {
+    let (_, h, w, k) = g.dims4()?;
+    if k != 9 * c {
+        candle_core::bail!("col2im: {k} columns for {c} channels");
+    }
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        for dx in 0..3 {
+            let part = g
+                .narrow(3, (dy * 3 + dx) * c, c)?
+                .pad_with_zeros(1, 1, 1)?
+                .pad_with_zeros(2, 1, 1)?
+                .narrow(1, 2 - dy, h)?
+                .narrow(2, 2 - dx, w)?;
+            out = Some(match out {
+                Some(o) => (o + part)?,
+                None => part,
+            });
+        }
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("col2im: no patch slots".into()))
 }
 
 /// 3×3, stride-1, zero-padded convolution of channels-last `x` (B, H, W, C) with `w`
 /// (9·C, O) laid out as (dy, dx, c): returns (B·H·W, O) without the bias.
 fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, h, wd, c) = x.dims4()?;
-    let cols = if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(Im2Col)?
-    } else {
-        let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-        let mut shifted = Vec::with_capacity(9);
-        for dy in 0..3 {
-            for dx in 0..3 {
-                shifted.push(xp.narrow(1, dy, h)?.narrow(2, dx, wd)?);
-            }
-        }
-        Tensor::cat(&shifted, 3)?
-    };
+    let cols = im2col(x)?;
     Ok(cols.reshape((b * h * wd, 9 * c))?.matmul(w)?)
 }
 
@@ -1404,5 +1468,92 @@ mod tests {
             cfg.steps
         );
         assert!(acc > 0.5);
+    }
+
+    /// The GPU path of the patch ops: `im2col_composed` and `col2im_composed` equal the CPU
+    /// kernels, forward and gradients (1e-5 relative), on ragged maps; the entry functions on
+    /// every test device give the CPU kernels' results.
+    #[test]
+    fn the_composed_patch_ops_equal_the_kernels_with_gradients() {
+        let rel = |a: &Tensor, b: &Tensor| {
+            let a = a.to_device(&Device::Cpu).unwrap();
+            let d = (&a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let s = b.abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1.0)
+        };
+        let mut rng = StdRng::seed_from_u64(11);
+        for (b, h, w, c) in [(2, 5, 4, 3), (1, 1, 1, 1), (1, 3, 7, 2), (3, 2, 6, 5)] {
+            let x = Tensor::from_vec(
+                normal_vec(&mut rng, b * h * w * c, 1.0).unwrap(),
+                (b, h, w, c),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let cols = Tensor::from_vec(
+                normal_vec(&mut rng, b * h * w * 9 * c, 1.0).unwrap(),
+                (b, h, w, 9 * c),
+                &Device::Cpu,
+            )
+            .unwrap();
+            // (input, output weighting) of each op.
+            let r_fwd = Tensor::from_vec(
+                normal_vec(&mut rng, b * h * w * 9 * c, 1.0).unwrap(),
+                (b, h, w, 9 * c),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let r_adj = x.clone();
+            type Op = fn(&Tensor, usize) -> candle_core::Result<Tensor>;
+            let ops: [(&str, &Tensor, &Tensor, Op, Op); 2] = [
+                (
+                    "im2col",
+                    &x,
+                    &r_fwd,
+                    |t, _| t.contiguous()?.apply_op1(Im2Col),
+                    |t, _| im2col_composed(t),
+                ),
+                (
+                    "col2im",
+                    &cols,
+                    &r_adj,
+                    |t, c| t.contiguous()?.apply_op1(Col2Im { c }),
+                    |t, c| col2im_composed(t, c),
+                ),
+            ];
+            for (name, input, r, kernel, comp) in ops {
+                let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>, dev: &Device| {
+                    let v = Var::from_tensor(&input.to_device(dev).unwrap()).unwrap();
+                    let y = f(v.as_tensor()).unwrap();
+                    let g = (&y * r.to_device(dev).unwrap())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let gx = g.get(&v).unwrap().to_device(&Device::Cpu).unwrap();
+                    (y.to_device(&Device::Cpu).unwrap(), gx)
+                };
+                let (want, want_g) = run(&|t| kernel(t, c), &Device::Cpu);
+                let entry = |t: &Tensor| match name {
+                    "im2col" => im2col(t),
+                    _ => col2im(t, c),
+                };
+                let mut got = vec![("composed".to_string(), run(&|t| comp(t, c), &Device::Cpu))];
+                for dev in crate::device::test_devices() {
+                    got.push((crate::device::label(&dev), run(&entry, &dev)));
+                }
+                for (label, (y, g)) in got {
+                    let (ey, eg) = (rel(&y, &want), rel(&g, &want_g));
+                    assert!(
+                        ey < 1e-5,
+                        "{name} {label} {b}×{h}×{w}×{c}: output differs by {ey}"
+                    );
+                    assert!(
+                        eg < 1e-5,
+                        "{name} {label} {b}×{h}×{w}×{c}: gradient differs by {eg}"
+                    );
+                }
+            }
+        }
     }
 }
