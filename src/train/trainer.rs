@@ -530,7 +530,7 @@ pub(super) fn drive(
     if precision != crate::peft::MatmulPrecision::F32 {
         emit(Event::Log(format!(
             "frozen base products (model.matmul_precision): {}",
-            precision.describe()
+            precision.describe_on(&p.work.device())
         )));
     }
     emit(Event::RunStarted {
