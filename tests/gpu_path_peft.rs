@@ -204,3 +204,76 @@ fn the_merged_diagonal_forward_composed_equals_the_kernel() {
         }
     }
 }
+
+/// The GPU's mixed-precision storage: a frozen base kept in bf16 (half its bytes) gives the f32
+/// layer's output within bf16 rounding, in either product precision, the adapter still trains
+/// (its gradients follow the f32 layer's), and the output head and trainable weights stay f32.
+#[test]
+fn a_frozen_base_stored_in_bf16_matches_f32_and_the_adapter_still_trains() {
+    use peft_studio::peft::linear::{LinearLayers, store_frozen_weights, trainable_vars};
+    struct Two(Vec<AdaptedLinear>);
+    impl LinearLayers for Two {
+        fn linears(&self) -> Vec<&AdaptedLinear> {
+            self.0.iter().collect()
+        }
+        fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+            self.0.iter_mut().collect()
+        }
+    }
+    let (m, n) = (24, 40);
+    let w = randn(&[m, n], 0.3);
+    let x = randn(&[3, 5, n], 1.0);
+    let bias = randn(&[m], 0.1);
+    let lora_b = randn(&[m, 4], 0.2);
+    let layers = |bf16: bool| {
+        let mut set = Two(vec![
+            AdaptedLinear::new("q_proj".to_string(), w.clone(), Some(bias.clone())),
+            AdaptedLinear::new("lm_head".to_string(), w.clone(), None),
+        ]);
+        let mut cfg = AdapterConfig::new(Method::Lora, 4);
+        cfg.targets = peft_studio::peft::Targets::List(vec!["q_proj".into()]);
+        peft_studio::peft::linear::attach_adapters(&mut set, &cfg).unwrap();
+        for (name, v) in trainable_vars(&set) {
+            if name.ends_with("lora_B") {
+                v.set(&lora_b).unwrap();
+            }
+        }
+        let saved = if bf16 {
+            store_frozen_weights(&mut set, candle_core::DType::BF16).unwrap()
+        } else {
+            0
+        };
+        (set, saved)
+    };
+    let (f32_set, _) = layers(false);
+    let (bf16_set, saved) = layers(true);
+    assert_eq!(saved, m * n * 2, "only q_proj's weight is converted");
+    assert_eq!(
+        bf16_set.0[0].base_weight().unwrap().dtype(),
+        candle_core::DType::BF16
+    );
+    assert_eq!(
+        bf16_set.0[1].base_weight().unwrap().dtype(),
+        candle_core::DType::F32,
+        "the output head stays f32"
+    );
+    for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+        let _p = MatmulPrecisionGuard::set(precision);
+        let run = |set: &Two| {
+            let y = set.0[0].forward_t(&x, true).unwrap();
+            assert_eq!(y.dtype(), candle_core::DType::F32);
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> = trainable_vars(set)
+                .iter()
+                .map(|(_, v)| grads.get(v).expect("the adapter gets a gradient").clone())
+                .collect();
+            (y, g)
+        };
+        let (y32, g32) = run(&f32_set);
+        let (y16, g16) = run(&bf16_set);
+        assert_close(&format!("output, {precision:?}"), &y16, &y32, 2e-2);
+        for (a, b) in g16.iter().zip(&g32) {
+            assert_close(&format!("adapter gradient, {precision:?}"), a, b, 3e-2);
+        }
+    }
+}

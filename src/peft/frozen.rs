@@ -433,7 +433,7 @@ impl CustomOp3 for FrozenMatmulBias {
 /// `x·Wᵀ + b` for a frozen weight and bias: fused on the CPU in f32; on a GPU
 /// [`frozen_linear_composed`]; else [`frozen_linear`] plus a broadcast add.
 pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
-    if mode == FrozenGrad::Skip && composed(x) {
+    if mode == FrozenGrad::Skip && (composed(x) || w.dtype() != x.dtype()) {
         return frozen_linear_composed(x, w, Some(b));
     }
     let fused = mode == FrozenGrad::Skip
@@ -482,7 +482,8 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, b: &Tensor, mode: FrozenGrad) 
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor> {
-    if mode == FrozenGrad::Skip && composed(x) {
+    // A weight stored in another dtype (bf16 on a GPU) is multiplied as the precision says.
+    if mode == FrozenGrad::Skip && (composed(x) || w.dtype() != x.dtype()) {
         return frozen_linear_composed(x, w, None);
     }
     let (m, n) = w.dims2()?;

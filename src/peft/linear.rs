@@ -179,6 +179,22 @@ impl AdaptedLinear {
         })
     }
 
+    /// Keeps the frozen dense weight in `dtype` (bf16 halves the base's memory; its products
+    /// run as [`MatmulPrecision`](super::MatmulPrecision) says). A packed or trainable weight
+    /// is left as it is. Returns the bytes saved.
+    pub fn store_frozen_as(&mut self, dtype: DType) -> Result<usize> {
+        match &self.base {
+            Frozen::Dense(t) if self.trainable_weight.is_none() && t.dtype() != dtype => {
+                let before = t.elem_count() * t.dtype().size_in_bytes();
+                let stored = t.to_dtype(dtype)?.detach();
+                let after = stored.elem_count() * dtype.size_in_bytes();
+                self.base = Frozen::Dense(stored);
+                Ok(before.saturating_sub(after))
+            }
+            _ => Ok(0),
+        }
+    }
+
     /// The device the frozen weight (and so the adapter) lives on.
     pub fn device(&self) -> candle_core::Device {
         match &self.base {
@@ -569,6 +585,22 @@ pub trait LinearLayers {
     fn linears(&self) -> Vec<&AdaptedLinear>;
     /// Every linear layer, mutably, in the same order.
     fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear>;
+}
+
+/// Stores every frozen dense weight but the output head (often tied to the embedding, which
+/// would then be kept twice) in `dtype`: the GPU's mixed-precision recipe, bf16 base under f32
+/// adapters. Returns the bytes saved.
+pub fn store_frozen_weights(
+    model: &mut (impl LinearLayers + ?Sized),
+    dtype: DType,
+) -> Result<usize> {
+    let mut saved = 0;
+    for l in model.linears_mut() {
+        if l.path() != "lm_head" {
+            saved += l.store_frozen_as(dtype)?;
+        }
+    }
+    Ok(saved)
 }
 
 /// What attaching an adapter did.

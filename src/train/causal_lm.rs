@@ -364,6 +364,7 @@ pub fn prepare(cfg: &TrainConfig, device: &Device) -> anyhow::Result<Prepared> {
             };
             let vars: Vec<Var> = trainable_vars(&model).into_iter().map(|(_, v)| v).collect();
             groups.push((vars, decay, 1.0));
+            notes.extend(super::trainer::store_frozen_base(cfg, device, &mut model)?);
         }
         TrainMode::Full => {
             let all = model.train_everything()?;

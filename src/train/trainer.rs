@@ -108,6 +108,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
     let wd = cfg.optim.weight_decay;
     let mut groups = Vec::new();
     let mut adapter_trainable = 0;
+    let mut notes = Vec::new();
     match cfg.mode {
         TrainMode::Adapter => {
             let report = attach_adapters(model.as_mut(), &cfg.adapter)?;
@@ -123,6 +124,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
             groups.push((vars, decay, 1.0));
             let head = models::train_head(model.as_mut())?;
             groups.push((head.into_iter().map(|(_, v)| v).collect(), wd, head_lr));
+            notes.extend(store_frozen_base(cfg, &device, model.as_mut())?);
         }
         TrainMode::Head => {
             let head = models::train_head(model.as_mut())?;
@@ -172,8 +174,27 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
         trainable,
         total: base_total + adapter_trainable,
         initialised,
-        notes: Vec::new(),
+        notes,
     })
+}
+
+/// On a GPU with `model.matmul_precision = "bf16"`, an adapter run keeps its frozen base in
+/// bf16 as well (half its memory; adapters, gradients and AdamW stay f32); on the CPU the base
+/// stays f32 (the AMX kernels round per product). Returns the line for the run's log.
+pub(super) fn store_frozen_base(
+    cfg: &TrainConfig,
+    device: &Device,
+    model: &mut (impl crate::peft::linear::LinearLayers + ?Sized),
+) -> anyhow::Result<Option<String>> {
+    if device.is_cpu() || cfg.model.matmul_precision != crate::peft::MatmulPrecision::Bf16 {
+        return Ok(None);
+    }
+    let saved = crate::peft::linear::store_frozen_weights(model, DType::BF16)?;
+    Ok(Some(format!(
+        "frozen base stored in bf16 on {}: {:.0} MiB less",
+        crate::device::label(device),
+        saved as f64 / (1u64 << 20) as f64
+    )))
 }
 
 /// Mean loss and accuracy of `model` (on `dev`) on `split`.
