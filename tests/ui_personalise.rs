@@ -528,3 +528,26 @@ fn snapshot_of_the_personalise_tab() {
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Real photos given to the synthetic built-in personaliser: the tab warns, with the measure.
+#[test]
+fn real_photos_into_the_synthetic_personaliser_get_a_visible_warning() {
+    let orl = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/orl_faces/s3");
+    if !orl.is_dir() {
+        eprintln!("skipped: {} is absent", orl.display());
+        return;
+    }
+    let dir = temp("real-photos");
+    let builtin = peft_studio::personalize::pipeline::builtin_dir();
+    let mut h = harness_on(&dir, vec![Some(orl.clone())], &builtin);
+    open_tab(&mut h);
+    choose_sample(&mut h, "Ada");
+    assert!(h.state().personalise.warnings.is_empty());
+    h.get_by_label("Open reference folder…").click();
+    let source = orl.display().to_string();
+    run_until(&mut h, 30, "the photos", move |a| {
+        a.personalise.references_source == source
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("Warning: these photos are unlike the pictures");
+}

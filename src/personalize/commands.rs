@@ -10,9 +10,10 @@ use image::{Rgb, RgbImage};
 use serde::Serialize;
 
 use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate, summarise};
+use super::familiarity::Familiarity;
 use super::identity_folder::load_references;
 use super::job::{self, PersonaliseRequest};
-use super::pipeline::{Personaliser, StageSeconds, reference_warnings};
+use super::pipeline::{Personaliser, StageSeconds};
 use super::portrait::render_set;
 use crate::fsio::write_atomic;
 
@@ -42,8 +43,12 @@ pub struct PersonaliseReport {
     pub seconds: StageSeconds,
     /// Seconds to load the personaliser and the references.
     pub load_seconds: f64,
-    /// Problems with the references that did not stop the run.
+    /// Problems with the references that did not stop the run (photos unlike the
+    /// personaliser's people among them).
     pub warnings: Vec<String>,
+    /// How far the references sit from the people the personaliser knows, and the scale that
+    /// is read against (`None`: its bank people could not be read).
+    pub familiarity: Option<Familiarity>,
     /// The image files written.
     pub images: Vec<String>,
     /// The adapter folder written.
@@ -132,7 +137,8 @@ pub fn personalize_command(
         .map_err(|e| anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display()))?;
     let references = load_references(refs, personaliser.image_size())?;
     let load_seconds = t.elapsed().as_secs_f64();
-    let warnings = reference_warnings(&references);
+    let familiarity = personaliser.familiarity(&references)?;
+    let warnings = personaliser.reference_warnings(&references)?;
     for w in &warnings {
         log::warn!("{w}");
     }
@@ -167,6 +173,7 @@ pub fn personalize_command(
         seconds: result.seconds.clone(),
         load_seconds,
         warnings,
+        familiarity,
         images: written
             .images
             .iter()

@@ -17,6 +17,7 @@ pub mod build;
 pub mod commands;
 pub mod ensemble;
 pub mod evaluate;
+pub mod familiarity;
 pub mod files;
 pub mod generator_training;
 pub mod hyper;

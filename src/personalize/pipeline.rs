@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::bank::{LoraBank, LoraLayout, LoraRecipe, train_lora, with_fresh_lora};
 use super::build::DiffLoraPreset;
 use super::ensemble::{DenoiserEnsemble, scale_lora_update};
+use super::familiarity::{FAMILIARITY_FILE, Familiarity, FamiliarityStats};
 use super::files;
 use super::hyper::LoraAutoencoder;
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
@@ -97,6 +98,41 @@ pub fn reference_warnings(refs: &[RgbImage]) -> Vec<String> {
     w
 }
 
+/// The familiarity statistics of the personaliser in `dir`: its file, or computed from the
+/// preset's bank people and written there (where the folder is writable). `None`, logged, when
+/// neither works (a photo folder that moved).
+fn familiarity_stats(dir: &Path, preset: &DiffLoraPreset) -> Option<FamiliarityStats> {
+    let path = dir.join(FAMILIARITY_FILE);
+    if path.is_file() {
+        match FamiliarityStats::read(&path) {
+            Ok(s) if s.scale().image_size == preset.image_size => return Some(s),
+            Ok(_) => log::warn!(
+                "{}: made for another image size; recomputing",
+                path.display()
+            ),
+            Err(e) => log::warn!("{e:#}; recomputing"),
+        }
+    }
+    let computed = preset
+        .people
+        .bank
+        .load(preset.image_size)
+        .map_err(anyhow::Error::from)
+        .and_then(|people| FamiliarityStats::from_people(&people, 0));
+    match computed {
+        Ok(s) => {
+            if let Err(e) = s.write(&path) {
+                log::info!("familiarity statistics not saved: {e:#}");
+            }
+            Some(s)
+        }
+        Err(e) => {
+            log::warn!("no familiarity check for {}: {e:#}", dir.display());
+            None
+        }
+    }
+}
+
 /// A built personaliser: generator, encoders, LoRA autoencoder and latent denoiser.
 pub struct Personaliser {
     dir: PathBuf,
@@ -109,6 +145,8 @@ pub struct Personaliser {
     autoencoder: LoraAutoencoder,
     denoisers: DenoiserEnsemble,
     layout: LoraLayout,
+    /// What the conditioning encoder knows of the bank people (`None`: they could not be read).
+    familiarity: Option<FamiliarityStats>,
 }
 
 impl Personaliser {
@@ -145,6 +183,7 @@ impl Personaliser {
             autoencoder.input_dim(),
             layout.len()
         );
+        let familiarity = familiarity_stats(dir, &preset);
         Ok(Self {
             dir: dir.to_path_buf(),
             device,
@@ -156,12 +195,35 @@ impl Personaliser {
             autoencoder,
             denoisers,
             layout,
+            familiarity,
         })
+    }
+
+    /// How familiar `refs` are to this personaliser (see [`super::familiarity`]); `None` when
+    /// its bank people could not be read (a photo folder that moved).
+    pub fn familiarity(&self, refs: &[RgbImage]) -> anyhow::Result<Option<Familiarity>> {
+        let Some(stats) = &self.familiarity else {
+            return Ok(None);
+        };
+        Ok(Some(stats.measure(refs)?))
+    }
+
+    /// Every warning about a reference set: [`reference_warnings`], and photos unlike the
+    /// people this personaliser knows.
+    pub fn reference_warnings(&self, refs: &[RgbImage]) -> anyhow::Result<Vec<String>> {
+        let mut w = reference_warnings(refs);
+        w.extend(self.familiarity(refs)?.and_then(|f| f.warning()));
+        Ok(w)
     }
 
     /// Where it computes.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The conditioning identity encoder.
+    pub fn encoder(&self) -> &IdentityEncoder {
+        &self.encoder
     }
 
     /// The folder it was loaded from.

@@ -32,7 +32,7 @@ use crate::personalize::build::files;
 use crate::personalize::commands::{SAMPLE_PEOPLE, contact_sheet, sample_person, save_png};
 use crate::personalize::job::{PersonaliseEvent, PersonaliseRequest, PersonaliseResult};
 use crate::personalize::load_references;
-use crate::personalize::pipeline::{Gallery, Personaliser, reference_warnings};
+use crate::personalize::pipeline::{Gallery, Personaliser};
 use crate::personalize::progress::Stage;
 use crate::worker::Command;
 
@@ -131,7 +131,8 @@ pub(crate) enum Done {
     /// The personaliser in this folder loaded, or why not.
     Loaded((PathBuf, DeviceChoice), Result<Arc<Personaliser>, String>),
     /// New references (source in words, images), or why they could not be read.
-    References(Result<(String, Vec<RgbImage>), String>),
+    /// References read: where from, the images, the warnings about them.
+    References(Result<(String, Vec<RgbImage>, Vec<String>), String>),
     /// A save finished: what was written, or (title, details) of the error.
     Saved(Result<String, (String, String)>),
 }
@@ -310,9 +311,9 @@ pub(crate) fn task_done(app: &mut StudioApp, done: Done) {
             let dir = dir.display().to_string();
             app.report(format!("The personaliser at {dir} could not be loaded"), e);
         }
-        Done::References(Ok((source, images))) => {
+        Done::References(Ok((source, images, warnings))) => {
             s.reading = false;
-            s.warnings = reference_warnings(&images);
+            s.warnings = warnings;
             s.references = images;
             s.references_source = source;
             s.ref_textures.clear();
@@ -396,24 +397,37 @@ fn show_result(s: &mut PersonaliseState, r: Arc<PersonaliseResult>) {
 
 /// Marks a reading of references begun and returns the personaliser's image size; `None`
 /// (nothing begun) without a personaliser or while another reading runs.
-fn start_reading(app: &mut StudioApp) -> Option<u32> {
-    let size = app.personalise.personaliser()?.image_size();
+fn start_reading(app: &mut StudioApp) -> Option<Arc<Personaliser>> {
+    let p = app.personalise.personaliser()?.clone();
     if app.personalise.reading {
         return None;
     }
     app.personalise.reading = true;
-    Some(size)
+    Some(p)
+}
+
+/// The references' warnings (the familiarity check runs the identity encoder: on the helper
+/// thread, never the UI's).
+fn with_warnings(
+    p: &Personaliser,
+    source: String,
+    images: Vec<RgbImage>,
+) -> anyhow::Result<(String, Vec<RgbImage>, Vec<String>)> {
+    let warnings = p.reference_warnings(&images)?;
+    Ok((source, images, warnings))
 }
 
 /// Replaces the references with built-in sample person `index` (as its button does).
 pub fn choose_sample(app: &mut StudioApp, index: usize) {
-    let Some(size) = start_reading(app) else {
+    let Some(p) = start_reading(app) else {
         return;
     };
     let name = SAMPLE_PEOPLE[index % SAMPLE_PEOPLE.len()].0;
     if !spawn_task(app, "sample-person", move || {
-        let res = guarded(|| Ok(sample_person(index, size)))
-            .map(|imgs| (format!("sample person {name}"), imgs));
+        let res = guarded(|| {
+            let images = sample_person(index, p.image_size());
+            with_warnings(&p, format!("sample person {name}"), images)
+        });
         Done::References(res)
     }) {
         app.personalise.reading = false;
@@ -422,12 +436,14 @@ pub fn choose_sample(app: &mut StudioApp, index: usize) {
 
 /// Reads the references at `path` (a folder or one image) on a helper thread.
 fn read_references(app: &mut StudioApp, path: PathBuf) {
-    let Some(size) = start_reading(app) else {
+    let Some(p) = start_reading(app) else {
         return;
     };
     if !spawn_task(app, "references", move || {
-        let res = guarded(|| Ok(load_references(&path, size)?))
-            .map(|imgs| (path.display().to_string(), imgs));
+        let res = guarded(|| {
+            let images = load_references(&path, p.image_size())?;
+            with_warnings(&p, path.display().to_string(), images)
+        });
         Done::References(res)
     }) {
         app.personalise.reading = false;
