@@ -53,8 +53,10 @@ for lib in "${PEFT_CUDA_TOOLKIT:-$HOME/.cache/peft-studio/cuda-13.0}/cuda/lib" \
     [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 
-# Peak GPU memory of a command: nvidia-smi sampled every 100 ms, minus the idle figure.
-peak_gpu() {
+# Runs a command with nvidia-smi sampling the GPU's memory every 100 ms; sets `peak_mib` (the
+# largest reading minus the idle one) and returns the command's status.
+peak_mib=0
+with_peak_gpu() {
     local idle
     idle="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$work/mem" &
@@ -67,23 +69,24 @@ peak_gpu() {
     return $rc
 }
 
-# One of our benchmarks on one device: "s/step" (median) from the JSON it writes.
+# One of our benchmarks on one device; sets `secs` (median s/step from the JSON it writes, or
+# "failed") and `peak_mib`.
+secs=""
 ours() {
     local suite=$1 variant=$2 device=$3
     local table="$work/$suite-$variant-${device//:/}.md"
-    peak_gpu "$bin" bench "$suite" --only "$variant" --device "$device" --no-peer \
-        --rounds 1 --steps "$steps" --out "$table" >>"$work/bench.log" 2>&1 || {
-        echo "failed"
-        return
-    }
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]["ours"]; print("%.3f" % r["secs_per_step"])' \
-        "${table%.md}.json" 2>/dev/null || echo "?"
+    secs="failed"
+    with_peak_gpu "$bin" bench "$suite" --only "$variant" --device "$device" --no-peer \
+        --rounds 1 --steps "$steps" --out "$table" >>"$work/bench.log" 2>&1 || return 0
+    secs="$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]["ours"]; print("%.3f" % r["secs_per_step"])' \
+        "${table%.md}.json" 2>/dev/null || echo "?")"
 }
 
+# The peer on the GPU: prints "s/step|peak MiB".
 peer() {
     local model=$1 dir=$2
-    [ -d "$dir" ] || {
-        echo "skipped (no $dir)|"
+    [ -n "$dir" ] && [ -d "$dir" ] || {
+        echo "skipped (no model folder)|"
         return
     }
     "$peer_python" scripts/peer_gpu_step.py --model "$model" --model-dir "$dir" --steps "$steps" \
@@ -104,10 +107,10 @@ peer() {
 
 row() {
     local name=$1 suite=$2 variant=$3 peer_model=$4 peer_dir=$5
-    local g c p
-    g="$(ours "$suite" "$variant" cuda:0)"
-    local gm=$peak_mib
-    c="$(ours "$suite" "$variant" cpu)"
+    ours "$suite" "$variant" cuda:0
+    local g=$secs gm=$peak_mib
+    ours "$suite" "$variant" cpu
+    local c=$secs p
     p="$(peer "$peer_model" "$peer_dir")"
     echo "| $name | $g | $gm | $c | ${p%%|*} | ${p#*|} |" >>"$out"
 }
@@ -116,14 +119,23 @@ row "MiniLM LoRA r8, b16 × 64" minilm lora minilm downloads/all-MiniLM-L6-v2
 row "MiniLM LoRA r8, frozen base bf16" minilm lora-bf16 minilm downloads/all-MiniLM-L6-v2
 row "SmolLM2-135M LoRA r8 q,v, b4 × 256" smollm2 lora smollm2 "${SMOLLM2_F32_DIR:-}"
 
-gallery() {
-    local device=$1
-    peak_gpu "$bin" bench-personalize --device "$device" --out "$work/personalize-${device//:/}.md" \
-        >>"$work/bench.log" 2>&1 && grep -i "gallery" "$work/personalize-${device//:/}.md" | head -1
+# The DiffLoRA bench on one device; sets `gallery` (its gallery line, or "failed").
+gallery=""
+personalise_bench() {
+    local device=$1 table="$work/personalize-${1//:/}.md"
+    gallery="failed"
+    with_peak_gpu "$bin" bench-personalize --device "$device" --out "$table" \
+        >>"$work/bench.log" 2>&1 || return 0
+    gallery="$(grep -i "gallery" "$table" | head -1)"
 }
+personalise_bench cuda:0
+gpu_gallery=$gallery gpu_gallery_mib=$peak_mib
+personalise_bench cpu
 {
     echo
-    echo "DiffLoRA 4-image gallery (\`bench-personalize\`): GPU: $(gallery cuda:0 || echo failed) (peak $peak_mib MiB); CPU: $(gallery cpu || echo failed)."
+    echo "DiffLoRA (\`bench-personalize\`), GPU (peak $gpu_gallery_mib MiB): $gpu_gallery"
+    echo
+    echo "DiffLoRA, CPU: $gallery"
     echo
     echo "<details><summary>log</summary>"
     echo
