@@ -33,6 +33,10 @@ pub const FAMILIARITY_FILE: &str = "familiarity.safetensors";
 /// Principal components kept.
 pub const COMPONENTS: usize = 64;
 
+/// Fewest bank pictures the statistics are made from: with fewer, every bank picture lies in
+/// the span and nothing can be told apart (a personaliser that small gets no check).
+pub const MIN_PICTURES: usize = 64;
+
 /// Pictures per bank person in the reference scale (as many as a user typically gives).
 pub const SET_SIZE: usize = 4;
 
@@ -114,11 +118,17 @@ impl FamiliarityStats {
     pub fn from_people(people: &[PersonImages], seed: u64) -> anyhow::Result<Self> {
         anyhow::ensure!(!people.is_empty(), "no people to summarise");
         let all: Vec<RgbImage> = people.iter().flat_map(|p| p.images.clone()).collect();
+        anyhow::ensure!(
+            all.len() >= MIN_PICTURES,
+            "{} bank pictures: at least {MIN_PICTURES} are needed to tell familiar photos from others",
+            all.len()
+        );
         let image_size = all[0].width();
         let x = rows(&all)?;
         let mean = x.mean(0)?;
         let centred = crate::peft::decompose::tensor_to_mat(&x.broadcast_sub(&mean)?)?;
-        let k = COMPONENTS.min(centred.nrows()).min(centred.ncols());
+        // At most a quarter of the pictures: the span must not simply contain every one of them.
+        let k = COMPONENTS.min(all.len() / 4).min(centred.ncols());
         let svd = top_svd(&centred, k, seed)?;
         let components = mat_to_tensor(svd.v.as_ref(), DType::F32, &HOST)?;
         let mut stats = Self {
@@ -243,7 +253,12 @@ mod tests {
 
     #[test]
     fn pictures_in_the_span_are_familiar_and_others_are_not() {
-        let people: Vec<PersonImages> = (0..12).map(|s| striped(s, 5)).collect();
+        let few: Vec<PersonImages> = (0..12).map(|s| striped(s, 5)).collect();
+        let err = FamiliarityStats::from_people(&few, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("60 bank pictures"), "{err}");
+        let people: Vec<PersonImages> = (0..16).map(|s| striped(s, 5)).collect();
         let stats = FamiliarityStats::from_people(&people, 0).unwrap();
         assert!(stats.scale().known_max < 1e-3, "{:?}", stats.scale());
         let new = striped(99, 4);
