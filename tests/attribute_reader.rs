@@ -121,6 +121,13 @@ fn scores_count_matching_attributes() {
         "reader: smile 1/2, face left 2/2, blue background 2/2, even light 2/2, hat 2/2"
     );
     assert_eq!(prompt_adherence(&[], &[attrs]), 0.0);
+    // Shares are exact counts over the images (never above 1 from rounding).
+    let acc = accuracy_per_attribute(
+        &[right; 7],
+        &[right, right, right, right, right, right, half],
+    );
+    assert_eq!(acc[2], 1.0);
+    assert_eq!(acc[0], 6.0 / 7.0);
 }
 
 #[test]

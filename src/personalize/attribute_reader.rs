@@ -557,19 +557,14 @@ impl AttributeReader {
 
 /// The share of readings equal to the truth, per attribute (NaN-free: 0 for no images).
 pub fn accuracy_per_attribute(read: &[Labels], truth: &[Labels]) -> [f32; ATTRIBUTE_COUNT] {
-    let mut acc = [0f32; ATTRIBUTE_COUNT];
+    let mut hits = [0usize; ATTRIBUTE_COUNT];
     let n = read.len().min(truth.len());
-    if n == 0 {
-        return acc;
-    }
     for (r, t) in read.iter().zip(truth) {
         for a in 0..ATTRIBUTE_COUNT {
-            if r[a] == t[a] {
-                acc[a] += 1.0 / n as f32;
-            }
+            hits[a] += usize::from(r[a] == t[a]);
         }
     }
-    acc
+    hits.map(|h| if n == 0 { 0.0 } else { h as f32 / n as f32 })
 }
 
 /// Prompt adherence: the share of (image, prompt attribute) pairs the reader reads as the

@@ -212,21 +212,20 @@ fn reader_scores(
     scores.prompt_adherence = Some(prompt_adherence(&read, prompts));
     scores.prompt_all_correct = Some(prompt_all_correct(&read, prompts));
     scores.identity_agreement = Some(identity_agreement(&read, identity));
-    let mut acc = vec![0f32; ATTRIBUTE_COUNT];
+    let mut hits = vec![0usize; ATTRIBUTE_COUNT];
     for (i, r) in read.iter().enumerate() {
         let p = prompt_labels(&prompts[i.min(prompts.len() - 1)]);
-        for (a, v) in acc.iter_mut().enumerate() {
+        for (a, h) in hits.iter_mut().enumerate() {
             let want = if IDENTITY_ATTRIBUTES.contains(&a) {
                 identity[a]
             } else {
                 p[a - IDENTITY_ATTRIBUTES.end]
             };
-            if r[a] == want {
-                *v += 1.0 / read.len() as f32;
-            }
+            *h += usize::from(r[a] == want);
         }
     }
-    scores.attribute_accuracy = Some(acc);
+    let n = read.len().max(1) as f32;
+    scores.attribute_accuracy = Some(hits.iter().map(|&h| h as f32 / n).collect());
     Ok(())
 }
 
