@@ -152,6 +152,18 @@ enum Command {
         #[arg(long)]
         device: Option<DeviceChoice>,
     },
+    /// Train the attribute reader (names hair, skin, glasses, expression, background… in a
+    /// portrait; trained on renders only) into a personaliser folder, for the prompt-adherence
+    /// and identity-agreement scores of `eval-personalize` and the Personalise tab.
+    AttributeReaderBuild {
+        /// The preset (TOML), e.g. `presets/attribute-reader.toml`.
+        #[arg(long)]
+        preset: PathBuf,
+        /// Where it computes: auto (a GPU when this binary has CUDA and one is present, else
+        /// the CPU), cpu, cuda:N.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
     /// Personalise from reference photos (DiffLoRA, no fine-tuning): writes a gallery, the
     /// LoRA as an adapter folder and report.json.
     Personalize {
@@ -579,6 +591,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &mut |name, step, total, loss| reporter.report(name, step, total, loss),
             )?;
             println!("built {}", preset.out.display());
+            Ok(())
+        }
+        Command::AttributeReaderBuild { preset, device } => {
+            let device = device.unwrap_or_default().resolve()?;
+            let (report, path) = peft_studio::personalize::attribute_reader::build_reader(
+                &preset,
+                &device,
+                &mut |line| eprintln!("{line}"),
+            )?;
+            for (name, acc) in &report.accuracy {
+                println!("{name}: {:.1}% held out", 100.0 * acc);
+            }
+            println!(
+                "wrote {} ({} bytes) in {:.0} s of training",
+                path.display(),
+                report.file_bytes,
+                report.train_seconds
+            );
             Ok(())
         }
         Command::Export {

@@ -506,6 +506,15 @@ fn snapshot_of_the_personalise_tab() {
         let (diff, base) = (p.diff.as_mut().unwrap(), p.base.as_mut().unwrap());
         // The generated pictures and scores, within a tolerance of the committed ones.
         generated::check("personalise_gallery", &[&diff.gallery, &base.gallery]);
+        // The worker read each gallery with the shipped attribute reader: one line per row
+        // naming every prompt attribute with its count out of the gallery's images.
+        for row in [&*diff, &*base] {
+            let line = row.reading.as_deref().expect("a reader line");
+            let n = row.gallery.images.len();
+            assert!(line.starts_with("reader: "), "{line}");
+            assert_eq!(line.matches(&format!("/{n}")).count(), 5, "{line}");
+            eprintln!("{line}");
+        }
         // Masked tiles and fixed times, so the layout snapshot is the same on every CPU and
         // from run to run.
         for (row, title) in [
@@ -521,6 +530,10 @@ fn snapshot_of_the_personalise_tab() {
             let masked = generated::masked(&row.gallery);
             row.replace_gallery(masked);
             row.title = title.to_string();
+            row.reading = Some(
+                "reader: smile 2/4, face front 3/4, blue background 4/4, even light 4/4, no accessory 1/4"
+                    .to_string(),
+            );
         }
     }
     h.run_steps(4);

@@ -1,6 +1,9 @@
 //! `eval-personalize`: DiffLoRA against the base generator and direct LoRA fine-tuning on
 //! held-out people, scored by the evaluation encoder (never used for conditioning) and, for
-//! synthetic people, by the error of the identity parameters recovered from the images.
+//! synthetic people, by the error of the identity parameters recovered from the images, by
+//! what the attribute reader ([`super::attribute_reader`]) reads in the images (prompt
+//! adherence, identity agreement), and by the Fréchet distance of the images to renders of the
+//! same people and prompts in the evaluation encoder's feature space ([`super::image_stats`]).
 
 use std::fmt::Write as _;
 
@@ -10,7 +13,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::attribute_reader::{
+    ATTRIBUTE_COUNT, ATTRIBUTES, AttributeReader, BUILD_HINT, IDENTITY_ATTRIBUTES, Labels,
+    identity_agreement, identity_labels, prompt_adherence, prompt_all_correct, prompt_labels,
+};
+use super::image_stats::frechet_distance;
+use super::people::PeopleSource;
 use super::pipeline::{Gallery, Personaliser, merged};
+use super::portrait::{Attributes, Identity, render};
 use super::tensors::images_to_tensor;
 
 /// Settings of an evaluation.
@@ -66,6 +76,25 @@ pub struct PathScores {
     pub personalise_seconds: f64,
     /// Seconds to draw the gallery.
     pub gallery_seconds: f64,
+    /// Share of (image, prompt attribute) pairs the attribute reader reads as the prompt
+    /// says (synthetic people with a reader only).
+    #[serde(default)]
+    pub prompt_adherence: Option<f32>,
+    /// Share of images whose five prompt attributes are all read as the prompt says.
+    #[serde(default)]
+    pub prompt_all_correct: Option<f32>,
+    /// Share of (image, identity attribute) pairs the reader reads as the reference person's
+    /// (hair style, hair colour, skin tone, glasses, facial hair).
+    #[serde(default)]
+    pub identity_agreement: Option<f32>,
+    /// Per attribute (the reader's order): the share read correctly — identity attributes
+    /// against the person, prompt attributes against the image's prompt.
+    #[serde(default)]
+    pub attribute_accuracy: Option<Vec<f32>>,
+    /// Fréchet distance of the images to renders of the same people and prompts, in the
+    /// evaluation encoder's feature space (set over all people by [`summarise`]).
+    #[serde(default)]
+    pub frechet: Option<f32>,
 }
 
 /// The outcome of an evaluation.
@@ -90,6 +119,13 @@ pub struct EvalReport {
     /// Every person's identity similarity per path.
     #[serde(default)]
     pub per_person: Vec<PersonSimilarity>,
+    /// The Fréchet distance between two independent render sets of the same people and
+    /// prompts (the floor of [`PathScores::frechet`] at this sample size).
+    #[serde(default)]
+    pub frechet_floor: Option<f32>,
+    /// Why the reader's scores are missing, when they are.
+    #[serde(default)]
+    pub reader_note: Option<String>,
 }
 
 /// A ratio of two means over people, with its bootstrap standard error.
@@ -129,6 +165,72 @@ pub struct PersonEval {
     pub fused: [Vec<f32>; 4],
     /// Scores of each path, same order.
     pub scores: [PathScores; 4],
+    /// Evaluation-encoder features for the Fréchet distances (synthetic people only).
+    #[serde(default)]
+    pub features: Option<FeatureSets>,
+    /// Why the reader's scores are missing, when they are.
+    #[serde(default)]
+    pub reader_note: Option<String>,
+}
+
+/// Evaluation-encoder features of one person's images, for the Fréchet distances.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeatureSets {
+    /// Generated images: base, DiffLoRA, direct.
+    pub generated: [Vec<Vec<f32>>; 3],
+    /// Renders of the person with the gallery's prompt.
+    pub renders: Vec<Vec<f32>>,
+    /// Another render set of the same person and prompt (other render seeds).
+    pub renders_again: Vec<Vec<f32>>,
+}
+
+/// `n` renders of person `identity_seed` with `attrs`, render seeds from `seed`.
+fn renders_of(
+    identity_seed: u64,
+    attrs: &Attributes,
+    n: usize,
+    size: u32,
+    seed: u64,
+) -> Vec<RgbImage> {
+    let id = Identity::random(identity_seed);
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| render(&id, attrs, size, rng.random()))
+        .collect()
+}
+
+/// What the reader reads in `images` against the person `identity` and each image's prompt
+/// (`prompts`: one for all, or one per image).
+fn reader_scores(
+    reader: &AttributeReader,
+    images: &[RgbImage],
+    identity: &[usize; 5],
+    prompts: &[Attributes],
+    scores: &mut PathScores,
+) -> anyhow::Result<()> {
+    let read: Vec<Labels> = reader.read(images)?;
+    scores.prompt_adherence = Some(prompt_adherence(&read, prompts));
+    scores.prompt_all_correct = Some(prompt_all_correct(&read, prompts));
+    scores.identity_agreement = Some(identity_agreement(&read, identity));
+    let mut hits = vec![0usize; ATTRIBUTE_COUNT];
+    for (i, r) in read.iter().enumerate() {
+        let p = prompt_labels(&prompts[i.min(prompts.len() - 1)]);
+        for (a, h) in hits.iter_mut().enumerate() {
+            let want = if IDENTITY_ATTRIBUTES.contains(&a) {
+                identity[a]
+            } else {
+                p[a - IDENTITY_ATTRIBUTES.end]
+            };
+            *h += usize::from(r[a] == want);
+        }
+    }
+    let n = read.len().max(1) as f32;
+    scores.attribute_accuracy = Some(hits.iter().map(|&h| h as f32 / n).collect());
+    Ok(())
+}
+
+fn rows(t: &Tensor) -> anyhow::Result<Vec<Vec<f32>>> {
+    Ok(t.to_device(&crate::device::HOST)?.to_vec2::<f32>()?)
 }
 
 fn fused_of(p: &Personaliser, images: &Tensor) -> anyhow::Result<Vec<f32>> {
@@ -170,6 +272,35 @@ pub fn evaluate_shard(
     let people = preset.people.eval.load(preset.image_size)?;
     anyhow::ensure!(!people.is_empty(), "no evaluation people");
     let device = personaliser.device().clone();
+    let synthetic_seed = match &preset.people.eval {
+        PeopleSource::Synthetic { first_seed, .. } => Some(*first_seed),
+        PeopleSource::Folder { .. } => None,
+    };
+    let (reader, reader_note) = match AttributeReader::load_beside(personaliser.dir(), &device)? {
+        _ if synthetic_seed.is_none() => (
+            None,
+            Some("the attribute reader reads renders: no reader scores for photos".to_string()),
+        ),
+        Some(r) if r.image_size() == preset.image_size => (Some(r), None),
+        Some(r) => (
+            None,
+            Some(format!(
+                "the attribute reader reads {0}×{0} images, the personaliser draws {1}×{1}",
+                r.image_size(),
+                preset.image_size
+            )),
+        ),
+        None => (
+            None,
+            Some(format!(
+                "prompt adherence and identity agreement need the attribute reader {}: build it with `{BUILD_HINT}`",
+                personaliser
+                    .dir()
+                    .join(super::attribute_reader::READER_FILE)
+                    .display()
+            )),
+        ),
+    };
     let mut results = Vec::new();
     for (i, person) in people.iter().enumerate() {
         if i % shards != shard {
@@ -217,6 +348,7 @@ pub fn evaluate_shard(
                     param_error,
                     personalise_seconds: personalise,
                     gallery_seconds: gallery.seconds,
+                    ..PathScores::default()
                 },
             ))
         };
@@ -260,12 +392,68 @@ pub fn evaluate_shard(
             seconds: 0.0,
         };
         let (f_held, s_held) = score(&held_gallery, &held_t, 0.0)?;
+        let mut scores = [s_base, s_diff, s_direct, s_held];
+        let mut features = None;
+        if let Some(first) = synthetic_seed {
+            let person_seed = first + i as u64;
+            let attrs = Attributes::from_words(&[prompt.as_str()]);
+            let galleries = [&base.images, &diff.gallery.images, &direct.images];
+            if let Some(reader) = &reader {
+                let identity = identity_labels(person_seed);
+                for (k, images) in galleries.iter().enumerate() {
+                    reader_scores(reader, images, &identity, &[attrs], &mut scores[k])?;
+                }
+                let held_prompts: Vec<Attributes> = person.prompts[settings.references..]
+                    .iter()
+                    .map(|p| Attributes::from_words(&[p.as_str()]))
+                    .collect();
+                reader_scores(
+                    reader,
+                    &held_gallery.images,
+                    &identity,
+                    &held_prompts,
+                    &mut scores[3],
+                )?;
+            }
+            let embed = |images: &[RgbImage]| -> anyhow::Result<Vec<Vec<f32>>> {
+                rows(
+                    &personaliser
+                        .eval_encoder()
+                        .embed(&images_to_tensor(images, &device)?)?,
+                )
+            };
+            let size = preset.image_size;
+            let render_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ person_seed;
+            features = Some(FeatureSets {
+                generated: [
+                    embed(galleries[0])?,
+                    embed(galleries[1])?,
+                    embed(galleries[2])?,
+                ],
+                renders: embed(&renders_of(
+                    person_seed,
+                    &attrs,
+                    settings.images,
+                    size,
+                    render_seed,
+                ))?,
+                renders_again: embed(&renders_of(
+                    person_seed,
+                    &attrs,
+                    settings.images,
+                    size,
+                    render_seed ^ 0x5DEE_CE66_D1CE_4E5B,
+                ))?,
+            });
+        }
         results.push(PersonEval {
             index: i,
             name: person.name.clone(),
             fused_refs,
             fused: [f_base, f_diff, f_direct, f_held],
-            scores: [s_base, s_diff, s_direct, s_held],
+            scores,
+            features,
+            reader_note: reader_note.clone(),
         });
         progress(i + 1, people.len(), &person.name);
     }
@@ -343,6 +531,37 @@ pub fn summarise(settings: EvalSettings, results: &[PersonEval]) -> anyhow::Resu
             m.gallery_seconds += s.gallery_seconds / n as f64;
         }
     }
+    for (k, m) in mean.iter_mut().enumerate() {
+        let of = |f: fn(&PathScores) -> Option<f32>| -> Option<f32> {
+            let v: Option<Vec<f32>> = results.iter().map(|r| f(&r.scores[k])).collect();
+            v.map(|v| v.iter().sum::<f32>() / v.len() as f32)
+        };
+        m.prompt_adherence = of(|s| s.prompt_adherence);
+        m.prompt_all_correct = of(|s| s.prompt_all_correct);
+        m.identity_agreement = of(|s| s.identity_agreement);
+        m.attribute_accuracy = (0..ATTRIBUTE_COUNT)
+            .map(|a| {
+                let v: Option<Vec<f32>> = results
+                    .iter()
+                    .map(|r| r.scores[k].attribute_accuracy.as_ref().map(|x| x[a]))
+                    .collect();
+                v.map(|v| v.iter().sum::<f32>() / v.len() as f32)
+            })
+            .collect();
+    }
+    let feats: Option<Vec<&FeatureSets>> = results.iter().map(|r| r.features.as_ref()).collect();
+    let mut frechet_floor = None;
+    if let Some(feats) = feats {
+        let pool = |f: &dyn Fn(&FeatureSets) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            feats.iter().flat_map(|x| f(x).iter().cloned()).collect()
+        };
+        let renders = pool(&|x| &x.renders);
+        for (k, m) in mean.iter_mut().take(3).enumerate() {
+            m.frechet = Some(frechet_distance(&pool(&|x| &x.generated[k]), &renders)? as f32);
+        }
+        frechet_floor = Some(frechet_distance(&pool(&|x| &x.renders_again), &renders)? as f32);
+    }
+    let reader_note = results.iter().find_map(|r| r.reader_note.clone());
     let [base, difflora, direct, held_out_real] = mean;
     let per_person: Vec<PersonSimilarity> = results
         .iter()
@@ -365,7 +584,116 @@ pub fn summarise(settings: EvalSettings, results: &[PersonEval]) -> anyhow::Resu
         held_out_real,
         ratio,
         per_person,
+        frechet_floor,
+        reader_note,
     })
+}
+
+/// Target of prompt adherence (every path) and of the two ratios to direct fine-tuning.
+pub const READER_TARGET: f32 = 0.9;
+
+/// "met" or "missed by X points" for a share `value` against `target`.
+fn verdict(value: f32, target: f32) -> String {
+    if value >= target {
+        "met".to_string()
+    } else {
+        format!("missed by {:.1} points", 100.0 * (target - value))
+    }
+}
+
+impl EvalReport {
+    /// The attribute reader's scores, the Fréchet distances and the targets, as markdown
+    /// (empty without any of them).
+    pub fn reader_markdown(&self) -> String {
+        let mut s = String::new();
+        let paths = [
+            ("base generator (no LoRA)", &self.base),
+            ("DiffLoRA (predicted LoRA)", &self.difflora),
+            ("direct LoRA fine-tuning", &self.direct),
+            ("held-out renders (ceiling)", &self.held_out_real),
+        ];
+        let pct = |v: Option<f32>| v.map_or("–".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        s.push_str("\n## What a person sees: attribute reader and Fréchet distance\n\n");
+        if let Some(note) = &self.reader_note {
+            let _ = writeln!(s, "{note}.\n");
+        }
+        s.push_str("| path | prompt adherence | all 5 prompt attributes right | identity agreement | Fréchet distance to renders |\n");
+        s.push_str("| --- | ---: | ---: | ---: | ---: |\n");
+        for (name, p) in paths {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {} |",
+                pct(p.prompt_adherence),
+                pct(p.prompt_all_correct),
+                pct(p.identity_agreement),
+                p.frechet.map_or("–".to_string(), |f| format!("{f:.3}"))
+            );
+        }
+        if let Some(floor) = self.frechet_floor {
+            let _ = writeln!(
+                s,
+                "\nFréchet distance between two independent render sets of the same people and prompts (the floor at this sample size): {floor:.3}. Features: the evaluation encoder's embeddings; one gallery's images against renders of its person with its prompt, pooled over people."
+            );
+        }
+        if self.difflora.attribute_accuracy.is_some() {
+            s.push_str("\nPer attribute (identity attributes against the person, prompt attributes against the prompt):\n\n| attribute | base | DiffLoRA | direct | held-out renders |\n| --- | ---: | ---: | ---: | ---: |\n");
+            for (a, spec) in ATTRIBUTES.iter().enumerate() {
+                let at = |p: &PathScores| pct(p.attribute_accuracy.as_ref().map(|v| v[a]));
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    spec.name,
+                    at(&self.base),
+                    at(&self.difflora),
+                    at(&self.direct),
+                    at(&self.held_out_real)
+                );
+            }
+        }
+        s.push_str("\nTargets on the held-out people:\n\n");
+        for (name, p) in &paths[..3] {
+            if let Some(v) = p.prompt_adherence {
+                let _ = writeln!(
+                    s,
+                    "- prompt adherence ≥ 90%, {name}: {:.1}% — {}",
+                    100.0 * v,
+                    verdict(v, READER_TARGET)
+                );
+            }
+        }
+        if let (Some(d), Some(r), Some(b)) = (
+            self.difflora.identity_agreement,
+            self.direct.identity_agreement,
+            self.base.identity_agreement,
+        ) {
+            let ratio = if r > 0.0 { d / r } else { 0.0 };
+            let _ = writeln!(
+                s,
+                "- DiffLoRA's identity agreement ≥ 90% of direct LoRA's: {:.1}% / {:.1}% = {:.0}% — {}",
+                100.0 * d,
+                100.0 * r,
+                100.0 * ratio,
+                verdict(ratio, READER_TARGET)
+            );
+            let _ = writeln!(
+                s,
+                "- DiffLoRA's identity agreement far above the base generator's: {:.1}% vs {:.1}% ({:+.1} points)",
+                100.0 * d,
+                100.0 * b,
+                100.0 * (d - b)
+            );
+        }
+        if self.direct.identity_similarity > 0.0 {
+            let _ = writeln!(
+                s,
+                "- identity-similarity ratio ≥ 90% of direct: {:.0}% (standard error {:.0} points) — {}",
+                100.0 * self.ratio.value,
+                100.0 * self.ratio.standard_error,
+                verdict(self.ratio.value, READER_TARGET)
+            );
+        }
+        s
+    }
 }
 
 impl EvalReport {
@@ -407,6 +735,7 @@ impl EvalReport {
                 self.direct.personalise_seconds / self.difflora.personalise_seconds.max(1e-9)
             );
         }
+        s.push_str(&self.reader_markdown());
         s
     }
 }

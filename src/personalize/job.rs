@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use image::RgbImage;
 
+use super::attribute_reader::{AttributeReader, gallery_reading_line};
 use super::commands::{check_writable_dir, contact_sheet, save_png};
 use super::evaluate::MAX_IMAGES;
 use super::pipeline::{Gallery, Personaliser, StageSeconds};
@@ -91,6 +92,50 @@ pub struct PersonaliseResult {
     pub direct: Option<DirectResult>,
     /// The files written, when the request named a folder.
     pub written: Option<Written>,
+    /// What the attribute reader reads in each gallery against the prompt (computed here, on
+    /// the worker, not by the window).
+    pub reading: ReaderLines,
+}
+
+/// One line per gallery: what the attribute reader reads in it against the prompt, e.g.
+/// `reader: smile 4/4, face front 2/4, blue background 3/4, even light 4/4, hat 0/4`, or why
+/// there is no reading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReaderLines {
+    /// The DiffLoRA gallery's.
+    pub diff: String,
+    /// The base generator's gallery's, when drawn.
+    pub base: Option<String>,
+    /// The direct LoRA's gallery's, when drawn.
+    pub direct: Option<String>,
+}
+
+/// The reader's lines for the galleries of a job (see [`ReaderLines`]).
+fn reader_lines(
+    p: &Personaliser,
+    prompt: &str,
+    diff: &Gallery,
+    base: Option<&Gallery>,
+    direct: Option<&Gallery>,
+) -> ReaderLines {
+    let line: Box<dyn Fn(&Gallery) -> String> = if !p.preset().people.generator.is_synthetic() {
+        Box::new(|_| "reader: reads renders only (this personaliser draws photos)".to_string())
+    } else {
+        match AttributeReader::load_beside(p.dir(), p.device()) {
+            Ok(reader) => {
+                Box::new(move |g| gallery_reading_line(reader.as_ref(), &g.images, prompt))
+            }
+            Err(e) => {
+                let why = format!("reader: {e}");
+                Box::new(move |_| why.clone())
+            }
+        }
+    };
+    ReaderLines {
+        diff: line(diff),
+        base: base.map(&line),
+        direct: direct.map(&line),
+    }
 }
 
 /// What the worker reports of a personalisation job.
@@ -140,7 +185,15 @@ pub fn run(req: &PersonaliseRequest, progress: Progress<'_>) -> anyhow::Result<P
     } else {
         None
     };
+    let reading = reader_lines(
+        p,
+        prompt,
+        &diff.gallery,
+        base.as_ref(),
+        direct.as_ref().map(|d| &d.gallery),
+    );
     let mut result = PersonaliseResult {
+        reading,
         adapted: diff.adapted,
         lora: diff.lora,
         diff: diff.gallery,

@@ -11,7 +11,11 @@
 //!   one personalisation end to end (the worker's job and the `personalize` command's), with
 //!   the stages of [`progress`], and [`commands`] holds the command-line work (options and
 //!   output folders checked before any work).
+//! - [`attribute_reader`] names the attributes a person sees in a portrait (trained on renders
+//!   only) for prompt adherence and identity agreement; [`image_stats`] holds the Fréchet
+//!   distance of the evaluation.
 
+pub mod attribute_reader;
 pub mod bank;
 pub mod build;
 pub mod commands;
@@ -23,6 +27,7 @@ pub mod generator_training;
 pub mod hyper;
 pub mod identity_encoder;
 pub mod identity_folder;
+pub mod image_stats;
 pub mod job;
 pub mod people;
 pub mod pipeline;

@@ -237,6 +237,33 @@ const HAIR_PALETTE: [[u8; 3]; 10] = [
 ];
 const HAIR_WEIGHTS: [f32; 10] = [3.0, 3.0, 2.5, 1.5, 1.2, 2.0, 0.8, 1.2, 0.5, 0.5];
 
+/// Names of the skin tones of the palette [`Identity::random`] draws from, light to dark.
+pub const SKIN_TONES: [&str; 9] = [
+    "skin 1 (lightest)",
+    "skin 2",
+    "skin 3",
+    "skin 4",
+    "skin 5",
+    "skin 6",
+    "skin 7",
+    "skin 8",
+    "skin 9 (darkest)",
+];
+
+/// Names of the hair colours of the palette [`Identity::random`] draws from.
+pub const HAIR_COLOURS: [&str; 10] = [
+    "black",
+    "dark brown",
+    "brown",
+    "auburn",
+    "ginger",
+    "blonde",
+    "platinum",
+    "grey",
+    "blue",
+    "pink",
+];
+
 /// Iris colours: dark brown, brown, hazel, amber, green, blue, grey.
 const EYE_PALETTE: [[u8; 3]; 7] = [
     [52, 32, 20],
@@ -330,11 +357,20 @@ impl Identity {
     /// parameters are uniform in their ranges; facial hair and glasses are each absent about
     /// half the time.
     pub fn random(seed: u64) -> Identity {
+        Self::random_with_palette(seed).0
+    }
+
+    /// [`Identity::random`] with the palette entries it drew the colours from: the skin tone
+    /// (index into [`SKIN_TONES`]) and the hair colour (index into [`HAIR_COLOURS`]), before
+    /// their jitter (what an attribute reader learns to name).
+    pub fn random_with_palette(seed: u64) -> (Identity, usize, usize) {
         let mut rng = SplitMix64::new(seed, 0x1D3E_7717);
-        let skin_base = rgb(SKIN_PALETTE[rng.index(SKIN_PALETTE.len())]);
+        let skin_index = rng.index(SKIN_PALETTE.len());
+        let skin_base = rgb(SKIN_PALETTE[skin_index]);
         let skin = jitter(&mut rng, skin_base, 0.03);
         let hair_style = HairStyle::from_index(rng.weighted(&[1.0, 1.0, 0.5, 0.7, 0.8, 0.7]));
-        let hair_base = rgb(HAIR_PALETTE[rng.weighted(&HAIR_WEIGHTS)]);
+        let hair_index = rng.weighted(&HAIR_WEIGHTS);
+        let hair_base = rgb(HAIR_PALETTE[hair_index]);
         let hair_color = jitter(&mut rng, hair_base, 0.04);
         let eye_base = rgb(EYE_PALETTE[rng.index(EYE_PALETTE.len())]);
         let eye_color = jitter(&mut rng, eye_base, 0.04);
@@ -344,7 +380,7 @@ impl Identity {
             lip_color[c] = (0.45 * skin[c] + 0.55 * tint[c]).clamp(0.0, 1.0);
         }
         let lip_color = jitter(&mut rng, lip_color, 0.03);
-        Identity {
+        let identity = Identity {
             face_ratio: rng.range(Self::FACE_RATIO),
             jaw_width: rng.range(Self::JAW_WIDTH),
             skin,
@@ -361,7 +397,8 @@ impl Identity {
             lip_color,
             facial_hair: FacialHair::from_index(rng.weighted(&[5.0, 2.0, 3.0])),
             glasses: Glasses::from_index(rng.weighted(&[5.0, 2.5, 2.5])),
-        }
+        };
+        (identity, skin_index, hair_index)
     }
 
     /// The parameters normalised to `[0, 1]`, [`IDENTITY_DIMS`] long, in the order documented

@@ -107,6 +107,8 @@ pub struct GalleryRow {
     pub title: String,
     /// The images and their identity scores.
     pub gallery: Gallery,
+    /// What the attribute reader reads in it against the prompt (one line), when known.
+    pub reading: Option<String>,
     textures: Vec<TextureHandle>,
 }
 
@@ -115,6 +117,7 @@ impl GalleryRow {
         Self {
             title,
             gallery,
+            reading: None,
             textures: Vec::new(),
         }
     }
@@ -374,14 +377,18 @@ fn show_result(s: &mut PersonaliseState, r: Arc<PersonaliseResult>) {
         seconds(r.seconds.personalise_total),
         seconds(r.seconds.gallery)
     );
-    s.diff = Some(GalleryRow::new(title, r.diff.clone()));
+    let mut diff = GalleryRow::new(title, r.diff.clone());
+    diff.reading = Some(r.reading.diff.clone());
+    s.diff = Some(diff);
     s.base = r.base.as_ref().map(|g| {
         let title = format!(
             "Base generator (no LoRA): mean identity {:.2}; gallery in {}",
             g.mean_score(),
             seconds(g.seconds)
         );
-        GalleryRow::new(title, g.clone())
+        let mut row = GalleryRow::new(title, g.clone());
+        row.reading = r.reading.base.clone();
+        row
     });
     s.direct = r.direct.as_ref().map(|d| {
         let title = format!(
@@ -390,7 +397,9 @@ fn show_result(s: &mut PersonaliseState, r: Arc<PersonaliseResult>) {
             seconds(d.train_seconds),
             seconds(d.gallery.seconds)
         );
-        GalleryRow::new(title, d.gallery.clone())
+        let mut row = GalleryRow::new(title, d.gallery.clone());
+        row.reading = r.reading.direct.clone();
+        row
     });
     s.result = Some(r);
 }

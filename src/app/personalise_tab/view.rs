@@ -290,4 +290,7 @@ fn gallery_ui(ui: &mut Ui, ctx: &egui::Context, key: &str, row: &mut GalleryRow)
             });
         }
     });
+    if let Some(line) = &row.reading {
+        ui.label(line);
+    }
 }
