@@ -212,7 +212,7 @@ fn reader_scores(
     scores.prompt_adherence = Some(prompt_adherence(&read, prompts));
     scores.prompt_all_correct = Some(prompt_all_correct(&read, prompts));
     scores.identity_agreement = Some(identity_agreement(&read, identity));
-    let mut hits = vec![0usize; ATTRIBUTE_COUNT];
+    let mut hits = [0usize; ATTRIBUTE_COUNT];
     for (i, r) in read.iter().enumerate() {
         let p = prompt_labels(&prompts[i.min(prompts.len() - 1)]);
         for (a, h) in hits.iter_mut().enumerate() {
