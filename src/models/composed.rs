@@ -146,7 +146,7 @@ fn causal_bias(t: usize, window: usize, like: &Tensor) -> Result<Tensor> {
 
 /// The kv heads repeated for grouped-query attention: (B, H_kv, T, d) → (B, H_kv·rep, T, d),
 /// query head h reading kv head h / rep.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use super::config::LlamaConfig;
 use crate::models::ModelError;
 use crate::models::attention::{causal_attention, fused_attention_applies};
+use crate::models::composed::repeat_kv;
 use crate::models::lm_ops::{rms_norm, rope_heads, swiglu_down};
 use crate::models::ops::softmax_last_dim;
 use crate::models::weights::{Fill, WeightReader};
@@ -473,18 +474,6 @@ impl LlamaModel {
             .sum();
         lin + head + other
     }
-}
-
-/// (B, n_kv, T, d) → (B, n_kv·rep, T, d): head h reads key/value head h / rep.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, n, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, n, rep, t, d))?
-        .contiguous()?
-        .reshape((b, n * rep, t, d))
 }
 
 impl LinearLayers for LlamaModel {
