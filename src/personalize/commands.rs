@@ -299,15 +299,23 @@ pub fn eval_command(
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
     let title = format!("eval-personalize: {}", model.display());
-    write_atomic(
-        &out.with_extension("md"),
-        report.markdown(&title).as_bytes(),
-    )?;
+    let markdown = format!("{}\n{}", report.markdown(&title), machine_line(device));
+    write_atomic(&out.with_extension("md"), markdown.as_bytes())?;
     write_atomic(
         &out.with_extension("json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// Where an evaluation ran, for its table: the CPU model (the seconds depend on it) and the
+/// device; DiffLoRA has no PyTorch peer to run beside it.
+fn machine_line(device: &Device) -> String {
+    format!(
+        "Measured on {}, device {}. No PyTorch + PEFT peer exists for personalisation (`../shared/peer` times MiniLM and SmolLM2 training steps), so the seconds are ours alone; direct LoRA fine-tuning is the in-project baseline.\n",
+        crate::bench::machine::CpuInfo::detect().describe(),
+        crate::device::label(device)
+    )
 }
 
 /// Runs shards `0..jobs` of the evaluation as worker processes of `exe` and collects every
