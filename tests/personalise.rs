@@ -367,6 +367,61 @@ fn tiny_build_personalise_and_adapter_round_trip() {
 }
 
 /// The report with its timings zeroed (they differ between runs).
+/// A latent personaliser builds its image codec first (with a preview to look at), and then
+/// the whole pipeline runs on the codec's latents: bank, personalisation, gallery of images.
+#[test]
+fn tiny_latent_build_and_personalise() {
+    let dir = TempDir::new("difflora-tiny-latent");
+    let preset = DiffLoraPreset::tiny_latent(&dir.path("model"));
+    preset.validate().unwrap();
+    let mut stages = Vec::new();
+    build(
+        &preset,
+        Stage::All,
+        &candle_core::Device::Cpu,
+        &mut |s, _, _, l| {
+            assert!(l.is_finite(), "{s}: loss {l}");
+            if stages.last() != Some(&s.to_string()) {
+                stages.push(s.to_string());
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(stages[..3], ["codec", "generator", "lora-bank"]);
+    for f in [
+        files::CODEC,
+        files::CODEC_CHECKPOINT,
+        files::CODEC_PREVIEW,
+        files::GENERATOR,
+        files::GENERATOR_PREVIEW,
+        files::DENOISER,
+    ] {
+        assert!(preset.out.join(f).exists(), "{f} missing");
+    }
+    let preview = image::open(preset.out.join(files::CODEC_PREVIEW)).unwrap();
+    assert!(preview.width() >= 2 * 32 * 4 && preview.height() >= 2 * 32 * 4);
+    let p = Personaliser::load(&preset.out, &candle_core::Device::Cpu).unwrap();
+    assert!(p.generator().codec().is_some());
+    let a = p
+        .personalise(&sample_person(0, 32), "smile, hat", 2, 5)
+        .unwrap();
+    assert_eq!(a.gallery.images.len(), 2);
+    assert!(
+        a.gallery
+            .images
+            .iter()
+            .all(|i| i.width() == 32 && i.height() == 32)
+    );
+    // A preset whose codec draws another size than `image_size` is refused, naming the field.
+    let mut bad = preset.clone();
+    bad.image_size = 64;
+    let err = bad.validate().unwrap_err();
+    assert!(
+        err.to_string().contains("unet.codec.image_size 32"),
+        "{err}"
+    );
+}
+
 fn without_seconds(mut r: EvalReport) -> EvalReport {
     for p in [
         &mut r.base,
@@ -517,31 +572,42 @@ fn generator_training_resumes_exactly() {
         ..GeneratorTraining::default()
     };
     let mut straight = Vec::new();
-    let a = train_generator(&cfg, &x, &prompts, &training, None, &mut |_, _, l| {
-        straight.push(l)
-    })
+    let a = train_generator(
+        &cfg,
+        None,
+        &x,
+        &prompts,
+        &training,
+        None,
+        &mut |_, _, l| straight.push(l),
+        &mut |_| Ok(()),
+    )
     .unwrap();
     // Interrupted after step 3 (the checkpoint holds step 2), then resumed.
     let ckpt = dir.path("gen.ckpt");
     let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train_generator(
             &cfg,
+            None,
             &x,
             &prompts,
             &training,
             Some(&ckpt),
             &mut |s, _, _| assert!(s < 3, "session ended"),
+            &mut |_| Ok(()),
         )
     }));
     assert!(interrupted.is_err());
     let mut resumed = Vec::new();
     let b = train_generator(
         &cfg,
+        None,
         &x,
         &prompts,
         &training,
         Some(&ckpt),
         &mut |s, _, l| resumed.push((s, l)),
+        &mut |_| Ok(()),
     )
     .unwrap();
     assert_eq!(resumed.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4]);
@@ -559,11 +625,13 @@ fn generator_training_resumes_exactly() {
     other.base_channels = 8;
     let err = train_generator(
         &other,
+        None,
         &x,
         &prompts,
         &training,
         Some(&ckpt),
         &mut |_, _, _| {},
+        &mut |_| Ok(()),
     )
     .unwrap_err();
     assert!(

@@ -5,6 +5,14 @@
 pub const GENERATOR: &str = "generator.safetensors";
 /// The generator's training checkpoint (the last one stays, to train longer later).
 pub const GENERATOR_CHECKPOINT: &str = "generator.checkpoint.safetensors";
+/// A latent generator's image codec (its weights are also inside the generator file).
+pub const CODEC: &str = "image_codec.safetensors";
+/// The codec's training checkpoint.
+pub const CODEC_CHECKPOINT: &str = "image_codec.checkpoint.safetensors";
+/// Held-out renders above their codec reconstructions (enlarged), to look at.
+pub const CODEC_PREVIEW: &str = "image_codec_preview.png";
+/// Generator samples for a few prompts (enlarged), to look at; redrawn at every checkpoint.
+pub const GENERATOR_PREVIEW: &str = "generator_preview.png";
 /// The preset the folder was built from.
 pub const PRESET: &str = "preset.toml";
 /// The identity-oriented LoRA bank.

@@ -1,16 +1,17 @@
-//! Pre-training the text-to-portrait [`Generator`] as a DDPM, with checkpoints every N steps
+//! Pre-training the text-to-portrait [`Generator`] as a DDPM (and a latent generator's
+//! [`ImageCodec`] before it), with checkpoints every N steps
 //! and exact resume (a session may end mid-run; the next one continues from the checkpoint).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::fsio::write_safetensors;
-use crate::models::unet::{Generator, UnetConfig};
+use crate::models::unet::{CodecConfig, Generator, ImageCodec, UnetConfig};
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// How the generator is trained.
@@ -66,16 +67,22 @@ const STEP_KEY: &str = "step";
 const CONFIG_KEY: &str = "unet_config";
 
 /// Trains a generator of architecture `cfg` on `images` (N, C, S, S in [-1, 1]) with one
-/// prompt each. When `checkpoint` is given, the run resumes from it if it exists (same
-/// architecture required) and writes it every `checkpoint_every` steps; the batches of a step
-/// depend only on `(seed, step)`, so a resumed run equals an uninterrupted one.
+/// prompt each. A latent generator (`cfg.codec` set) needs its trained `codec`: the images are
+/// encoded once and the UNet trains on their latents. When `checkpoint` is given, the run
+/// resumes from it if it exists (same architecture required) and writes it every
+/// `checkpoint_every` steps; the batches of a step depend only on `(seed, step)`, so a resumed
+/// run equals an uninterrupted one. `after_checkpoint` sees the generator after each
+/// checkpoint (the build draws a preview with it).
+#[allow(clippy::too_many_arguments)] // data, recipe, checkpoint and two hooks: each distinct
 pub fn train_generator(
     cfg: &UnetConfig,
+    codec: Option<ImageCodec>,
     images: &Tensor,
     prompts: &[String],
     training: &GeneratorTraining,
     checkpoint: Option<&Path>,
     progress: Progress<'_>,
+    after_checkpoint: &mut dyn FnMut(&Generator) -> anyhow::Result<()>,
 ) -> anyhow::Result<Generator> {
     let n = images.dim(0)?;
     anyhow::ensure!(n > 0, "no training images");
@@ -84,12 +91,113 @@ pub fn train_generator(
         "{} prompts for {n} images",
         prompts.len()
     );
-    anyhow::ensure!(training.batch > 0, "batch must be positive");
     let device = images.device().clone();
     let mut generator = Generator::new(cfg.clone(), &device)?;
+    match codec {
+        Some(c) => generator.set_codec(c)?,
+        None => anyhow::ensure!(
+            cfg.codec.is_none(),
+            "a latent generator trains with its trained image codec"
+        ),
+    }
+    let latents = generator.to_latents(images)?;
     let vars = generator.trainable_vars()?;
-    let mut opt = AdamW::new(
+    let config = serde_json::to_string(cfg)?;
+    run_steps(
         vars.into_iter().map(|(_, v)| v).collect(),
+        n,
+        training,
+        Checkpointing {
+            path: checkpoint,
+            what: "generator",
+            config: &config,
+        },
+        progress,
+        &mut |idx, rng| {
+            let idx_t = Tensor::from_vec(idx.to_vec(), idx.len(), &device)?;
+            let batch = latents.index_select(&idx_t, 0)?;
+            let batch_prompts: Vec<String> =
+                idx.iter().map(|&i| prompts[i as usize].clone()).collect();
+            let loss = generator.latent_loss_from(&batch, &batch_prompts, rng, 0)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok((loss, value))
+        },
+        &mut || after_checkpoint(&generator),
+    )?;
+    Ok(generator)
+}
+
+/// Trains the image codec of architecture `cfg` on `images` (N, C, S, S in [-1, 1]), with
+/// checkpoints and exact resume as [`train_generator`]; the progress reports the mean absolute
+/// reconstruction error. Ends by measuring the latent statistics on (up to 2048 of) the images.
+pub fn train_codec(
+    cfg: &CodecConfig,
+    images: &Tensor,
+    training: &GeneratorTraining,
+    checkpoint: Option<&Path>,
+    progress: Progress<'_>,
+) -> anyhow::Result<ImageCodec> {
+    let n = images.dim(0)?;
+    anyhow::ensure!(n > 0, "no training images");
+    let device = images.device().clone();
+    let mut codec = ImageCodec::new(cfg.clone(), &device)?;
+    let vars = codec.trainable_vars()?;
+    let config = serde_json::to_string(cfg)?;
+    run_steps(
+        vars.into_iter().map(|(_, v)| v).collect(),
+        n,
+        training,
+        Checkpointing {
+            path: checkpoint,
+            what: "image codec",
+            config: &config,
+        },
+        progress,
+        &mut |idx, rng| {
+            let idx_t = Tensor::from_vec(idx.to_vec(), idx.len(), &device)?;
+            Ok(codec.loss(&images.index_select(&idx_t, 0)?, rng)?)
+        },
+        &mut || Ok(()),
+    )?;
+    codec.set_latent_statistics(&images.narrow(0, 0, n.min(2048))?)?;
+    Ok(codec)
+}
+
+/// One step's loss from the batch's indices and the step's random numbers: `(loss, value to
+/// report)`.
+type StepLoss<'a> = &'a mut dyn FnMut(&[u32], &mut StdRng) -> anyhow::Result<(Tensor, f32)>;
+
+/// Where a training loop checkpoints, and what: the checkpoint is tagged with the trained
+/// model's kind and configuration, and refused for another.
+struct Checkpointing<'a> {
+    path: Option<&'a Path>,
+    what: &'a str,
+    config: &'a str,
+}
+
+/// The AdamW loop both trainings share: seeded batches of `n` items per step, the learning
+/// rate schedule, a finite-loss check, checkpoints of the optimiser (variables and moments)
+/// tagged with `config` of the `what` they train (`after_checkpoint` runs after each), and resume from them.
+fn run_steps(
+    vars: Vec<Var>,
+    n: usize,
+    training: &GeneratorTraining,
+    Checkpointing {
+        path: checkpoint,
+        what,
+        config,
+    }: Checkpointing<'_>,
+    progress: Progress<'_>,
+    step_loss: StepLoss<'_>,
+    after_checkpoint: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(training.batch > 0, "batch must be positive");
+    let device = vars
+        .first()
+        .map(|v| v.device().clone())
+        .ok_or_else(|| anyhow::anyhow!("nothing to train"))?;
+    let mut opt = AdamW::new(
+        vars,
         AdamWParams {
             lr: training.lr,
             weight_decay: training.weight_decay,
@@ -98,22 +206,15 @@ pub fn train_generator(
     )?;
     let mut start = 0;
     if let Some(path) = checkpoint.filter(|p| p.exists()) {
-        start = load_checkpoint(path, cfg, &mut opt, &device)?;
-        log::info!(
-            "resuming the generator from step {start} ({})",
-            path.display()
-        );
+        start = load_checkpoint(path, (what, config), &mut opt, &device)?;
+        log::info!("resuming the {what} from step {start} ({})", path.display());
     }
     for step in start..training.steps {
         let mut rng = StdRng::seed_from_u64(training.seed.wrapping_mul(0x9E37_79B9) ^ step as u64);
         let idx: Vec<u32> = (0..training.batch)
             .map(|_| rng.random_range(0..n) as u32)
             .collect();
-        let idx_t = Tensor::from_vec(idx.clone(), training.batch, &device)?;
-        let batch = images.index_select(&idx_t, 0)?;
-        let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i as usize].clone()).collect();
-        let loss = generator.loss(&batch, &batch_prompts, &mut rng)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let (loss, value) = step_loss(&idx, &mut rng)?;
         anyhow::ensure!(
             value.is_finite(),
             "the loss is {value} at step {}",
@@ -127,17 +228,18 @@ pub fn train_generator(
             && training.checkpoint_every > 0
             && (done % training.checkpoint_every == 0 || done == training.steps)
         {
-            save_checkpoint(path, cfg, &opt)?;
+            save_checkpoint(path, config, &opt)?;
+            after_checkpoint()?;
         }
     }
-    Ok(generator)
+    Ok(())
 }
 
-fn save_checkpoint(path: &Path, cfg: &UnetConfig, opt: &AdamW) -> anyhow::Result<()> {
+fn save_checkpoint(path: &Path, config: &str, opt: &AdamW) -> anyhow::Result<()> {
     let (tensors, step) = opt.state("opt");
     let meta: HashMap<String, String> = [
         (STEP_KEY.to_string(), step.to_string()),
-        (CONFIG_KEY.to_string(), serde_json::to_string(cfg)?),
+        (CONFIG_KEY.to_string(), config.to_string()),
     ]
     .into();
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
@@ -147,7 +249,7 @@ fn save_checkpoint(path: &Path, cfg: &UnetConfig, opt: &AdamW) -> anyhow::Result
 
 fn load_checkpoint(
     path: &Path,
-    cfg: &UnetConfig,
+    (what, config): (&str, &str),
     opt: &mut AdamW,
     device: &Device,
 ) -> anyhow::Result<usize> {
@@ -156,13 +258,11 @@ fn load_checkpoint(
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| at(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
-    let saved: UnetConfig = serde_json::from_str(
-        meta.get(CONFIG_KEY)
-            .ok_or_else(|| at("no generator config".into()))?,
-    )?;
+    let saved: serde_json::Value =
+        serde_json::from_str(meta.get(CONFIG_KEY).ok_or_else(|| at("no config".into()))?)?;
     anyhow::ensure!(
-        &saved == cfg,
-        "checkpoint {} was written for another generator architecture; delete it to start over",
+        saved == serde_json::from_str::<serde_json::Value>(config)?,
+        "checkpoint {} was written for another {what} architecture; delete it to start over",
         path.display()
     );
     let step: usize = meta

@@ -442,7 +442,7 @@ impl Personaliser {
             steps: self.preset.sampling.steps,
             eta: 0.0,
             prediction: generator.config().prediction,
-            clip_x0: Some(1.0),
+            clip_x0: Some(generator.x0_bound()?),
             seed,
         };
         let prompt = if self.preset.people.generator.is_synthetic() {

@@ -69,9 +69,14 @@ impl DiffLoraPreset {
             self.image_size
         );
         anyhow::ensure!(
-            self.unet.image_size as u32 == self.image_size,
-            "unet.image_size {} differs from image_size {}",
-            self.unet.image_size,
+            self.unet.pixel_size() as u32 == self.image_size,
+            "{} {} differs from image_size {}",
+            if self.unet.codec.is_some() {
+                "unet.codec.image_size"
+            } else {
+                "unet.image_size"
+            },
+            self.unet.pixel_size(),
             self.image_size
         );
         self.unet
@@ -85,6 +90,12 @@ impl DiffLoraPreset {
         }
         people("people.eval_encoder", &r.eval_encoder)?;
         people("people.eval", &r.eval)?;
+        if self.unet.codec.is_some() {
+            let c = &self.codec_training;
+            count("codec_training.steps", c.steps, 1, MAX_STAGE_STEPS)
+                .map_err(|e| e.context("an untrained codec would be saved"))?;
+            count("codec_training.batch", c.batch, 1, 4096)?;
+        }
         let g = &self.generator_training;
         count("generator_training.steps", g.steps, 1, MAX_STAGE_STEPS)
             .map_err(|e| e.context("an untrained generator would be saved"))?;

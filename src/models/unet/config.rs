@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::{Prediction, ScheduleConfig, ScheduleKind};
 
+use super::codec::CodecConfig;
 use super::{Result, UnetError};
 
 /// Architecture and training settings of the [`Generator`].
@@ -48,6 +49,11 @@ pub struct UnetConfig {
     pub p_uncond: f64,
     /// Seed of the weight initialisation.
     pub seed: u64,
+    /// A latent generator's image codec: the UNet then diffuses the codec's latents
+    /// (`image_size` and `channels` are the latent's side and channels) and the generator takes
+    /// and draws images of the codec's size. Absent: the UNet diffuses pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecConfig>,
 }
 
 impl Default for UnetConfig {
@@ -76,6 +82,7 @@ impl Default for UnetConfig {
             prediction: Prediction::Epsilon,
             p_uncond: 0.1,
             seed: 0,
+            codec: None,
         }
     }
 }
@@ -94,6 +101,18 @@ impl UnetConfig {
             time_embed_dim: 64,
             ..Self::default()
         }
+    }
+
+    /// Side of the images the generator takes and draws (the codec's when it has one).
+    pub fn pixel_size(&self) -> usize {
+        self.codec
+            .as_ref()
+            .map_or(self.image_size, |c| c.image_size)
+    }
+
+    /// Channels of the images the generator takes and draws.
+    pub fn pixel_channels(&self) -> usize {
+        self.codec.as_ref().map_or(self.channels, |c| c.channels)
     }
 
     /// Channels of each level.
@@ -159,6 +178,19 @@ impl UnetConfig {
         }
         if self.schedule.steps == 0 {
             return bad("schedule.steps must be > 0".into());
+        }
+        if let Some(codec) = &self.codec {
+            codec.validate()?;
+            if codec.latent_size() != self.image_size || codec.latent_channels != self.channels {
+                return bad(format!(
+                    "a latent generator's image_size {} and channels {} must be its codec's \
+                     latent side {} and latent_channels {}",
+                    self.image_size,
+                    self.channels,
+                    codec.latent_size(),
+                    codec.latent_channels
+                ));
+            }
         }
         Ok(())
     }

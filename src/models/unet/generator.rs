@@ -14,6 +14,7 @@ use crate::peft::AdaptedLinear;
 use crate::peft::linear::LinearLayers;
 
 use super::blocks::*;
+use super::codec::ImageCodec;
 use super::config::*;
 use super::net::*;
 use super::text::*;
@@ -27,6 +28,9 @@ use super::{Result, UnetError};
 /// Metadata key of the config JSON in a saved generator.
 pub(crate) const CONFIG_KEY: &str = "unet_config";
 
+/// Name prefix of a latent generator's codec tensors in a saved generator.
+const CODEC_PREFIX: &str = "codec.";
+
 /// Text encoder + UNet + noise schedule + tokenizer: trains with the DDPM ε-loss and samples
 /// with DDIM and classifier-free guidance.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct Generator {
     pub(crate) unet: Unet,
     pub(crate) schedule: NoiseSchedule,
     pub(crate) device: Device,
+    /// The image codec of a latent generator (frozen; trained on its own beforehand).
+    pub(crate) codec: Option<ImageCodec>,
 }
 
 impl Generator {
@@ -59,6 +65,10 @@ impl Generator {
         let text = TextEncoder::new(&cfg, &mut init)?;
         let unet = Unet::new(&cfg, &mut init)?;
         let schedule = NoiseSchedule::new(cfg.schedule)?;
+        let codec = match &cfg.codec {
+            Some(c) => Some(ImageCodec::new(c.clone(), device)?),
+            None => None,
+        };
         Ok(Self {
             cfg,
             vocab,
@@ -66,7 +76,56 @@ impl Generator {
             unet,
             schedule,
             device: device.clone(),
+            codec,
         })
+    }
+
+    /// Installs the trained image codec of a latent generator; its configuration must be the
+    /// generator's `codec`.
+    pub fn set_codec(&mut self, codec: ImageCodec) -> Result<()> {
+        if self.cfg.codec.as_ref() != Some(codec.config()) {
+            return Err(UnetError::Config(format!(
+                "the codec's configuration {:?} is not the generator's {:?}",
+                codec.config(),
+                self.cfg.codec
+            )));
+        }
+        self.codec = Some(codec);
+        Ok(())
+    }
+
+    /// The image codec of a latent generator.
+    pub fn codec(&self) -> Option<&ImageCodec> {
+        self.codec.as_ref()
+    }
+
+    /// Side of the images the generator takes and draws.
+    pub fn image_size(&self) -> usize {
+        self.cfg.pixel_size()
+    }
+
+    /// What the UNet diffuses for `images` (B, C, S, S) in [-1, 1]: the images themselves, or
+    /// a latent generator's (detached) latents, encoded in chunks.
+    pub fn to_latents(&self, images: &Tensor) -> Result<Tensor> {
+        let Some(codec) = &self.codec else {
+            return Ok(images.to_dtype(DType::F32)?);
+        };
+        let n = images.dim(0)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(64));
+        for start in (0..n).step_by(64) {
+            let chunk = images.narrow(0, start, (n - start).min(64))?;
+            parts.push(codec.encode(&chunk)?.detach());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The bound a sampler clips predicted clean values to: 1 for pixels, the largest
+    /// |latent| seen in the codec's training for a latent generator.
+    pub fn x0_bound(&self) -> Result<f64> {
+        match &self.codec {
+            Some(c) => Ok(c.latent_statistics()?.1 as f64),
+            None => Ok(1.0),
+        }
     }
 
     /// The configuration.
@@ -147,6 +206,19 @@ impl Generator {
     /// [`loss`](Self::loss) with timesteps drawn from `min_t..T` only (identity LoRAs train on
     /// the noisier part of the schedule, where the prompt leaves the face undetermined).
     pub fn loss_from<R: Rng + ?Sized>(
+        &self,
+        images: &Tensor,
+        prompts: &[String],
+        rng: &mut R,
+        min_t: usize,
+    ) -> Result<Tensor> {
+        let latents = self.to_latents(images)?;
+        self.latent_loss_from(&latents, prompts, rng, min_t)
+    }
+
+    /// [`loss_from`](Self::loss_from) on what the UNet diffuses ([`to_latents`](Self::to_latents)
+    /// of the images, computed once for a whole data set by the caller).
+    pub fn latent_loss_from<R: Rng + ?Sized>(
         &self,
         images: &Tensor,
         prompts: &[String],
@@ -277,9 +349,10 @@ impl Generator {
                 run().map_err(|e| candle_core::Error::Msg(e.to_string()))
             },
         );
-        match out {
-            Err(_) if stopped => Ok(None),
-            out => Ok(Some(out?.clamp(-1.0, 1.0)?)),
+        match (out, &self.codec) {
+            (Err(_), _) if stopped => Ok(None),
+            (out, None) => Ok(Some(out?.clamp(-1.0, 1.0)?)),
+            (out, Some(codec)) => Ok(Some(codec.decode(&out?)?)),
         }
     }
 
@@ -334,6 +407,15 @@ impl Generator {
                 out.push((format!("{}.bias", l.path()), b.detach()));
             }
         }
+        if let Some(codec) = &self.codec {
+            let mut codec = codec.clone();
+            out.extend(
+                codec
+                    .named_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("{CODEC_PREFIX}{n}"), t)),
+            );
+        }
         Ok(out)
     }
 
@@ -350,7 +432,7 @@ impl Generator {
                 m * n + l.bias().map_or(0, |b| b.elem_count())
             })
             .sum();
-        p + l
+        p + l + self.codec.clone().map_or(0, |mut c| c.parameter_count())
     }
 
     /// Writes every weight ([`named_tensors`](Self::named_tensors)) to a safetensors file, with
@@ -403,6 +485,9 @@ impl Generator {
             let w = take(&format!("{}.weight", l.path()), &[m, n])?;
             let b = take(&format!("{}.bias", l.path()), &[m])?;
             *l = AdaptedLinear::new(l.path().to_string(), w, Some(b));
+        }
+        if let Some(codec) = &mut g.codec {
+            codec.load_from(&mut tensors, CODEC_PREFIX, &path.display().to_string())?;
         }
         Ok(g)
     }

@@ -13,12 +13,14 @@
 //! encoder is a separate [`LinearLayers`] (adapt it through [`Generator::text_encoder_mut`]).
 
 mod blocks;
+mod codec;
 mod config;
 mod generator;
 mod net;
 mod text;
 mod vocab;
 
+pub use codec::{CodecConfig, ImageCodec};
 pub use config::UnetConfig;
 pub use generator::Generator;
 pub use net::Unet;
