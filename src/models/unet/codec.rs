@@ -49,13 +49,13 @@ pub struct CodecConfig {
 }
 
 impl Default for CodecConfig {
-    /// 64 × 64 RGB to 4 × 16 × 16, widths 32/48/64.
+    /// 64 × 64 RGB to 4 × 16 × 16, widths 16/32/64.
     fn default() -> Self {
         Self {
             image_size: 64,
             channels: 3,
             latent_channels: 4,
-            widths: vec![32, 48, 64],
+            widths: vec![16, 32, 64],
             norm_groups: 8,
             latent_penalty: 1e-3,
             decoder_noise: 0.1,
@@ -163,12 +163,14 @@ impl CodecBlock {
     }
 }
 
-/// One level of the encoder (a block, then a stride-2 conv except at the last level) or of the
-/// decoder (a block, then ×2 upsampling and a conv except at the last level).
+/// One resolution level: a change of resolution and width (except at the first level: in the
+/// encoder a stride-2 conv, in the decoder ×2 nearest upsampling and a conv), then a residual
+/// block at the new width. Changing the width with the resolution keeps every convolution at
+/// full resolution narrow, which is where the cost is.
 #[derive(Debug, Clone)]
 struct CodecLevel {
-    block: CodecBlock,
     resample: Option<Conv>,
+    block: CodecBlock,
 }
 
 /// The convolutional autoencoder between images and latents (see the module doc).
@@ -205,18 +207,16 @@ impl ImageCodec {
         let last = w[levels - 1];
         let enc_in = init.conv("encoder.conv_in", w[0], cfg.channels, 3, 1)?;
         let mut enc_levels = Vec::with_capacity(levels);
-        let mut prev = w[0];
         for (i, &wi) in w.iter().enumerate() {
             let p = format!("encoder.down_blocks.{i}");
             enc_levels.push(CodecLevel {
-                block: CodecBlock::new(&mut init, &format!("{p}.resnets.0"), prev, wi, g)?,
-                resample: if i + 1 < levels {
-                    Some(init.conv(&format!("{p}.downsamplers.0.conv"), wi, wi, 3, 2)?)
+                resample: if i > 0 {
+                    Some(init.conv(&format!("{p}.downsamplers.0.conv"), wi, w[i - 1], 3, 2)?)
                 } else {
                     None
                 },
+                block: CodecBlock::new(&mut init, &format!("{p}.resnets.0"), wi, wi, g)?,
             });
-            prev = wi;
         }
         let enc_mid = CodecBlock::new(&mut init, "encoder.mid_block.resnets.0", last, last, g)?;
         let enc_norm = init.group_norm("encoder.conv_norm_out", last, g)?;
@@ -224,18 +224,17 @@ impl ImageCodec {
         let dec_in = init.conv("decoder.conv_in", last, cfg.latent_channels, 3, 1)?;
         let dec_mid = CodecBlock::new(&mut init, "decoder.mid_block.resnets.0", last, last, g)?;
         let mut dec_levels = Vec::with_capacity(levels);
-        let mut prev = last;
         for (k, &wj) in w.iter().rev().enumerate() {
             let p = format!("decoder.up_blocks.{k}");
             dec_levels.push(CodecLevel {
-                block: CodecBlock::new(&mut init, &format!("{p}.resnets.0"), prev, wj, g)?,
-                resample: if k + 1 < levels {
-                    Some(init.conv(&format!("{p}.upsamplers.0.conv"), wj, wj, 3, 1)?)
+                resample: if k > 0 {
+                    let prev = w[levels - k];
+                    Some(init.conv(&format!("{p}.upsamplers.0.conv"), wj, prev, 3, 1)?)
                 } else {
                     None
                 },
+                block: CodecBlock::new(&mut init, &format!("{p}.resnets.0"), wj, wj, g)?,
             });
-            prev = wj;
         }
         let dec_norm = init.group_norm("decoder.conv_norm_out", w[0], g)?;
         let dec_out = init.conv("decoder.conv_out", cfg.channels, w[0], 3, 1)?;
@@ -316,10 +315,10 @@ impl ImageCodec {
         self.check_images(images)?;
         let mut h = self.enc_in.forward(&images.to_dtype(DType::F32)?)?;
         for level in &self.enc_levels {
-            h = level.block.forward(&h)?;
             if let Some(down) = &level.resample {
                 h = down.forward(&h)?;
             }
+            h = level.block.forward(&h)?;
         }
         let h = self.enc_mid.forward(&h)?;
         self.enc_out.forward(&self.enc_norm.forward(&h)?.silu()?)
@@ -329,10 +328,10 @@ impl ImageCodec {
     fn decode_raw(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = self.dec_mid.forward(&self.dec_in.forward(z)?)?;
         for level in &self.dec_levels {
-            h = level.block.forward(&h)?;
             if let Some(up) = &level.resample {
                 h = up.forward(&upsample2(&h)?)?;
             }
+            h = level.block.forward(&h)?;
         }
         self.dec_out.forward(&self.dec_norm.forward(&h)?.silu()?)
     }
@@ -384,10 +383,10 @@ impl ImageCodec {
         let mut v = Vec::new();
         self.enc_in.params_mut(&mut v);
         for l in &mut self.enc_levels {
-            l.block.params_mut(&mut v);
             if let Some(c) = &mut l.resample {
                 c.params_mut(&mut v);
             }
+            l.block.params_mut(&mut v);
         }
         self.enc_mid.params_mut(&mut v);
         self.enc_norm.params_mut(&mut v);
@@ -395,10 +394,10 @@ impl ImageCodec {
         self.dec_in.params_mut(&mut v);
         self.dec_mid.params_mut(&mut v);
         for l in &mut self.dec_levels {
-            l.block.params_mut(&mut v);
             if let Some(c) = &mut l.resample {
                 c.params_mut(&mut v);
             }
+            l.block.params_mut(&mut v);
         }
         self.dec_norm.params_mut(&mut v);
         self.dec_out.params_mut(&mut v);
