@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::TempDir;
+use peft_studio::data::portrait::{Attributes, Identity, render};
 use peft_studio::personalize::attribute_reader::{
     ATTRIBUTE_COUNT, ATTRIBUTES, AttributeReader, Labels, READER_FILE, ReaderConfig,
     accuracy_per_attribute, identity_agreement, identity_labels, labelled_renders,
@@ -15,7 +16,6 @@ use peft_studio::personalize::evaluate::{
     EvalSettings, FeatureSets, PathScores, PersonEval, summarise,
 };
 use peft_studio::personalize::pipeline::builtin_dir;
-use peft_studio::personalize::{Attributes, Identity, render};
 
 fn shipped() -> AttributeReader {
     AttributeReader::load(&builtin_dir().join(READER_FILE), &Device::Cpu)

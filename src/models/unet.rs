@@ -23,6 +23,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::ops::{gelu_erf, layer_norm, masked_softmax};
+use crate::data::portrait::{Accessory, Attributes, Background, Expression, HeadTurn, Lighting};
 use crate::diffusion::{
     DdimConfig, DiffusionError, NoiseSchedule, Prediction, ScheduleConfig, ScheduleKind,
     ddim_sample, guided, seeded_normal,
@@ -30,9 +31,6 @@ use crate::diffusion::{
 use crate::fsio::{read_safetensors, write_safetensors};
 use crate::peft::linear::LinearLayers;
 use crate::peft::{AdaptedLinear, PeftError};
-use crate::personalize::portrait::{
-    Accessory, Attributes, Background, Expression, HeadTurn, Lighting,
-};
 
 /// Errors of the generator; each says which field, tensor or file is wrong.
 #[derive(Debug, thiserror::Error)]

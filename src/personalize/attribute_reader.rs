@@ -34,11 +34,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::identity_encoder::im2col;
-use super::portrait::{
+use super::tensors::images_to_tensor;
+use crate::data::portrait::{
     Accessory, Attributes, Background, Expression, FacialHair, Glasses, HAIR_COLOURS, HairStyle,
     HeadTurn, Identity, Lighting, SKIN_TONES, render,
 };
-use super::tensors::images_to_tensor;
 use crate::fsio::{read_safetensors, write_atomic, write_safetensors};
 use crate::models::ops::{gelu_erf, layer_norm};
 use crate::train::optim::{AdamW, AdamWParams};

@@ -1091,7 +1091,8 @@ impl ParamRegressor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::personalize::{Attributes, IDENTITY_DIMS, Identity, images_to_tensor, render};
+    use crate::data::portrait::{Attributes, IDENTITY_DIMS, Identity, render};
+    use crate::personalize::images_to_tensor;
 
     /// Identities `first..first + ids` × `per` portraits with random attributes; `variant` picks other
     /// attribute and render seeds. Returns (images, labels, identity vectors per image).
