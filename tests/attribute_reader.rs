@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::TempDir;
+use peft_studio::data::portrait::{Attributes, Identity, render};
 use peft_studio::personalize::attribute_reader::{
     ATTRIBUTE_COUNT, ATTRIBUTES, AttributeReader, Labels, READER_FILE, ReaderConfig,
     accuracy_per_attribute, identity_agreement, identity_labels, labelled_renders,
@@ -15,7 +16,6 @@ use peft_studio::personalize::evaluate::{
     EvalSettings, FeatureSets, PathScores, PersonEval, summarise,
 };
 use peft_studio::personalize::pipeline::builtin_dir;
-use peft_studio::personalize::{Attributes, Identity, render};
 
 fn shipped() -> AttributeReader {
     AttributeReader::load(&builtin_dir().join(READER_FILE), &Device::Cpu)
@@ -73,11 +73,11 @@ fn adherence_and_agreement_are_high_on_renders_and_low_on_wrong_attributes() {
         // The wrong prompt: every prompt attribute another class.
         let w = wrong(&prompt_labels(&attrs), 5..10);
         let wrong_attrs = Attributes {
-            expression: peft_studio::personalize::Expression::from_index(w[0]),
-            head_turn: peft_studio::personalize::HeadTurn::from_index(w[1]),
-            background: peft_studio::personalize::Background::from_index(w[2]),
-            lighting: peft_studio::personalize::Lighting::from_index(w[3]),
-            accessory: peft_studio::personalize::Accessory::from_index(w[4]),
+            expression: peft_studio::data::portrait::Expression::from_index(w[0]),
+            head_turn: peft_studio::data::portrait::HeadTurn::from_index(w[1]),
+            background: peft_studio::data::portrait::Background::from_index(w[2]),
+            lighting: peft_studio::data::portrait::Lighting::from_index(w[3]),
+            accessory: peft_studio::data::portrait::Accessory::from_index(w[4]),
         };
         wrong_adherence += prompt_adherence(&read, &[wrong_attrs]) / people as f32;
         wrong_agreement += identity_agreement(&read, &wrong(&identity, 0..5)) / people as f32;

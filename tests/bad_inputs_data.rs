@@ -7,11 +7,11 @@ mod bad;
 use std::path::{Path, PathBuf};
 
 use bad::{Scratch, Tally, image_bytes};
+use peft_studio::data::identity_folder::load_references;
 use peft_studio::data::{DataConfig, DataSource, load};
 use peft_studio::personalize::build::DiffLoraPreset;
 use peft_studio::personalize::commands::{EvalWorkers, eval_command, personalize_command};
 use peft_studio::personalize::evaluate::EvalSettings;
-use peft_studio::personalize::load_references;
 
 fn text(path: PathBuf) -> Result<(), String> {
     load(&DataConfig {

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
+use peft_studio::data::identity_folder::load_references;
 use peft_studio::personalize::commands::sample_person;
-use peft_studio::personalize::identity_folder::load_references;
 use peft_studio::personalize::pipeline::{Personaliser, builtin_dir};
 
 fn orl() -> Option<PathBuf> {

@@ -12,7 +12,7 @@ use peft_studio::personalize::generator_training::{
     GeneratorTraining, train_codec, train_generator,
 };
 use peft_studio::personalize::images_to_tensor;
-use peft_studio::personalize::people::synthetic_person;
+use peft_studio::data::people::synthetic_person;
 
 fn tiny_codec() -> CodecConfig {
     CodecConfig {

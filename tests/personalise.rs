@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::Tensor;
 use common::TempDir;
+use peft_studio::data::portrait::{Attributes, Identity, render};
 use peft_studio::peft::checkpoint::load_adapter;
 use peft_studio::personalize::bank::{LoraBank, with_fresh_lora};
 use peft_studio::personalize::build::{DiffLoraPreset, Stage, build, files};
@@ -13,9 +14,8 @@ use peft_studio::personalize::commands::{personalize_command, sample_person, sav
 use peft_studio::personalize::evaluate::{
     EvalReport, EvalSettings, evaluate, evaluate_shard, ratio_estimate, summarise,
 };
+use peft_studio::personalize::images_to_tensor;
 use peft_studio::personalize::pipeline::Personaliser;
-use peft_studio::personalize::{Attributes, Identity};
-use peft_studio::personalize::{images_to_tensor, render};
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
@@ -509,8 +509,8 @@ fn flatten_unflatten_is_exact_and_checked() {
 
 #[test]
 fn bank_build_resumes_after_an_interruption() {
+    use peft_studio::data::people::synthetic_person;
     use peft_studio::personalize::bank::{LoraRecipe, build_bank};
-    use peft_studio::personalize::people::synthetic_person;
     let dir = TempDir::new("difflora-bank-resume");
     let g = tiny_generator();
     let people: Vec<_> = (0..2).map(|i| synthetic_person(50 + i, 3, 32, 0)).collect();
@@ -556,8 +556,8 @@ fn bank_build_resumes_after_an_interruption() {
 
 #[test]
 fn generator_training_resumes_exactly() {
+    use peft_studio::data::people::synthetic_person;
     use peft_studio::personalize::generator_training::{GeneratorTraining, train_generator};
-    use peft_studio::personalize::people::synthetic_person;
     let dir = TempDir::new("difflora-gen-resume");
     let people: Vec<_> = (0..3).map(|i| synthetic_person(i, 2, 32, 0)).collect();
     let images: Vec<_> = people.iter().flat_map(|p| p.images.clone()).collect();

@@ -8,7 +8,8 @@ use common::TempDir;
 use std::path::{Path, PathBuf};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
-use peft_studio::personalize::*;
+use peft_studio::data::identity_folder::*;
+use peft_studio::data::portrait::*;
 
 /// Mean absolute difference per channel, in 0..255 units.
 fn mad(a: &RgbImage, b: &RgbImage) -> f64 {

@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use peft_studio::data::portrait::{Attributes, Identity, render};
 use peft_studio::diffusion::DdimConfig;
 use peft_studio::models::unet::{Generator, PromptVocab, UnetConfig};
 use peft_studio::peft::linear::{LinearLayers, attach_adapters, trainable_vars};
 use peft_studio::peft::{AdapterConfig, Method, Targets};
-use peft_studio::personalize::{Attributes, Identity, render};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

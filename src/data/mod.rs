@@ -10,11 +10,26 @@
 //! - A folder with one sub-folder of images per class (png, jpeg, pnm, bmp, gif, webp, tiff).
 //! - Texts with labels in `.csv` / `.tsv` (header row) or `.jsonl` files.
 //! - Built-ins ([`BUILTIN_DATASETS`]) from the assets folder ([`assets_dir`]).
+//!
+//! The portraits of personalisation (DiffLoRA) are data too:
+//!
+//! - [`portrait`]: a procedural, deterministic renderer of synthetic cartoon faces. Every face
+//!   comes from an [`Identity`](portrait::Identity) (the person: face shape, colours, hair,
+//!   eyes, nose, mouth, facial hair, glasses) and [`Attributes`](portrait::Attributes) (what a
+//!   text prompt can change: expression, head turn, background, lighting, accessory), so
+//!   identity ground truth is exact.
+//! - [`identity_folder`]: real photos laid out one sub-folder per person (like the ORL faces),
+//!   and a folder of one person's reference photos.
+//! - [`people`]: sets of people with their portraits, drawn by the renderer or read from an
+//!   identity folder ([`PeopleSource`](people::PeopleSource)).
 
 mod chat_template;
+pub mod identity_folder;
 mod idx;
 mod image_folder;
 mod instruct;
+pub mod people;
+pub mod portrait;
 pub(crate) mod split;
 mod text;
 

@@ -8,6 +8,8 @@
 //! - [`attention`]: fused causal self-attention (grouped-query) with a backward.
 //! - [`lm_ops`]: the LLaMA family's fused kernels (RMSNorm, RoPE, SwiGLU, cross-entropy).
 //! - [`vmath`]: the vectorised `erf`/`exp` those kernels use.
+//! - [`kit`]: the small layer kit of the DiffLoRA models (seeded init, dense layers, 3×3
+//!   convolutions, learning-rate schedule, batch order, safetensors files with their config).
 //!
 //! The classifiers implement [`Classifier`]; the causal language models have their own
 //! forward ([`llama::LlamaModel`]). Module paths always use the classification models'
@@ -19,6 +21,7 @@ pub mod bert;
 pub mod composed;
 pub mod encoder;
 pub mod hub;
+pub mod kit;
 pub mod llama;
 pub mod lm_ops;
 pub mod ops;

@@ -10,41 +10,47 @@
 //!
 //! # Architecture
 //!
-//! The identity encoder's building blocks ([`im2col`](super::identity_encoder) convolutions,
-//! layer norm, GELU, 2×2 average pools; see `identity_encoder.rs`): `stages` 3×3 convolution
-//! stages of `width·2^i` channels, the flattened map projected to `hidden` features (layer
-//! norm, GELU), then one linear layer holding every attribute's logits side by side (one
-//! softmax head per attribute). Images are (N, 3, S, S) in [-1, 1], like every other model
+//! The identity encoders' network, the layer kit's [`ConvTower`]: `stages` 3×3 convolution
+//! stages (im2col + matmul, layer norm, GELU, 2×2 average pool) of `width·2^i` channels, the
+//! flattened map projected to `hidden` features (layer norm, GELU), then one linear layer
+//! (`head.out`) holding every attribute's logits side by side (one softmax head per
+//! attribute). Images are (N, 3, S, S) in [-1, 1], like every other model
 //! of the personaliser.
 //!
 //! The weights are stored as f16 (the reader is an instrument, not a model to fine-tune;
 //! the build measures its held-out accuracy after that rounding) with the config as JSON in the
 //! safetensors metadata under [`CONFIG_KEY`].
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::identity_encoder::im2col;
-use super::portrait::{
+use super::tensors::images_to_tensor;
+use crate::data::portrait::{
     Accessory, Attributes, Background, Expression, FacialHair, Glasses, HAIR_COLOURS, HairStyle,
     HeadTurn, Identity, Lighting, SKIN_TONES, render,
 };
-use super::tensors::images_to_tensor;
-use crate::fsio::{read_safetensors, write_atomic, write_safetensors};
-use crate::models::ops::{gelu_erf, layer_norm};
+use crate::fsio::write_atomic;
+use crate::models::kit::{
+    ConvTower, Epochs, Fresh, ModelFile, ModelKind, Shuffle, WarmupCosine, save_model,
+};
 use crate::train::optim::{AdamW, AdamWParams};
 
 /// Metadata key under which [`AttributeReader::save`] stores the config as JSON.
 pub const CONFIG_KEY: &str = "attribute_reader_config";
+
+/// A saved reader: the config under [`CONFIG_KEY`].
+const READER_KIND: ModelKind = ModelKind {
+    config_key: CONFIG_KEY,
+    name: "attribute reader",
+    format: None,
+};
 
 /// The reader's file inside a personaliser folder.
 pub const READER_FILE: &str = "attribute_reader.safetensors";
@@ -252,67 +258,32 @@ impl ReaderConfig {
         Ok(())
     }
 
-    /// Names and shapes of every weight, in the network's order.
-    fn param_specs(&self) -> Vec<(String, Vec<usize>)> {
-        let mut v = Vec::new();
-        let mut cin = 3;
-        for i in 0..self.stages {
-            let c = self.width << i;
-            v.push((format!("stage{i}.conv.weight"), vec![9 * cin, c]));
-            v.push((format!("stage{i}.conv.bias"), vec![c]));
-            v.push((format!("stage{i}.norm.weight"), vec![c]));
-            v.push((format!("stage{i}.norm.bias"), vec![c]));
-            cin = c;
+    /// The network: the identity encoders' tower with every attribute's logits as output.
+    fn tower(&self) -> ConvTower {
+        ConvTower {
+            image_size: self.image_size,
+            width: self.width,
+            stages: self.stages,
+            hidden: self.hidden,
+            outputs: total_classes(),
+            output: "out",
         }
-        let side = self.image_size >> self.stages;
-        v.push((
-            "head.fc1.weight".into(),
-            vec![side * side * cin, self.hidden],
-        ));
-        v.push(("head.fc1.bias".into(), vec![self.hidden]));
-        v.push(("head.norm.weight".into(), vec![self.hidden]));
-        v.push(("head.norm.bias".into(), vec![self.hidden]));
-        v.push(("head.out.weight".into(), vec![self.hidden, total_classes()]));
-        v.push(("head.out.bias".into(), vec![total_classes()]));
-        v
     }
 
-    fn lr_at(&self, step: usize) -> f64 {
-        let warm = (self.steps / 10).clamp(1, 100);
-        if step < warm {
-            return self.lr * (step + 1) as f64 / warm as f64;
+    /// Linear warm-up over a tenth of the steps (1 to 100), then cosine decay to 5 %.
+    fn lr_schedule(&self) -> WarmupCosine {
+        WarmupCosine {
+            peak: self.lr,
+            warmup: (self.steps / 10).clamp(1, 100),
+            steps: self.steps,
+            floor: 0.05,
         }
-        let t = (step - warm) as f64 / self.steps.saturating_sub(warm).max(1) as f64;
-        self.lr * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
     }
 }
 
 /// Logits (B, total classes) of channels-last images (B, S, S, 3).
 fn forward(cfg: &ReaderConfig, params: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
-    let (b, _, _, _) = x.dims4()?;
-    let mut p = params.iter();
-    let mut next = || {
-        p.next()
-            .ok_or_else(|| anyhow::anyhow!("the reader has too few weights"))
-    };
-    let mut x = x.clone();
-    let mut side = cfg.image_size;
-    for i in 0..cfg.stages {
-        let c = cfg.width << i;
-        let (w, bias, nw, nb) = (next()?, next()?, next()?, next()?);
-        let cin = x.dim(3)?;
-        let cols = im2col(&x)?.reshape((b * side * side, 9 * cin))?;
-        let y = cols.matmul(w)?.broadcast_add(bias)?;
-        let y = gelu_erf(&layer_norm(&y, nw, nb, 1e-5)?)?;
-        let half = side / 2;
-        x = (y.reshape((b, half, 2, half, 2, c))?.sum(4)?.sum(2)? * 0.25)?;
-        side = half;
-    }
-    let flat = x.reshape((b, ()))?;
-    let (w1, b1, nw, nb, w2, b2) = (next()?, next()?, next()?, next()?, next()?, next()?);
-    let h = flat.matmul(w1)?.broadcast_add(b1)?;
-    let h = gelu_erf(&layer_norm(&h, nw, nb, 1e-5)?)?;
-    Ok(h.matmul(w2)?.broadcast_add(b2)?)
+    Ok(cfg.tower().forward(params, x)?)
 }
 
 /// Channels-last f32 host copy of images in [-1, 1].
@@ -365,25 +336,9 @@ impl AttributeReader {
         let per = s * s * 3;
         let n = images.len();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut vars = Vec::new();
-        for (name, dims) in cfg.param_specs() {
-            let count: usize = dims.iter().product();
-            let t = if name.ends_with("norm.weight") {
-                Tensor::ones(dims.as_slice(), DType::F32, device)?
-            } else if name.ends_with("bias") {
-                Tensor::zeros(dims.as_slice(), DType::F32, device)?
-            } else {
-                let gain = if name.starts_with("head.out") {
-                    1.0
-                } else {
-                    2.0
-                };
-                let d = Normal::new(0.0f32, (gain / dims[0] as f64).sqrt() as f32)?;
-                let v: Vec<f32> = (0..count).map(|_| d.sample(&mut rng)).collect();
-                Tensor::from_vec(v, dims.as_slice(), device)?
-            };
-            vars.push(Var::from_tensor(&t)?);
-        }
+        let mut fresh = Fresh::trainable(&mut rng, device);
+        cfg.tower().build(&mut fresh)?;
+        let vars = fresh.into_vars();
         let mut opt = AdamW::new(
             vars.clone(),
             AdamWParams {
@@ -393,21 +348,14 @@ impl AttributeReader {
             },
         )?;
         let bsz = cfg.batch.min(n);
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut cursor = n;
+        let mut epochs = Epochs::new(n, Shuffle::FisherYates)?;
+        let lr = cfg.lr_schedule();
         let mut batch = vec![0f32; bsz * per];
         let k = total_classes();
         for step in 0..cfg.steps {
             let mut onehot = vec![0f32; bsz * k];
             for j in 0..bsz {
-                if cursor == n {
-                    for i in (1..n).rev() {
-                        order.swap(i, rng.random_range(0..=i));
-                    }
-                    cursor = 0;
-                }
-                let idx = order[cursor];
-                cursor += 1;
+                let idx = epochs.next_index(&mut rng);
                 batch[j * per..(j + 1) * per].copy_from_slice(&host[idx * per..(idx + 1) * per]);
                 let mut offset = 0;
                 for (a, spec) in ATTRIBUTES.iter().enumerate() {
@@ -436,7 +384,7 @@ impl AttributeReader {
             }
             let loss = loss.ok_or_else(|| anyhow::anyhow!("no attributes"))?;
             let grads = loss.backward()?;
-            opt.params.lr = cfg.lr_at(step);
+            opt.params.lr = lr.lr_at(step);
             opt.step(&grads)?;
             progress(step, loss.to_scalar::<f32>()?);
         }
@@ -499,44 +447,21 @@ impl AttributeReader {
     /// Writes the weights (f16) with the config in the metadata, atomically.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let mut tensors = Vec::new();
-        for ((name, _), t) in self.cfg.param_specs().into_iter().zip(&self.params) {
+        for (name, t) in self.cfg.tower().named(&self.params) {
             tensors.push((name, t.to_dtype(DType::F16)?));
         }
-        let json = serde_json::to_string(&self.cfg)?;
-        let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        write_safetensors(path, &tensors, meta).map_err(|e| file_err(path, e.reason()))
+        save_model(path, &READER_KIND, &self.cfg, &[], &tensors)
+            .map_err(|e| anyhow::anyhow!("attribute reader {e}"))
     }
 
     /// Reads a reader written by [`save`](Self::save) onto `device`; the error names the file.
     pub fn load(path: &Path, device: &Device) -> anyhow::Result<Self> {
-        let (mut tensors, json) = read_safetensors(path, CONFIG_KEY, "attribute reader", device)
-            .map_err(|e| file_err(path, e.reason()))?;
-        if let Some(name) = crate::models::weights::first_non_finite(&tensors)? {
-            return Err(file_err(
-                path,
-                format!("tensor `{name}` holds NaN or infinite values"),
-            ));
-        }
-        let cfg: ReaderConfig =
-            serde_json::from_str(&json).map_err(|e| file_err(path, format!("bad config: {e}")))?;
+        let named = |e| anyhow::anyhow!("attribute reader {e}");
+        let mut file = ModelFile::open(path, &READER_KIND, device).map_err(named)?;
+        let cfg: ReaderConfig = file.config().map_err(named)?;
         cfg.validate().map_err(|e| file_err(path, e))?;
-        let mut params = Vec::new();
-        for (name, dims) in cfg.param_specs() {
-            let t = tensors
-                .remove(&name)
-                .ok_or_else(|| file_err(path, format!("tensor `{name}` is missing")))?;
-            anyhow::ensure!(
-                t.dims() == dims.as_slice(),
-                file_err(
-                    path,
-                    format!(
-                        "tensor `{name}` has shape {:?}, expected {dims:?}",
-                        t.dims()
-                    )
-                )
-            );
-            params.push(t.to_dtype(DType::F32)?);
-        }
+        let params = cfg.tower().build(&mut file).map_err(named)?;
+        file.finish().map_err(named)?;
         Ok(Self {
             cfg,
             params,

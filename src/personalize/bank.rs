@@ -17,9 +17,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::people::PersonImages;
 use super::progress::Cancelled;
 use super::tensors::images_to_tensor;
+use crate::data::people::PersonImages;
 use crate::device::HOST;
 use crate::fsio::{read_safetensors, write_safetensors};
 use crate::models::unet::Generator;

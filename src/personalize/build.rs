@@ -19,9 +19,9 @@ use super::hyper::{AutoencoderConfig, DenoiserConfig, LatentDenoiser, LoraAutoen
 use super::identity_encoder::{
     EncoderConfig, IdentityEncoder, ParamRegressor, centroid_accuracy_of,
 };
-use super::people::{PeopleSource, PersonImages};
-use super::portrait::IDENTITY_DIMS;
 use super::tensors::{images_to_tensor, tensor_to_images};
+use crate::data::people::{PeopleSource, PersonImages};
+use crate::data::portrait::IDENTITY_DIMS;
 use crate::fsio::write_atomic;
 use crate::models::unet::{CodecConfig, Generator, ImageCodec, UnetConfig};
 

@@ -11,10 +11,10 @@ use serde::Serialize;
 
 use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate, summarise};
 use super::familiarity::Familiarity;
-use super::identity_folder::load_references;
 use super::job::{self, PersonaliseRequest};
 use super::pipeline::{Personaliser, StageSeconds};
-use super::portrait::render_set;
+use crate::data::identity_folder::load_references;
+use crate::data::portrait::render_set;
 use crate::fsio::write_atomic;
 
 /// Most worker processes of `eval-personalize --jobs`.

@@ -18,10 +18,10 @@ use super::attribute_reader::{
     identity_agreement, identity_labels, prompt_adherence, prompt_all_correct, prompt_labels,
 };
 use super::image_stats::frechet_distance;
-use super::people::PeopleSource;
 use super::pipeline::{Gallery, Personaliser, merged};
-use super::portrait::{Attributes, Identity, render};
 use super::tensors::images_to_tensor;
+use crate::data::people::PeopleSource;
+use crate::data::portrait::{Attributes, Identity, render};
 
 /// Settings of an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::people::PersonImages;
+use crate::data::people::PersonImages;
 use crate::device::HOST;
 use crate::fsio::{read_safetensors, write_safetensors};
 use crate::peft::decompose::{mat_to_tensor, top_svd};

@@ -3,7 +3,7 @@
 //! (and never saves, say, an untrained generator).
 
 use super::build::DiffLoraPreset;
-use super::people::PeopleSource;
+use crate::data::people::PeopleSource;
 
 /// Most optimiser steps of one build stage.
 pub const MAX_STAGE_STEPS: usize = 10_000_000;

@@ -27,11 +27,11 @@ pub use view::show;
 
 use super::dialogs::PickPurpose;
 use super::{StudioApp, TaskResult};
+use crate::data::identity_folder::load_references;
 use crate::device::DeviceChoice;
 use crate::personalize::build::files;
 use crate::personalize::commands::{SAMPLE_PEOPLE, contact_sheet, sample_person, save_png};
 use crate::personalize::job::{PersonaliseEvent, PersonaliseRequest, PersonaliseResult};
-use crate::personalize::load_references;
 use crate::personalize::pipeline::{Gallery, Personaliser};
 use crate::personalize::progress::Stage;
 use crate::worker::Command;

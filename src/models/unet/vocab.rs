@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{Device, Tensor};
 
-use crate::personalize::portrait::{
+use crate::data::portrait::{
     Accessory, Attributes, Background, Expression, HeadTurn, Lighting,
 };
 
