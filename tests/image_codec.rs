@@ -6,13 +6,13 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::TempDir;
+use peft_studio::data::people::synthetic_person;
 use peft_studio::diffusion::DdimConfig;
 use peft_studio::models::unet::{CodecConfig, Generator, ImageCodec, UnetConfig};
 use peft_studio::personalize::generator_training::{
     GeneratorTraining, train_codec, train_generator,
 };
 use peft_studio::personalize::images_to_tensor;
-use peft_studio::data::people::synthetic_person;
 
 fn tiny_codec() -> CodecConfig {
     CodecConfig {

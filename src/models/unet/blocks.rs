@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
+use crate::models::kit::conv3x3;
 use crate::models::ops::{gelu_erf, layer_norm, masked_softmax};
 use crate::peft::AdaptedLinear;
 
@@ -174,6 +175,17 @@ impl Conv {
             )));
         }
         let (s, p) = (self.stride, self.padding);
+        if k == 3 && s == 1 && p == 1 {
+            // Channels-last im2col kernel (one gather, its backward one scatter) instead of
+            // nine shifted copies and their concatenation.
+            let xl = x.permute((0, 2, 3, 1))?.contiguous()?;
+            let wmat = self.w.t.permute((0, 2, 3, 1))?.reshape((o, 9 * i))?;
+            let y = conv3x3(&xl, &wmat.t()?)?.broadcast_add(&self.b.t)?;
+            return Ok(y
+                .reshape((b, h, w, o))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?);
+        }
         let ho = (h + 2 * p - k) / s + 1;
         let wo = (w + 2 * p - k) / s + 1;
         let cols = if k == 1 && s == 1 && p == 0 {
@@ -344,5 +356,65 @@ impl Module for Mlp {
     }
     fn lin_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
         out.extend([&mut self.fc1, &mut self.fc2]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Every convolution shape the generator and its codec use (3 × 3 stride 1 on the im2col
+    /// kernel, stride 2 and 1 × 1 on the shifted-view path) equals candle's `conv2d`, forward and
+    /// gradients of input, weight and bias.
+    #[test]
+    fn conv_equals_candle_conv2d_with_gradients() {
+        let dev = Device::Cpu;
+        let mut init = Init {
+            rng: StdRng::seed_from_u64(1),
+            device: dev.clone(),
+        };
+        for (k, stride, side) in [(3, 1, 6), (3, 2, 8), (1, 1, 5)] {
+            let mut conv = init.conv("c", 5, 3, k, stride).unwrap();
+            conv.b.t = init.normal("b".into(), &[5], 0.5).unwrap().t;
+            let (_, w) = conv.w.make_trainable().unwrap();
+            let (_, b) = conv.b.make_trainable().unwrap();
+            let x = Var::from_tensor(&init.normal("x".into(), &[2, 3, side, side], 1.0).unwrap().t)
+                .unwrap();
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let reference = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), k / 2, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k {k} stride {stride}");
+            let probe = init.normal("p".into(), ours.dims(), 1.0).unwrap().t;
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(d < 1e-4, "k {k} stride {stride} {what}: {d}");
+            };
+            close(&ours, &reference, "output");
+            for (v, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
+                close(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                    what,
+                );
+            }
+        }
     }
 }

@@ -4,9 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use candle_core::{Device, Tensor};
 
-use crate::data::portrait::{
-    Accessory, Attributes, Background, Expression, HeadTurn, Lighting,
-};
+use crate::data::portrait::{Accessory, Attributes, Background, Expression, HeadTurn, Lighting};
 
 use super::Result;
 
