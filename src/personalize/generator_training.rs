@@ -7,10 +7,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::fsio::write_safetensors;
+use crate::models::kit::{WarmupCosine, draw_indices, step_rng};
 use crate::models::unet::{CodecConfig, Generator, ImageCodec, UnetConfig};
 use crate::train::optim::{AdamW, AdamWParams};
 
@@ -49,14 +49,16 @@ impl Default for GeneratorTraining {
 }
 
 impl GeneratorTraining {
-    /// The learning rate at `step` (0-based).
+    /// The learning rate at `step` (0-based): linear warm-up, then cosine decay to 10 % of
+    /// `lr` at `steps`.
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup {
-            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        WarmupCosine {
+            peak: self.lr,
+            warmup: self.warmup,
+            steps: self.steps,
+            floor: 0.1,
         }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
-        let p = ((step - self.warmup) as f64 / span).min(1.0);
-        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+        .lr_at(step)
     }
 }
 
@@ -210,10 +212,8 @@ fn run_steps(
         log::info!("resuming the {what} from step {start} ({})", path.display());
     }
     for step in start..training.steps {
-        let mut rng = StdRng::seed_from_u64(training.seed.wrapping_mul(0x9E37_79B9) ^ step as u64);
-        let idx: Vec<u32> = (0..training.batch)
-            .map(|_| rng.random_range(0..n) as u32)
-            .collect();
+        let mut rng = step_rng(training.seed, step);
+        let idx = draw_indices(&mut rng, n, training.batch)?;
         let (loss, value) = step_loss(&idx, &mut rng)?;
         anyhow::ensure!(
             value.is_finite(),

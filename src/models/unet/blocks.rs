@@ -3,9 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
 
-use crate::models::kit::conv3x3;
+use crate::models::kit::{self, conv3x3};
 use crate::models::ops::{gelu_erf, layer_norm, masked_softmax};
 use crate::peft::AdaptedLinear;
 
@@ -46,23 +45,18 @@ pub(crate) struct Init {
 
 impl Init {
     pub(crate) fn normal(&mut self, name: String, dims: &[usize], std: f64) -> Result<Param> {
-        let n: usize = dims.iter().product();
-        let d = Normal::new(0.0f32, std as f32)
-            .map_err(|e| UnetError::Config(format!("init std {std}: {e}")))?;
-        let v: Vec<f32> = (0..n).map(|_| d.sample(&mut self.rng)).collect();
-        Ok(Param {
-            name,
-            t: Tensor::from_vec(v, dims, &self.device)?,
-            var: None,
-        })
+        self.param(name, dims, kit::Init::Normal(std))
     }
 
     pub(crate) fn constant(&mut self, name: String, dims: &[usize], value: f64) -> Result<Param> {
-        Ok(Param {
-            name,
-            t: (Tensor::ones(dims, DType::F32, &self.device)? * value)?,
-            var: None,
-        })
+        self.param(name, dims, kit::Init::Constant(value))
+    }
+
+    /// A parameter drawn by the layer kit (one seeded draw per value, in order).
+    fn param(&mut self, name: String, dims: &[usize], init: kit::Init) -> Result<Param> {
+        let t = kit::draw(init, dims, &mut self.rng, &self.device)
+            .map_err(|e| UnetError::Config(format!("{name}: {e}")))?;
+        Ok(Param { name, t, var: None })
     }
 
     pub(crate) fn linear(&mut self, path: String, out: usize, inp: usize) -> Result<AdaptedLinear> {
