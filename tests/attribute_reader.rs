@@ -221,6 +221,7 @@ fn person(index: usize, shift: f32, reader: Option<f32>) -> PersonEval {
             renders_again: feats(0.0, 0),
         }),
         reader_note: None,
+        picture: None,
     }
 }
 

@@ -321,6 +321,30 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         without_seconds(whole.clone())
     );
     assert!(summarise(settings, &[parts[0].clone(), parts[0].clone()]).is_err());
+    // Every person carries their row of the comparison picture (refs | DiffLoRA | direct |
+    // base); the command writes the picture beside its table.
+    assert!(parts.iter().all(|q| q.picture.as_ref().is_some_and(|r| {
+        r.references.len() == 2
+            && r.side == 32
+            && r.generated.iter().all(|g| g.len() == 32 * 32 * 3)
+    })));
+    let eval_out = dir.path("eval/tiny");
+    peft_studio::personalize::commands::eval_command(
+        &preset.out,
+        settings,
+        peft_studio::personalize::commands::EvalWorkers::InProcess,
+        &eval_out,
+        &candle_core::Device::Cpu,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let picture = image::open(dir.path("eval/tiny-people.png")).unwrap();
+    // Two rows of 2 references + 3 generated images, each 32 × 3 px plus a 4 px gap, and a
+    // 12 px separator.
+    assert_eq!(
+        (picture.width(), picture.height()),
+        (4 + 5 * 100 + 12, 4 + 2 * 100)
+    );
     assert!(evaluate_shard(&p, settings, 2, 2, &mut |_, _, _| {}).is_err());
     let mean = |f: fn(&peft_studio::personalize::evaluate::PersonSimilarity) -> f32| {
         whole.per_person.iter().map(f).sum::<f32>() / 2.0

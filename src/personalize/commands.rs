@@ -9,7 +9,10 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
-use super::evaluate::{EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate, summarise};
+use super::comparison::{ComparisonRow, comparison_picture};
+use super::evaluate::{
+    EvalReport, EvalSettings, MAX_IMAGES, PersonEval, evaluate_shard, summarise,
+};
 use super::familiarity::Familiarity;
 use super::job::{self, PersonaliseRequest};
 use super::pipeline::{Personaliser, StageSeconds};
@@ -282,18 +285,18 @@ pub fn eval_command(
         );
     }
     check_writable_file(&out.with_extension("md"), "--out")?;
-    let report = match workers {
-        EvalWorkers::Processes { exe, jobs } if jobs > 1 => summarise(
-            settings,
-            &evaluate_in_processes(exe, model, settings, jobs)?,
-        )?,
+    let people = match workers {
+        EvalWorkers::Processes { exe, jobs } if jobs > 1 => {
+            evaluate_in_processes(exe, model, settings, jobs)?
+        }
         _ => {
             let personaliser = Personaliser::load(model, device).map_err(|e| {
                 anyhow::anyhow!("cannot load the personaliser {}: {e}", model.display())
             })?;
-            evaluate(&personaliser, settings, progress)?
+            evaluate_shard(&personaliser, settings, 0, 1, progress)?
         }
     };
+    let report = summarise(settings, &people)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -305,7 +308,26 @@ pub fn eval_command(
         &out.with_extension("json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    let mut rows: Vec<_> = people
+        .iter()
+        .filter_map(|p| p.picture.clone().map(|r| (p.index, r)))
+        .collect();
+    rows.sort_by_key(|(i, _)| *i);
+    let rows: Vec<ComparisonRow> = rows.into_iter().map(|(_, r)| r).collect();
+    if let Some(picture) = comparison_picture(&rows) {
+        save_png(&picture, &comparison_picture_path(out))?;
+    }
     Ok(report)
+}
+
+/// Where `eval-personalize --out OUT` puts its comparison picture: `OUT-people.png`
+/// (references | DiffLoRA | direct LoRA | base, one row per person).
+pub fn comparison_picture_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    out.with_file_name(format!("{stem}-people.png"))
 }
 
 /// Where an evaluation ran, for its table: the CPU model (the seconds depend on it) and the

@@ -17,6 +17,7 @@ use super::attribute_reader::{
     ATTRIBUTE_COUNT, ATTRIBUTES, AttributeReader, BUILD_HINT, IDENTITY_ATTRIBUTES, Labels,
     identity_agreement, identity_labels, prompt_adherence, prompt_all_correct, prompt_labels,
 };
+use super::comparison::{ComparisonRow, PICTURE_PEOPLE};
 use super::image_stats::frechet_distance;
 use super::pipeline::{Gallery, Personaliser, merged};
 use super::tensors::images_to_tensor;
@@ -171,6 +172,9 @@ pub struct PersonEval {
     /// Why the reader's scores are missing, when they are.
     #[serde(default)]
     pub reader_note: Option<String>,
+    /// The person's row of the comparison picture (the first [`PICTURE_PEOPLE`] people).
+    #[serde(default)]
+    pub picture: Option<ComparisonRow>,
 }
 
 /// Evaluation-encoder features of one person's images, for the Fréchet distances.
@@ -446,7 +450,11 @@ pub fn evaluate_shard(
                 ))?,
             });
         }
+        let picture = (i < PICTURE_PEOPLE)
+            .then(|| ComparisonRow::new(&refs, &diff.gallery.images, &direct.images, &base.images))
+            .flatten();
         results.push(PersonEval {
+            picture,
             index: i,
             name: person.name.clone(),
             fused_refs,

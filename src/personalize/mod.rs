@@ -25,6 +25,7 @@ pub mod attribute_reader;
 pub mod bank;
 pub mod build;
 pub mod commands;
+pub mod comparison;
 pub mod ensemble;
 pub mod evaluate;
 pub mod familiarity;
