@@ -26,13 +26,12 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
-#[test]
-fn tiny_build_personalise_and_adapter_round_trip() {
-    let dir = TempDir::new("difflora-tiny");
-    let preset = DiffLoraPreset::tiny(&dir.path("model"));
+/// Builds every stage of `preset`, checking each loss is finite; returns the stages in the
+/// order they ran.
+fn build_all(preset: &DiffLoraPreset) -> Vec<String> {
     let mut stages = Vec::new();
     build(
-        &preset,
+        preset,
         Stage::All,
         &candle_core::Device::Cpu,
         &mut |s, _, _, l| {
@@ -43,6 +42,14 @@ fn tiny_build_personalise_and_adapter_round_trip() {
         },
     )
     .unwrap();
+    stages
+}
+
+#[test]
+fn tiny_build_personalise_and_adapter_round_trip() {
+    let dir = TempDir::new("difflora-tiny");
+    let preset = DiffLoraPreset::tiny(&dir.path("model"));
+    let stages = build_all(&preset);
     assert_eq!(
         stages,
         [
@@ -398,19 +405,7 @@ fn tiny_latent_build_and_personalise() {
     let dir = TempDir::new("difflora-tiny-latent");
     let preset = DiffLoraPreset::tiny_latent(&dir.path("model"));
     preset.validate().unwrap();
-    let mut stages = Vec::new();
-    build(
-        &preset,
-        Stage::All,
-        &candle_core::Device::Cpu,
-        &mut |s, _, _, l| {
-            assert!(l.is_finite(), "{s}: loss {l}");
-            if stages.last() != Some(&s.to_string()) {
-                stages.push(s.to_string());
-            }
-        },
-    )
-    .unwrap();
+    let stages = build_all(&preset);
     assert_eq!(stages[..3], ["codec", "generator", "lora-bank"]);
     for f in [
         files::CODEC,
