@@ -273,15 +273,17 @@ pub fn train_lora(
         },
     )?;
     let device = images.device();
+    // A latent generator's images are encoded once, not at every step.
+    let latents = g.to_latents(images)?;
     for step in 0..recipe.steps {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491) ^ (step as u64) << 20);
         let idx: Vec<u32> = (0..recipe.batch)
             .map(|_| rng.random_range(0..n) as u32)
             .collect();
         let batch =
-            images.index_select(&Tensor::from_vec(idx.clone(), recipe.batch, device)?, 0)?;
+            latents.index_select(&Tensor::from_vec(idx.clone(), recipe.batch, device)?, 0)?;
         let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i as usize].clone()).collect();
-        let loss = g.loss_from(&batch, &batch_prompts, &mut rng, recipe.min_timestep)?;
+        let loss = g.latent_loss_from(&batch, &batch_prompts, &mut rng, recipe.min_timestep)?;
         let value = loss.to_scalar::<f32>()?;
         anyhow::ensure!(
             value.is_finite(),
