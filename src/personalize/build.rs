@@ -402,7 +402,7 @@ fn build_codec(
         images.dim(0)?,
         people.len()
     );
-    let mut codec = train_codec(
+    let codec = train_codec(
         cfg,
         &images,
         &preset.codec_training,

@@ -152,6 +152,16 @@ impl CodecBlock {
         Ok((skip + h)?)
     }
 
+    fn params<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        self.norm1.params(out);
+        self.conv1.params(out);
+        self.norm2.params(out);
+        self.conv2.params(out);
+        if let Some(s) = &self.shortcut {
+            s.params(out);
+        }
+    }
+
     fn params_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
         self.norm1.params_mut(out);
         self.conv1.params_mut(out);
@@ -379,6 +389,31 @@ impl ImageCodec {
         Ok((loss, value))
     }
 
+    fn params(&self) -> Vec<&Param> {
+        let mut v = Vec::new();
+        self.enc_in.params(&mut v);
+        for l in &self.enc_levels {
+            if let Some(c) = &l.resample {
+                c.params(&mut v);
+            }
+            l.block.params(&mut v);
+        }
+        self.enc_mid.params(&mut v);
+        self.enc_norm.params(&mut v);
+        self.enc_out.params(&mut v);
+        self.dec_in.params(&mut v);
+        self.dec_mid.params(&mut v);
+        for l in &self.dec_levels {
+            if let Some(c) = &l.resample {
+                c.params(&mut v);
+            }
+            l.block.params(&mut v);
+        }
+        self.dec_norm.params(&mut v);
+        self.dec_out.params(&mut v);
+        v
+    }
+
     fn params_mut(&mut self) -> Vec<&mut Param> {
         let mut v = Vec::new();
         self.enc_in.params_mut(&mut v);
@@ -414,9 +449,9 @@ impl ImageCodec {
     }
 
     /// Every weight by name, the latent statistics included.
-    pub fn named_tensors(&mut self) -> Vec<(String, Tensor)> {
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
-            .params_mut()
+            .params()
             .into_iter()
             .map(|p| (p.name.clone(), p.t.detach()))
             .collect();
@@ -425,8 +460,8 @@ impl ImageCodec {
     }
 
     /// Number of weights.
-    pub fn parameter_count(&mut self) -> usize {
-        self.params_mut().iter().map(|p| p.t.elem_count()).sum()
+    pub fn parameter_count(&self) -> usize {
+        self.params().iter().map(|p| p.t.elem_count()).sum()
     }
 
     /// Replaces every weight from `tensors` (names of [`named_tensors`](Self::named_tensors),
@@ -474,7 +509,7 @@ pub(crate) const CODEC_CONFIG_KEY: &str = "codec_config";
 impl ImageCodec {
     /// Writes every weight and the latent statistics to a safetensors file, with the config as
     /// JSON in the metadata.
-    pub fn save(&mut self, path: &std::path::Path) -> Result<()> {
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let file_err = |reason: String| UnetError::File {
             path: path.display().to_string(),
             reason,

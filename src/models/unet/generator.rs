@@ -408,7 +408,6 @@ impl Generator {
             }
         }
         if let Some(codec) = &self.codec {
-            let mut codec = codec.clone();
             out.extend(
                 codec
                     .named_tensors()
@@ -432,7 +431,7 @@ impl Generator {
                 m * n + l.bias().map_or(0, |b| b.elem_count())
             })
             .sum();
-        p + l + self.codec.clone().map_or(0, |mut c| c.parameter_count())
+        p + l + self.codec.as_ref().map_or(0, ImageCodec::parameter_count)
     }
 
     /// Writes every weight ([`named_tensors`](Self::named_tensors)) to a safetensors file, with
