@@ -346,11 +346,11 @@ fn tiny_build_personalise_and_adapter_round_trip() {
     )
     .unwrap();
     let picture = image::open(dir.path("eval/tiny-people.png")).unwrap();
-    // Two rows of 2 references + 3 generated images, each 32 × 3 px plus a 4 px gap, and a
-    // 12 px separator.
+    // Two rows of 2 references, a blank cell and 3 generated images, each 32 × 3 px plus a
+    // 4 px gap.
     assert_eq!(
         (picture.width(), picture.height()),
-        (4 + 5 * 100 + 12, 4 + 2 * 100)
+        (4 + 6 * 100, 4 + 2 * 100)
     );
     assert!(evaluate_shard(&p, settings, 2, 2, &mut |_, _, _| {}).is_err());
     let mean = |f: fn(&peft_studio::personalize::evaluate::PersonSimilarity) -> f32| {

@@ -4,6 +4,8 @@
 //! compared at a glance (`eval-personalize` writes it beside its table).
 
 use image::{Rgb, RgbImage};
+
+use super::commands::contact_sheet;
 use serde::{Deserialize, Serialize};
 
 /// People shown in the picture (the first ones of the evaluation set).
@@ -11,9 +13,6 @@ pub const PICTURE_PEOPLE: usize = 8;
 
 /// Enlargement of every image in the picture.
 const SCALE: u32 = 3;
-
-/// Blank columns between the references and the generated images.
-const SEPARATOR: u32 = 12;
 
 /// One person's row, as raw RGB bytes (it travels between evaluation processes as JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,42 +51,31 @@ impl ComparisonRow {
         })
     }
 
-    fn image(&self, bytes: &[u8]) -> Option<RgbImage> {
+    /// One of the row's images (blank where its bytes do not fill the side).
+    fn image(&self, bytes: &[u8]) -> RgbImage {
         RgbImage::from_raw(self.side, self.side, bytes.to_vec())
+            .unwrap_or_else(|| RgbImage::from_pixel(self.side, self.side, Rgb([255, 255, 255])))
     }
 }
 
-/// The picture of `rows` (one person each): references | DiffLoRA | direct LoRA | base, on
-/// white, every image enlarged 3×. `None` without rows.
+/// The picture of `rows` (one person each): references | DiffLoRA | direct LoRA | base, a blank
+/// cell between the references and the generated images, every image enlarged 3× on white
+/// ([`contact_sheet`]). `None` without rows.
 pub fn comparison_picture(rows: &[ComparisonRow]) -> Option<RgbImage> {
-    let side = rows.iter().map(|r| r.side).max()? * SCALE;
-    let refs = rows.iter().map(|r| r.references.len()).max()? as u32;
-    let gap = 4;
-    let cell = side + gap;
-    let width = gap + refs * cell + SEPARATOR + 3 * cell;
-    let height = gap + rows.len() as u32 * cell;
-    let mut sheet = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    for (r, row) in rows.iter().enumerate() {
-        let y = (gap + r as u32 * cell) as i64;
-        let mut put = |bytes: &[u8], x: u32| {
-            if let Some(img) = row.image(bytes) {
-                let big = image::imageops::resize(
-                    &img,
-                    row.side * SCALE,
-                    row.side * SCALE,
-                    image::imageops::FilterType::Nearest,
-                );
-                image::imageops::replace(&mut sheet, &big, x as i64, y);
-            }
-        };
-        for (c, bytes) in row.references.iter().enumerate() {
-            put(bytes, gap + c as u32 * cell);
-        }
-        for (k, bytes) in row.generated.iter().enumerate() {
-            put(bytes, gap + refs * cell + SEPARATOR + k as u32 * cell);
-        }
-    }
-    Some(sheet)
+    let side = rows.iter().map(|r| r.side).max()?;
+    let refs = rows.iter().map(|r| r.references.len()).max()?;
+    let blank = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+    let cells: Vec<Vec<RgbImage>> = rows
+        .iter()
+        .map(|row| {
+            let mut cells: Vec<RgbImage> = row.references.iter().map(|b| row.image(b)).collect();
+            cells.resize(refs + 1, blank.clone());
+            cells.extend(row.generated.iter().map(|b| row.image(b)));
+            cells
+        })
+        .collect();
+    let cells: Vec<&[RgbImage]> = cells.iter().map(Vec::as_slice).collect();
+    Some(contact_sheet(&cells, SCALE))
 }
 
 #[cfg(test)]
@@ -108,7 +96,7 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&row).unwrap()).unwrap();
         let pic = comparison_picture(&[row.clone(), row]).expect("a picture");
         let cell = 4 * SCALE + 4;
-        assert_eq!(pic.width(), 4 + 2 * cell + SEPARATOR + 3 * cell);
+        assert_eq!(pic.width(), 4 + 6 * cell);
         assert_eq!(pic.height(), 4 + 2 * cell);
         let at = |x: u32, y: u32| pic.get_pixel(x, y).0[0];
         // Each image's value fills its enlarged square, in order, on both rows.
@@ -117,11 +105,11 @@ mod tests {
             assert_eq!(at(4 + 5, y), 10);
             assert_eq!(at(4 + cell + 5, y), 20);
             for (k, v) in [30, 40, 50].into_iter().enumerate() {
-                assert_eq!(at(4 + 2 * cell + SEPARATOR + k as u32 * cell + 5, y), v);
+                assert_eq!(at(4 + 3 * cell + k as u32 * cell + 5, y), v);
             }
         }
         // White between the references and the generated images.
-        assert_eq!(at(4 + 2 * cell + SEPARATOR / 2, 10), 255);
+        assert_eq!(at(4 + 2 * cell + 5, 10), 255);
         // An empty gallery or mixed sizes give no row.
         assert!(ComparisonRow::new(&refs, &[], &[flat(4, 1)], &[flat(4, 1)]).is_none());
         assert!(ComparisonRow::new(&refs, &[flat(8, 1)], &[flat(8, 1)], &[flat(8, 1)]).is_none());
