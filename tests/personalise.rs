@@ -7,6 +7,7 @@ mod common;
 use candle_core::Tensor;
 use common::TempDir;
 use peft_studio::data::portrait::{Attributes, Identity, render};
+use peft_studio::models::unet::{Generator, ImageCodec};
 use peft_studio::peft::checkpoint::load_adapter;
 use peft_studio::personalize::bank::{LoraBank, with_fresh_lora};
 use peft_studio::personalize::build::{DiffLoraPreset, Stage, build, files};
@@ -406,11 +407,13 @@ fn tiny_latent_build_and_personalise() {
     let preset = DiffLoraPreset::tiny_latent(&dir.path("model"));
     preset.validate().unwrap();
     let stages = build_all(&preset);
-    assert_eq!(stages[..3], ["codec", "generator", "lora-bank"]);
+    assert_eq!(stages[..4], ["codec", "decoder", "generator", "lora-bank"]);
     for f in [
         files::CODEC,
         files::CODEC_CHECKPOINT,
         files::CODEC_PREVIEW,
+        files::SHARP_CODEC,
+        files::SHARP_CODEC_PREVIEW,
         files::GENERATOR,
         files::GENERATOR_PREVIEW,
         files::DENOISER,
@@ -419,8 +422,21 @@ fn tiny_latent_build_and_personalise() {
     }
     let preview = image::open(preset.out.join(files::CODEC_PREVIEW)).unwrap();
     assert!(preview.width() >= 2 * 32 * 4 && preview.height() >= 2 * 32 * 4);
+    let sharp_preview = image::open(preset.out.join(files::SHARP_CODEC_PREVIEW)).unwrap();
+    // Three rows (renders, the codec's and the sharpened codec's reconstructions) to two.
+    assert_eq!(sharp_preview.width(), preview.width());
+    let row = 32 * 4;
+    assert!(
+        sharp_preview.height() >= 3 * row && sharp_preview.height() < preview.height() + 2 * row
+    );
     let p = Personaliser::load(&preset.out, &candle_core::Device::Cpu).unwrap();
-    assert!(p.generator().codec().is_some());
+    // The generator carries the sharpened codec, not the one it trained with.
+    let carried = p.generator().codec().unwrap().named_tensors();
+    assert_eq!(
+        codec_difference(&carried, &preset.out.join(files::SHARP_CODEC)),
+        0.0
+    );
+    assert!(codec_difference(&carried, &preset.out.join(files::CODEC)) > 0.0);
     let a = p
         .personalise(&sample_person(0, 32), "smile, hat", 2, 5)
         .unwrap();
@@ -439,6 +455,73 @@ fn tiny_latent_build_and_personalise() {
         err.to_string().contains("unet.codec.image_size 32"),
         "{err}"
     );
+}
+
+/// Largest absolute difference between `tensors` and the codec saved at `path`.
+fn codec_difference(tensors: &[(String, Tensor)], path: &std::path::Path) -> f32 {
+    let saved = ImageCodec::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .named_tensors();
+    assert_eq!(saved.len(), tensors.len());
+    let mut worst = 0f32;
+    for ((na, a), (nb, b)) in tensors.iter().zip(&saved) {
+        assert_eq!(na, nb);
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        worst = worst.max(d.to_scalar::<f32>().unwrap());
+    }
+    worst
+}
+
+/// A generator built before its decoder was sharpened (a build whose preset gained
+/// `decoder_refinement` later, or a generator trained beside the `decoder` stage) gets the
+/// sharpened codec put into its file by the next build; its UNet is untouched.
+#[test]
+fn sharpened_decoder_goes_into_an_existing_generator() {
+    let dir = TempDir::new("difflora-sharpen-later");
+    let mut preset = DiffLoraPreset::tiny_latent(&dir.path("model"));
+    let refinement = preset.decoder_refinement.take();
+    let cpu = candle_core::Device::Cpu;
+    build(&preset, Stage::Generator, &cpu, &mut |_, _, _, _| {}).unwrap();
+    let path = preset.out.join(files::GENERATOR);
+    let before = Generator::load(&path, &cpu).unwrap();
+    assert!(!preset.out.join(files::SHARP_CODEC).exists());
+    preset.decoder_refinement = refinement;
+    let mut stages = Vec::new();
+    build(&preset, Stage::Generator, &cpu, &mut |s, _, _, _| {
+        if stages.last() != Some(&s.to_string()) {
+            stages.push(s.to_string());
+        }
+    })
+    .unwrap();
+    assert_eq!(stages, ["decoder"], "codec and generator were built");
+    let after = Generator::load(&path, &cpu).unwrap();
+    let carried = after.codec().unwrap().named_tensors();
+    assert_eq!(
+        codec_difference(&carried, &preset.out.join(files::SHARP_CODEC)),
+        0.0
+    );
+    let codec_names: Vec<String> = carried.iter().map(|(n, _)| format!("codec.{n}")).collect();
+    let unet = |g: &Generator| -> Vec<(String, Tensor)> {
+        g.named_tensors()
+            .unwrap()
+            .into_iter()
+            .filter(|(n, _)| !codec_names.contains(n))
+            .collect()
+    };
+    let (u0, u1) = (unet(&before), unet(&after));
+    assert_eq!(u0.len(), u1.len());
+    assert!(u0.len() > 10, "{} UNet tensors", u0.len());
+    for ((n, a), (_, b)) in u0.iter().zip(&u1) {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{n} changed");
+    }
+    // Built again: nothing left to do.
+    let mut ran = false;
+    build(&preset, Stage::Generator, &cpu, &mut |_, _, _, _| {
+        ran = true
+    })
+    .unwrap();
+    assert!(!ran);
 }
 
 fn without_seconds(mut r: EvalReport) -> EvalReport {

@@ -12,9 +12,10 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::bank::{LoraBank, LoraRecipe, build_bank};
+use super::codec_stages::{build_codec, build_decoder, load_codec, load_sharp_codec};
 use super::commands::{contact_sheet, save_png};
 use super::ensemble::{PredictionConfig, member_config, member_file};
-use super::generator_training::{GeneratorTraining, train_codec, train_generator};
+use super::generator_training::{DecoderRefinement, GeneratorTraining, train_generator};
 use super::hyper::{AutoencoderConfig, DenoiserConfig, LatentDenoiser, LoraAutoencoder};
 use super::identity_encoder::{
     EncoderConfig, IdentityEncoder, ParamRegressor, centroid_accuracy_of,
@@ -23,7 +24,7 @@ use super::tensors::{images_to_tensor, tensor_to_images};
 use crate::data::people::{PeopleSource, PersonImages};
 use crate::data::portrait::IDENTITY_DIMS;
 use crate::fsio::write_atomic;
-use crate::models::unet::{CodecConfig, Generator, ImageCodec, UnetConfig};
+use crate::models::unet::{CodecConfig, Generator, UnetConfig};
 
 pub use super::files;
 
@@ -63,6 +64,10 @@ pub struct DiffLoraPreset {
     /// The image codec's training (a latent generator, `unet.codec` set, only).
     #[serde(default)]
     pub codec_training: GeneratorTraining,
+    /// Sharpening of the codec's decoder after its training (a latent generator only; none:
+    /// the codec is used as trained).
+    #[serde(default)]
+    pub decoder_refinement: Option<DecoderRefinement>,
     /// The recipe of every identity LoRA (bank and direct fine-tuning).
     #[serde(default)]
     pub lora: LoraRecipe,
@@ -133,6 +138,15 @@ impl DiffLoraPreset {
         preset.unet.image_size = codec.latent_size();
         preset.unet.channels = codec.latent_channels;
         preset.unet.codec = Some(codec);
+        preset.decoder_refinement = Some(DecoderRefinement {
+            training: GeneratorTraining {
+                steps: 3,
+                batch: 4,
+                checkpoint_every: 2,
+                ..GeneratorTraining::default()
+            },
+            ..DecoderRefinement::default()
+        });
         preset
     }
 
@@ -170,6 +184,7 @@ impl DiffLoraPreset {
                 checkpoint_every: 2,
                 ..GeneratorTraining::default()
             },
+            decoder_refinement: None,
             lora: LoraRecipe {
                 steps: 2,
                 batch: 2,
@@ -222,6 +237,8 @@ impl DiffLoraPreset {
 pub enum Stage {
     /// A latent generator's image codec (nothing to do for a pixel generator).
     Codec,
+    /// Sharpening of the image codec's decoder (when the preset asks for it).
+    Decoder,
     /// The base text-to-image generator.
     Generator,
     /// The identity-oriented LoRA bank.
@@ -276,6 +293,7 @@ pub fn build_stages(
     write_atomic(&out.join(files::PRESET), text.as_bytes())?;
     let order = [
         Stage::Codec,
+        Stage::Decoder,
         Stage::Generator,
         Stage::Bank,
         Stage::Encoders,
@@ -292,6 +310,7 @@ pub fn build_stages(
         let t = Instant::now();
         let ran = match s {
             Stage::Codec => build_codec(preset, &mut report, device, progress)?,
+            Stage::Decoder => build_decoder(preset, &mut report, device, progress)?,
             Stage::Generator => build_generator(preset, device, progress)?,
             Stage::Bank => build_lora_bank(preset, device, progress)?,
             Stage::Encoders => build_encoders(preset, &mut report, device, progress)?,
@@ -321,6 +340,8 @@ pub struct BuildReport {
     pub autoencoder_error: Option<f32>,
     /// Mean absolute error (in [-1, 1] units) of the image codec on held-out renders.
     pub codec_error: Option<f32>,
+    /// The same error after the decoder's sharpening.
+    pub sharp_codec_error: Option<f32>,
 }
 
 impl BuildReport {
@@ -368,68 +389,14 @@ fn build_generator(
         &mut |step, total, loss| progress("generator", step, total, loss),
         &mut |g| draw_generator_preview(g, &preset.out.join(files::GENERATOR_PREVIEW)),
     )?;
+    let mut generator = generator;
+    if let Some(sharp) = load_sharp_codec(preset, device)? {
+        generator.set_codec(sharp)?;
+        draw_generator_preview(&generator, &preset.out.join(files::GENERATOR_PREVIEW))?;
+    }
     generator.save(&path)?;
     // The final checkpoint stays: raise `generator_training.steps`, delete the generator file
     // and build again to train longer from where this run ended.
-    Ok(true)
-}
-
-fn load_codec(preset: &DiffLoraPreset, device: &Device) -> anyhow::Result<ImageCodec> {
-    let path = preset.out.join(files::CODEC);
-    ImageCodec::load(&path, device)
-        .map_err(|e| anyhow::anyhow!("{e} (build the `codec` stage first)"))
-}
-
-/// Trains a latent generator's image codec on the generator's people and writes its preview
-/// (held-out renders of the evaluation people above their reconstructions).
-fn build_codec(
-    preset: &DiffLoraPreset,
-    report: &mut BuildReport,
-    device: &Device,
-    progress: BuildProgress<'_>,
-) -> anyhow::Result<bool> {
-    let Some(cfg) = &preset.unet.codec else {
-        return Ok(false);
-    };
-    let path = preset.out.join(files::CODEC);
-    if path.exists() {
-        return Ok(false);
-    }
-    let people = preset.people.generator.load(preset.image_size)?;
-    let (images, _) = stack_people(&people, device)?;
-    log::info!(
-        "image codec: {} images of {} people",
-        images.dim(0)?,
-        people.len()
-    );
-    let codec = train_codec(
-        cfg,
-        &images,
-        &preset.codec_training,
-        Some(&preset.out.join(files::CODEC_CHECKPOINT)),
-        &mut |step, total, loss| progress("codec", step, total, loss),
-    )?;
-    codec.save(&path)?;
-    let held_out = preset.people.eval.load(preset.image_size)?;
-    let renders: Vec<image::RgbImage> = held_out
-        .iter()
-        .take(8)
-        .filter_map(|p| p.images.first().cloned())
-        .collect();
-    let originals = images_to_tensor(&renders, device)?;
-    let decoded = codec.decode(&codec.encode(&originals)?)?;
-    let error = (&decoded - &originals)?
-        .abs()?
-        .mean_all()?
-        .to_scalar::<f32>()?;
-    report.codec_error = Some(error);
-    log::info!(
-        "image codec: mean absolute error {error:.4} on {} held-out renders",
-        renders.len()
-    );
-    let reconstructions = tensor_to_images(&decoded)?;
-    let sheet = contact_sheet(&[&renders, &reconstructions], 4);
-    save_png(&sheet, &preset.out.join(files::CODEC_PREVIEW))?;
     Ok(true)
 }
 
@@ -459,7 +426,10 @@ pub fn draw_generator_preview(generator: &Generator, path: &Path) -> anyhow::Res
     save_png(&contact_sheet(&rows, 3), path)
 }
 
-fn load_generator(preset: &DiffLoraPreset, device: &Device) -> anyhow::Result<Generator> {
+pub(super) fn load_generator(
+    preset: &DiffLoraPreset,
+    device: &Device,
+) -> anyhow::Result<Generator> {
     let path = preset.out.join(files::GENERATOR);
     Generator::load(&path, device)
         .map_err(|e| anyhow::anyhow!("{e} (build the `generator` stage first)"))

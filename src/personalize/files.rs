@@ -11,6 +11,12 @@ pub const CODEC: &str = "image_codec.safetensors";
 pub const CODEC_CHECKPOINT: &str = "image_codec.checkpoint.safetensors";
 /// Held-out renders above their codec reconstructions (enlarged), to look at.
 pub const CODEC_PREVIEW: &str = "image_codec_preview.png";
+/// The codec with its decoder sharpened (the `decoder` stage); the generator file carries it.
+pub const SHARP_CODEC: &str = "image_codec_sharp.safetensors";
+/// The decoder refinement's training checkpoint.
+pub const SHARP_CODEC_CHECKPOINT: &str = "image_codec_sharp.checkpoint.safetensors";
+/// Held-out renders above the codec's and the sharpened codec's reconstructions (enlarged).
+pub const SHARP_CODEC_PREVIEW: &str = "image_codec_sharp_preview.png";
 /// Generator samples for a few prompts (enlarged), to look at; redrawn at every checkpoint.
 pub const GENERATOR_PREVIEW: &str = "generator_preview.png";
 /// The preset the folder was built from.

@@ -24,6 +24,7 @@
 pub mod attribute_reader;
 pub mod bank;
 pub mod build;
+mod codec_stages;
 pub mod commands;
 pub mod comparison;
 pub mod ensemble;

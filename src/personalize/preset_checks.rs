@@ -96,6 +96,27 @@ impl DiffLoraPreset {
                 .map_err(|e| e.context("an untrained codec would be saved"))?;
             count("codec_training.batch", c.batch, 1, 4096)?;
         }
+        if let Some(d) = &self.decoder_refinement {
+            anyhow::ensure!(
+                self.unet.codec.is_some(),
+                "decoder_refinement: only a latent generator (unet.codec) has a decoder to sharpen"
+            );
+            count(
+                "decoder_refinement.training.steps",
+                d.training.steps,
+                1,
+                MAX_STAGE_STEPS,
+            )?;
+            count(
+                "decoder_refinement.training.batch",
+                d.training.batch,
+                1,
+                4096,
+            )?;
+            rate("decoder_refinement.training.lr", d.training.lr)?;
+            non_negative("decoder_refinement.edge_weight", d.edge_weight)?;
+            non_negative("decoder_refinement.latent_noise", d.latent_noise)?;
+        }
         let g = &self.generator_training;
         count("generator_training.steps", g.steps, 1, MAX_STAGE_STEPS)
             .map_err(|e| e.context("an untrained generator would be saved"))?;

@@ -183,6 +183,44 @@ struct CodecLevel {
     block: CodecBlock,
 }
 
+/// The decoder's modules: latent to image.
+#[derive(Debug, Clone)]
+struct CodecDecoder {
+    conv_in: Conv,
+    mid: CodecBlock,
+    levels: Vec<CodecLevel>,
+    norm: GroupNorm,
+    conv_out: Conv,
+}
+
+impl CodecDecoder {
+    fn params<'a>(&'a self, v: &mut Vec<&'a Param>) {
+        self.conv_in.params(v);
+        self.mid.params(v);
+        for l in &self.levels {
+            if let Some(c) = &l.resample {
+                c.params(v);
+            }
+            l.block.params(v);
+        }
+        self.norm.params(v);
+        self.conv_out.params(v);
+    }
+
+    fn params_mut<'a>(&'a mut self, v: &mut Vec<&'a mut Param>) {
+        self.conv_in.params_mut(v);
+        self.mid.params_mut(v);
+        for l in &mut self.levels {
+            if let Some(c) = &mut l.resample {
+                c.params_mut(v);
+            }
+            l.block.params_mut(v);
+        }
+        self.norm.params_mut(v);
+        self.conv_out.params_mut(v);
+    }
+}
+
 /// The convolutional autoencoder between images and latents (see the module doc).
 #[derive(Debug, Clone)]
 pub struct ImageCodec {
@@ -192,11 +230,7 @@ pub struct ImageCodec {
     enc_mid: CodecBlock,
     enc_norm: GroupNorm,
     enc_out: Conv,
-    dec_in: Conv,
-    dec_mid: CodecBlock,
-    dec_levels: Vec<CodecLevel>,
-    dec_norm: GroupNorm,
-    dec_out: Conv,
+    decoder: CodecDecoder,
     /// `[scale, bound]`: latents are multiplied by `scale` after encoding (divided before
     /// decoding), and `bound` is the largest |value| of a scaled training latent.
     stats: Param,
@@ -260,11 +294,13 @@ impl ImageCodec {
             enc_mid,
             enc_norm,
             enc_out,
-            dec_in,
-            dec_mid,
-            dec_levels,
-            dec_norm,
-            dec_out,
+            decoder: CodecDecoder {
+                conv_in: dec_in,
+                mid: dec_mid,
+                levels: dec_levels,
+                norm: dec_norm,
+                conv_out: dec_out,
+            },
             stats,
         })
     }
@@ -336,14 +372,15 @@ impl ImageCodec {
 
     /// The decoder's image from an unscaled latent.
     fn decode_raw(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.dec_mid.forward(&self.dec_in.forward(z)?)?;
-        for level in &self.dec_levels {
+        let d = &self.decoder;
+        let mut h = d.mid.forward(&d.conv_in.forward(z)?)?;
+        for level in &d.levels {
             if let Some(up) = &level.resample {
                 h = up.forward(&upsample2(&h)?)?;
             }
             h = level.block.forward(&h)?;
         }
-        self.dec_out.forward(&self.dec_norm.forward(&h)?.silu()?)
+        d.conv_out.forward(&d.norm.forward(&h)?.silu()?)
     }
 
     /// Scaled latents (B, L, S/f, S/f) of `images` (B, C, S, S) in [-1, 1].
@@ -401,16 +438,7 @@ impl ImageCodec {
         self.enc_mid.params(&mut v);
         self.enc_norm.params(&mut v);
         self.enc_out.params(&mut v);
-        self.dec_in.params(&mut v);
-        self.dec_mid.params(&mut v);
-        for l in &self.dec_levels {
-            if let Some(c) = &l.resample {
-                c.params(&mut v);
-            }
-            l.block.params(&mut v);
-        }
-        self.dec_norm.params(&mut v);
-        self.dec_out.params(&mut v);
+        self.decoder.params(&mut v);
         v
     }
 
@@ -426,17 +454,62 @@ impl ImageCodec {
         self.enc_mid.params_mut(&mut v);
         self.enc_norm.params_mut(&mut v);
         self.enc_out.params_mut(&mut v);
-        self.dec_in.params_mut(&mut v);
-        self.dec_mid.params_mut(&mut v);
-        for l in &mut self.dec_levels {
-            if let Some(c) = &mut l.resample {
-                c.params_mut(&mut v);
-            }
-            l.block.params_mut(&mut v);
-        }
-        self.dec_norm.params_mut(&mut v);
-        self.dec_out.params_mut(&mut v);
+        self.decoder.params_mut(&mut v);
         v
+    }
+
+    /// Makes only the decoder's weights trainable (the encoder, and so the latent space the
+    /// generator learned, stays as it is) and returns them by name. Every weight is first
+    /// detached from the variables of an earlier training, which a clone of this codec shares:
+    /// training the decoder leaves such a clone as it was.
+    pub fn decoder_trainable_vars(&mut self) -> Result<Vec<(String, Var)>> {
+        for p in self.params_mut() {
+            p.var = None;
+            p.t = p.t.detach();
+        }
+        let mut v = Vec::new();
+        self.decoder.params_mut(&mut v);
+        v.into_iter().map(|p| p.make_trainable()).collect()
+    }
+
+    /// The encoder's latents of `images` before scaling, as the decoder's training sees them.
+    pub fn encode_unscaled(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_raw(images)?.detach())
+    }
+
+    /// The loss that sharpens the decoder alone: from unscaled latents `z` (of
+    /// [`encode_unscaled`](Self::encode_unscaled)) plus noise of `noise` × their standard
+    /// deviation, the mean absolute error to `images` plus `edge_weight` × the mean absolute
+    /// error of their horizontal and vertical differences (which is what a blurred edge gets
+    /// wrong). Returns `(loss, reconstruction error)`.
+    pub fn decoder_loss<R: Rng + ?Sized>(
+        &self,
+        z: &Tensor,
+        images: &Tensor,
+        noise: f64,
+        edge_weight: f64,
+        rng: &mut R,
+    ) -> Result<(Tensor, f32)> {
+        let images = images.to_dtype(DType::F32)?;
+        let z_in = if noise > 0.0 {
+            let std = z.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            let n = seeded_normal(z.shape(), DType::F32, z.device(), rng)?;
+            (z + (n * (noise * std))?)?
+        } else {
+            z.clone()
+        };
+        let diff = (self.decode_raw(&z_in)? - &images)?;
+        let recon = diff.abs()?.mean_all()?;
+        let value = recon.to_scalar::<f32>()?;
+        if edge_weight == 0.0 {
+            return Ok((recon, value));
+        }
+        // The difference of differences equals the error of the differences.
+        let s = self.cfg.image_size;
+        let dx = (diff.narrow(3, 1, s - 1)? - diff.narrow(3, 0, s - 1)?)?;
+        let dy = (diff.narrow(2, 1, s - 1)? - diff.narrow(2, 0, s - 1)?)?;
+        let edges = ((dx.abs()?.mean_all()? + dy.abs()?.mean_all()?)? * 0.5)?;
+        Ok(((recon + (edges * edge_weight)?)?, value))
     }
 
     /// Makes every weight trainable (the latent statistics stay fixed) and returns the
