@@ -25,11 +25,24 @@ fn texture(ctx: &egui::Context, name: String, img: &RgbImage) -> TextureHandle {
     ctx.load_texture(name, c, egui::TextureOptions::NEAREST)
 }
 
+/// Draws `tex` about `side` points wide, at a whole number of screen pixels per image pixel
+/// (nearest-neighbour enlargement stays even: a 64-pixel image in a 104-point tile would get
+/// rows of one and two pixels).
 fn tile(ui: &mut Ui, tex: &TextureHandle, side: f32) {
+    let [w, h] = tex.size();
+    let scale = whole_pixel_scale(w.max(h), side, ui.ctx().pixels_per_point());
     ui.add(egui::Image::from_texture(egui::load::SizedTexture::new(
         tex.id(),
-        egui::vec2(side, side),
+        egui::vec2(w as f32 * scale, h as f32 * scale),
     )));
+}
+
+/// Points per image pixel that draw an image `image_pixels` wide close to `side` points with a
+/// whole number (at least 1) of screen pixels per image pixel.
+fn whole_pixel_scale(image_pixels: usize, side: f32, pixels_per_point: f32) -> f32 {
+    let px = image_pixels.max(1) as f32;
+    let screen_per_image = (side * pixels_per_point / px).round().max(1.0);
+    screen_per_image / pixels_per_point
 }
 
 fn section(ui: &mut Ui, title: &str) {
@@ -292,5 +305,23 @@ fn gallery_ui(ui: &mut Ui, ctx: &egui::Context, key: &str, row: &mut GalleryRow)
     });
     if let Some(line) = &row.reading {
         ui.label(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_pixel_scale;
+
+    #[test]
+    fn tiles_enlarge_by_whole_screen_pixels() {
+        // 64-pixel images in a 104-point tile: 2 screen pixels each (128 points), not 1.625.
+        assert_eq!(whole_pixel_scale(64, 104.0, 1.0) * 64.0, 128.0);
+        assert_eq!(whole_pixel_scale(32, 104.0, 1.0) * 32.0, 96.0);
+        // On a 1.5× display every image pixel is still a whole number of screen pixels.
+        let s = whole_pixel_scale(64, 104.0, 1.5);
+        assert_eq!(s * 1.5, (s * 1.5).round());
+        assert_eq!(s * 1.5, 2.0);
+        // An image larger than the tile is drawn at one screen pixel per image pixel.
+        assert_eq!(whole_pixel_scale(512, 104.0, 1.0), 1.0);
     }
 }
