@@ -455,6 +455,14 @@ fn tiny_latent_build_and_personalise() {
         err.to_string().contains("unet.codec.image_size 32"),
         "{err}"
     );
+    // So is one whose identity encoder reads another size.
+    let mut bad = preset.clone();
+    bad.eval_encoder.image_size = 64;
+    let err = bad.validate().unwrap_err();
+    assert!(
+        err.to_string().contains("eval_encoder.image_size 64"),
+        "{err}"
+    );
 }
 
 /// Largest absolute difference between `tensors` and the codec saved at `path`.

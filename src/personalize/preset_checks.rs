@@ -79,6 +79,17 @@ impl DiffLoraPreset {
             self.unet.pixel_size(),
             self.image_size
         );
+        for (field, encoder) in [
+            ("encoder", &self.encoder),
+            ("eval_encoder", &self.eval_encoder),
+        ] {
+            anyhow::ensure!(
+                encoder.image_size == self.image_size as usize,
+                "{field}.image_size {} differs from image_size {}",
+                encoder.image_size,
+                self.image_size
+            );
+        }
         self.unet
             .validate()
             .map_err(|e| anyhow::anyhow!("unet: {e}"))?;
