@@ -495,13 +495,27 @@ fn sharpened_decoder_goes_into_an_existing_generator() {
     assert!(!preset.out.join(files::SHARP_CODEC).exists());
     preset.decoder_refinement = refinement;
     let mut stages = Vec::new();
+    let report_path = preset.out.join(files::BUILD_REPORT);
     build(&preset, Stage::Generator, &cpu, &mut |s, _, _, _| {
         if stages.last() != Some(&s.to_string()) {
             stages.push(s.to_string());
+            // Another process building another stage records a figure meanwhile.
+            let mut r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+            r["encoder_accuracy"]["beside"] = 0.5.into();
+            std::fs::write(&report_path, r.to_string()).unwrap();
         }
     })
     .unwrap();
     assert_eq!(stages, ["decoder"], "codec and generator were built");
+    // The report keeps every stage's figures, and the other process's.
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    for stage in ["codec", "generator", "decoder"] {
+        assert!(r["seconds"][stage].as_f64().is_some(), "{stage}: {r}");
+    }
+    assert!(r["codec_error"].as_f64().is_some() && r["sharp_codec_error"].as_f64().is_some());
+    assert_eq!(r["encoder_accuracy"]["beside"], 0.5, "{r}");
     let after = Generator::load(&path, &cpu).unwrap();
     let carried = after.codec().unwrap().named_tensors();
     assert_eq!(

@@ -305,9 +305,11 @@ pub fn build_stages(
         .position(|s| *s == stage)
         .unwrap_or(order.len() - 1);
     let first = if only && stage != Stage::All { last } else { 0 };
-    let mut report = BuildReport::load(&out.join(files::BUILD_REPORT));
     for s in &order[first..=last] {
         let t = Instant::now();
+        // What this stage measures; merged into the file's report when it ran, so builds of
+        // other stages running beside this one (in other processes) keep their figures.
+        let mut report = BuildReport::default();
         let ran = match s {
             Stage::Codec => build_codec(preset, &mut report, device, progress)?,
             Stage::Decoder => build_decoder(preset, &mut report, device, progress)?,
@@ -319,10 +321,13 @@ pub fn build_stages(
             Stage::All => false,
         };
         if ran {
-            report
+            let path = out.join(files::BUILD_REPORT);
+            let mut saved = BuildReport::load(&path);
+            saved.absorb(report);
+            saved
                 .seconds
                 .insert(format!("{s:?}").to_lowercase(), t.elapsed().as_secs_f64());
-            report.save(&out.join(files::BUILD_REPORT))?;
+            saved.save(&path)?;
         }
     }
     Ok(())
@@ -350,6 +355,28 @@ impl BuildReport {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default()
+    }
+
+    /// Takes every figure `other` has (a stage's findings) over this one's.
+    fn absorb(&mut self, other: BuildReport) {
+        let BuildReport {
+            seconds,
+            encoder_accuracy,
+            autoencoder_error,
+            codec_error,
+            sharp_codec_error,
+        } = other;
+        self.seconds.extend(seconds);
+        self.encoder_accuracy.extend(encoder_accuracy);
+        for (mine, theirs) in [
+            (&mut self.autoencoder_error, autoencoder_error),
+            (&mut self.codec_error, codec_error),
+            (&mut self.sharp_codec_error, sharp_codec_error),
+        ] {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {
