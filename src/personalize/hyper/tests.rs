@@ -414,6 +414,33 @@ fn denoiser_generates_the_identity_latent() {
     assert!(hits >= 5);
 }
 
+/// Guidance runs the conditional and unconditional passes as one batch; it equals the two
+/// passes run apart, combined as classifier-free guidance does.
+#[test]
+fn guided_prediction_equals_two_separate_passes() {
+    let toy = toy(3, 8, 16);
+    let cfg = DenoiserConfig {
+        steps: 20,
+        ..toy_config()
+    };
+    let dn =
+        LatentDenoiser::train(&toy.latents, &toy.rows, &toy.embs, &cfg, &mut |_, _| {}).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    let x = Tensor::from_vec(randn(&mut rng, 3 * 8), (3, 8), &Device::Cpu).unwrap();
+    let cond = Tensor::from_vec(randn(&mut rng, 3 * 16), (3, 16), &Device::Cpu).unwrap();
+    let t = [900, 500, 20];
+    let both = Tensor::cat(&[&cond, &cond.zeros_like().unwrap()], 0).unwrap();
+    let batched = dn.guided_eps(&x, &t, &both, 3.0).unwrap();
+    let c = dn.eps(&x, &t, &cond).unwrap();
+    let u = dn.eps(&x, &t, &cond.zeros_like().unwrap()).unwrap();
+    let apart = (&u + ((&c - &u).unwrap() * 3.0).unwrap()).unwrap();
+    assert!(
+        max_abs(&(&c - &u).unwrap()) > 1e-3,
+        "the condition must matter"
+    );
+    assert!(max_abs_diff(&batched, &apart) < 1e-5);
+}
+
 #[test]
 fn denoiser_is_deterministic_and_saves() {
     let toy = toy(3, 4, 8);
