@@ -13,6 +13,7 @@ use super::generator_training::{refine_decoder, train_codec};
 use super::tensors::{images_to_tensor, tensor_to_images};
 use crate::models::unet::ImageCodec;
 
+/// The codec as the `codec` stage trained it (the generator trains on its encoder's latents).
 pub(super) fn load_codec(preset: &DiffLoraPreset, device: &Device) -> anyhow::Result<ImageCodec> {
     let path = preset.out.join(files::CODEC);
     ImageCodec::load(&path, device)
