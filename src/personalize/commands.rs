@@ -456,7 +456,12 @@ pub fn bench_personalize(
     let recipe = personaliser.recipe();
     let table = format!(
         "# Personalisation speed ({})\n\n\
-         Built-in sample people ({}), 4 references each, {} CPU threads; medians.\n\n\
+         Measured {} on {}; built-in sample people ({}), 4 references each, {} threads; \
+         medians.\n\n\
+         Peer: none. `../shared/peer` holds PyTorch + PEFT training steps for MiniLM and \
+         SmolLM2 only; PEFT has no DiffLoRA and the peer has no diffusion model, so the \
+         comparison here is DiffLoRA against this project's own direct LoRA fine-tuning, \
+         measured in the same run on the same people.\n\n\
          | path | seconds |\n| --- | ---: |\n\
          | DiffLoRA: references → merged LoRA | {:.3} |\n\
          | direct LoRA fine-tuning ({} steps, batch {}, rank {}) | {:.2} |\n\
@@ -464,6 +469,8 @@ pub fn bench_personalize(
          | DiffLoRA end to end (references → 4-image gallery) | {:.2} |\n\n\
          DiffLoRA personalises {:.0}× faster than direct fine-tuning. Peak RSS {:.0} MiB.\n",
         model.display(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        crate::bench::machine::CpuInfo::detect().describe(),
         b.people,
         rayon::current_num_threads(),
         b.difflora_seconds,
