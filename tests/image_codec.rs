@@ -60,6 +60,15 @@ fn shapes_and_validation() {
     let y = codec.decode(&z).unwrap();
     assert_eq!(y.dims(), [2, 3, 32, 32]);
     assert!(max_abs(&y) <= 1.0);
+    // Many images are encoded in chunks: the same latents as one image at a time.
+    let (many, _) = renders(35, 2);
+    let zs = codec.encode(&many).unwrap();
+    assert_eq!(zs.dims(), [70, 4, 16, 16]);
+    for i in [0, 63, 64, 69] {
+        let one = codec.encode(&many.narrow(0, i, 1).unwrap()).unwrap();
+        let d = (zs.narrow(0, i, 1).unwrap() - one).unwrap();
+        assert!(max_abs(&d) < 1e-5, "image {i}");
+    }
     let err = codec.encode(&x.narrow(2, 0, 16).unwrap()).unwrap_err();
     assert!(err.to_string().contains("(B, 3, 32, 32)"), "{err}");
     let err = codec.decode(&x).unwrap_err();

@@ -209,11 +209,7 @@ pub fn refine_decoder(
     let n = images.dim(0)?;
     anyhow::ensure!(n > 0, "no training images");
     let device = images.device().clone();
-    let mut chunks = Vec::new();
-    for start in (0..n).step_by(64) {
-        chunks.push(codec.encode_unscaled(&images.narrow(0, start, (n - start).min(64))?)?);
-    }
-    let latents = Tensor::cat(&chunks, 0)?;
+    let latents = codec.encode_unscaled(images)?;
     let vars = codec.decoder_trainable_vars()?;
     let config = serde_json::to_string(&(codec.config(), refinement))?;
     run_steps(

@@ -183,6 +183,44 @@ struct CodecLevel {
     block: CodecBlock,
 }
 
+/// The encoder's modules: image to latent.
+#[derive(Debug, Clone)]
+struct CodecEncoder {
+    conv_in: Conv,
+    levels: Vec<CodecLevel>,
+    mid: CodecBlock,
+    norm: GroupNorm,
+    conv_out: Conv,
+}
+
+impl CodecEncoder {
+    fn params<'a>(&'a self, v: &mut Vec<&'a Param>) {
+        self.conv_in.params(v);
+        for l in &self.levels {
+            if let Some(c) = &l.resample {
+                c.params(v);
+            }
+            l.block.params(v);
+        }
+        self.mid.params(v);
+        self.norm.params(v);
+        self.conv_out.params(v);
+    }
+
+    fn params_mut<'a>(&'a mut self, v: &mut Vec<&'a mut Param>) {
+        self.conv_in.params_mut(v);
+        for l in &mut self.levels {
+            if let Some(c) = &mut l.resample {
+                c.params_mut(v);
+            }
+            l.block.params_mut(v);
+        }
+        self.mid.params_mut(v);
+        self.norm.params_mut(v);
+        self.conv_out.params_mut(v);
+    }
+}
+
 /// The decoder's modules: latent to image.
 #[derive(Debug, Clone)]
 struct CodecDecoder {
@@ -225,16 +263,15 @@ impl CodecDecoder {
 #[derive(Debug, Clone)]
 pub struct ImageCodec {
     cfg: CodecConfig,
-    enc_in: Conv,
-    enc_levels: Vec<CodecLevel>,
-    enc_mid: CodecBlock,
-    enc_norm: GroupNorm,
-    enc_out: Conv,
+    encoder: CodecEncoder,
     decoder: CodecDecoder,
     /// `[scale, bound]`: latents are multiplied by `scale` after encoding (divided before
     /// decoding), and `bound` is the largest |value| of a scaled training latent.
     stats: Param,
 }
+
+/// Images per encoder pass when encoding many (bounds the activations' memory).
+const ENCODE_CHUNK: usize = 64;
 
 /// Name of the latent statistics tensor.
 const STATS: &str = "latent_statistics";
@@ -289,11 +326,13 @@ impl ImageCodec {
         };
         Ok(Self {
             cfg,
-            enc_in,
-            enc_levels,
-            enc_mid,
-            enc_norm,
-            enc_out,
+            encoder: CodecEncoder {
+                conv_in: enc_in,
+                levels: enc_levels,
+                mid: enc_mid,
+                norm: enc_norm,
+                conv_out: enc_out,
+            },
             decoder: CodecDecoder {
                 conv_in: dec_in,
                 mid: dec_mid,
@@ -327,15 +366,15 @@ impl ImageCodec {
             ));
         }
         let (mut sum, mut sq, mut count, mut max) = (0f64, 0f64, 0f64, 0f32);
-        for start in (0..n).step_by(64) {
-            let z = self.encode_raw(&images.narrow(0, start, (n - start).min(64))?)?;
-            let v = z.flatten_all()?.to_vec1::<f32>()?;
-            for x in v {
-                sum += x as f64;
-                sq += (x as f64) * (x as f64);
-                count += 1.0;
-                max = max.max(x.abs());
-            }
+        let v = self
+            .encode_unscaled(images)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for x in v {
+            sum += x as f64;
+            sq += (x as f64) * (x as f64);
+            count += 1.0;
+            max = max.max(x.abs());
         }
         let mean = sum / count;
         let std = (sq / count - mean * mean).max(1e-12).sqrt();
@@ -359,15 +398,16 @@ impl ImageCodec {
     /// The encoder's output before scaling.
     fn encode_raw(&self, images: &Tensor) -> Result<Tensor> {
         self.check_images(images)?;
-        let mut h = self.enc_in.forward(&images.to_dtype(DType::F32)?)?;
-        for level in &self.enc_levels {
+        let e = &self.encoder;
+        let mut h = e.conv_in.forward(&images.to_dtype(DType::F32)?)?;
+        for level in &e.levels {
             if let Some(down) = &level.resample {
                 h = down.forward(&h)?;
             }
             h = level.block.forward(&h)?;
         }
-        let h = self.enc_mid.forward(&h)?;
-        self.enc_out.forward(&self.enc_norm.forward(&h)?.silu()?)
+        let h = e.mid.forward(&h)?;
+        e.conv_out.forward(&e.norm.forward(&h)?.silu()?)
     }
 
     /// The decoder's image from an unscaled latent.
@@ -383,10 +423,11 @@ impl ImageCodec {
         d.conv_out.forward(&d.norm.forward(&h)?.silu()?)
     }
 
-    /// Scaled latents (B, L, S/f, S/f) of `images` (B, C, S, S) in [-1, 1].
+    /// Scaled latents (B, L, S/f, S/f) of `images` (B, C, S, S) in [-1, 1], without gradient
+    /// (any B: encoded in chunks).
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
         let (scale, _) = self.latent_statistics()?;
-        Ok((self.encode_raw(images)? * scale as f64)?)
+        Ok((self.encode_unscaled(images)? * scale as f64)?)
     }
 
     /// Images (B, C, S, S) from scaled latents, clamped to [-1, 1].
@@ -426,34 +467,17 @@ impl ImageCodec {
         Ok((loss, value))
     }
 
+    /// Every weight, the encoder's first (the order of the optimiser's state in a checkpoint).
     fn params(&self) -> Vec<&Param> {
         let mut v = Vec::new();
-        self.enc_in.params(&mut v);
-        for l in &self.enc_levels {
-            if let Some(c) = &l.resample {
-                c.params(&mut v);
-            }
-            l.block.params(&mut v);
-        }
-        self.enc_mid.params(&mut v);
-        self.enc_norm.params(&mut v);
-        self.enc_out.params(&mut v);
+        self.encoder.params(&mut v);
         self.decoder.params(&mut v);
         v
     }
 
     fn params_mut(&mut self) -> Vec<&mut Param> {
         let mut v = Vec::new();
-        self.enc_in.params_mut(&mut v);
-        for l in &mut self.enc_levels {
-            if let Some(c) = &mut l.resample {
-                c.params_mut(&mut v);
-            }
-            l.block.params_mut(&mut v);
-        }
-        self.enc_mid.params_mut(&mut v);
-        self.enc_norm.params_mut(&mut v);
-        self.enc_out.params_mut(&mut v);
+        self.encoder.params_mut(&mut v);
         self.decoder.params_mut(&mut v);
         v
     }
@@ -472,9 +496,19 @@ impl ImageCodec {
         v.into_iter().map(|p| p.make_trainable()).collect()
     }
 
-    /// The encoder's latents of `images` before scaling, as the decoder's training sees them.
+    /// The encoder's latents of `images` before scaling (as the decoder's training sees them),
+    /// without gradient; any number of images, encoded [`ENCODE_CHUNK`] at a time.
     pub fn encode_unscaled(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.encode_raw(images)?.detach())
+        let n = images.dim(0)?;
+        if n <= ENCODE_CHUNK {
+            return Ok(self.encode_raw(images)?.detach());
+        }
+        let mut parts = Vec::with_capacity(n.div_ceil(ENCODE_CHUNK));
+        for start in (0..n).step_by(ENCODE_CHUNK) {
+            let chunk = images.narrow(0, start, (n - start).min(ENCODE_CHUNK))?;
+            parts.push(self.encode_raw(&chunk)?.detach());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The loss that sharpens the decoder alone: from unscaled latents `z` (of

@@ -105,18 +105,12 @@ impl Generator {
     }
 
     /// What the UNet diffuses for `images` (B, C, S, S) in [-1, 1]: the images themselves, or
-    /// a latent generator's (detached) latents, encoded in chunks.
+    /// a latent generator's latents (without gradient).
     pub fn to_latents(&self, images: &Tensor) -> Result<Tensor> {
         let Some(codec) = &self.codec else {
             return Ok(images.to_dtype(DType::F32)?);
         };
-        let n = images.dim(0)?;
-        let mut parts = Vec::with_capacity(n.div_ceil(64));
-        for start in (0..n).step_by(64) {
-            let chunk = images.narrow(0, start, (n - start).min(64))?;
-            parts.push(codec.encode(&chunk)?.detach());
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+        codec.encode(images)
     }
 
     /// The bound a sampler clips predicted clean values to: 1 for pixels, the largest
