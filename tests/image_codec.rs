@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::TempDir;
 use peft_studio::data::people::synthetic_person;
 use peft_studio::diffusion::DdimConfig;
@@ -388,12 +388,39 @@ fn a_latent_generator_trains_on_latents_and_draws_images() {
         g.x0_bound().unwrap(),
         codec.latent_statistics().unwrap().1 as f64
     );
-    // Saved with its codec: the loaded generator draws the same images.
+    // Saved with its codec (kept f32, the UNet stored as f16): the loaded generator predicts
+    // the same noise to f16 rounding, with the very same codec, and a second save/load round
+    // trip draws the very same images.
     let path = dir.path("generator.safetensors");
     g.save(&path).unwrap();
     let loaded = Generator::load(&path, &Device::Cpu).unwrap();
+    let noisy = z.narrow(0, 0, 2).unwrap();
+    let two = &prompts[..2];
+    let (p_saved, p_loaded) = (
+        g.predict(&noisy, &[5, 700], two).unwrap(),
+        loaded.predict(&noisy, &[5, 700], two).unwrap(),
+    );
+    let moved = max_abs(&(&p_saved - &p_loaded).unwrap()) / max_abs(&p_saved);
+    assert!(moved < 5e-3, "{moved}");
     let again = loaded.sample("smile", 2, &ddim, 2.0).unwrap();
-    assert_eq!(max_abs(&(drawn - again).unwrap()), 0.0);
+    let again_path = dir.path("generator-again.safetensors");
+    loaded.save(&again_path).unwrap();
+    let reloaded = Generator::load(&again_path, &Device::Cpu).unwrap();
+    let third = reloaded.sample("smile", 2, &ddim, 2.0).unwrap();
+    assert_eq!(max_abs(&(&again - &third).unwrap()), 0.0);
+    let stored = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for (name, t) in &stored {
+        let expected = if name.starts_with("codec.") {
+            DType::F32
+        } else {
+            DType::F16
+        };
+        assert_eq!(t.dtype(), expected, "{name}");
+    }
+    let carried = loaded.codec().unwrap().named_tensors();
+    for ((name, a), (_, b)) in carried.iter().zip(codec.named_tensors().iter()) {
+        assert_eq!(max_abs(&(a - b).unwrap()), 0.0, "{name}");
+    }
     assert_eq!(loaded.parameter_count(), g.parameter_count());
     // A codec of another configuration is refused.
     let mut other = Generator::new(cfg.clone(), &Device::Cpu).unwrap();

@@ -36,7 +36,7 @@ use std::path::Path;
 pub use batches::{Epochs, Shuffle, draw_indices, step_rng};
 pub use conv_tower::ConvTower;
 pub use dense::{Dense, DenseLayout};
-pub use file::{FORMAT_KEY, ModelFile, ModelKind, save_model};
+pub use file::{FORMAT_KEY, ModelFile, ModelKind, half_precision, save_model};
 pub use im2col::{col2im, conv3x3, im2col};
 pub use init::{Fresh, Init, ParamSource, draw, normal_values};
 pub use schedule::WarmupCosine;

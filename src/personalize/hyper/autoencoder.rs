@@ -55,6 +55,11 @@ pub struct AutoencoderConfig {
     pub latent_penalty: f64,
     /// Seed of the initial weights, the batches and the noise.
     pub seed: u64,
+    /// Keep at most this many principal directions of the training vectors (those of largest
+    /// variance); none: all of them (up to N − 1). The saved basis is most of the file (r × D
+    /// values), so a cap keeps a personaliser with long LoRA vectors small; the directions left
+    /// out are not represented (their share of the variance adds to the reconstruction error).
+    pub max_principal_dims: Option<usize>,
 }
 
 impl Default for AutoencoderConfig {
@@ -70,6 +75,7 @@ impl Default for AutoencoderConfig {
             latent_noise: 0.05,
             latent_penalty: 1e-4,
             seed: 0,
+            max_principal_dims: None,
         }
     }
 }
@@ -85,7 +91,11 @@ impl AutoencoderConfig {
         check_nonneg("weight_decay", self.weight_decay)?;
         check_nonneg("input_noise", self.input_noise)?;
         check_nonneg("latent_noise", self.latent_noise)?;
-        check_nonneg("latent_penalty", self.latent_penalty)
+        check_nonneg("latent_penalty", self.latent_penalty)?;
+        if let Some(cap) = self.max_principal_dims {
+            check_positive("max_principal_dims", cap)?;
+        }
+        Ok(())
     }
 }
 
@@ -141,9 +151,9 @@ impl AeNet {
 const BASIS_REL_EIGEN_FLOOR: f64 = 1e-10;
 
 /// An orthonormal basis (r, D) of the row space of `x` (N, D), ordered by decreasing variance,
-/// from the eigendecomposition of the f64 Gram matrix `x·xᵀ` (N × N, cheap for N ≪ D). Returns
-/// one all-zero row if `x` is zero.
-fn principal_basis(x: &Tensor) -> Result<Tensor> {
+/// from the eigendecomposition of the f64 Gram matrix `x·xᵀ` (N × N, cheap for N ≪ D); at most
+/// `max_rows` rows when given. Returns one all-zero row if `x` is zero.
+fn principal_basis(x: &Tensor, max_rows: Option<usize>) -> Result<Tensor> {
     let (_, d) = x.dims2()?;
     let x64 = x.to_dtype(DType::F64)?;
     let gram = x64.matmul(&x64.t()?)?;
@@ -152,9 +162,12 @@ fn principal_basis(x: &Tensor) -> Result<Tensor> {
     let eig = crate::peft::decompose::thin_svd(&mat, n)
         .map_err(|e| HyperError::InvalidInput(format!("principal basis: {e}")))?;
     let top = eig.s.first().copied().unwrap_or(0.0);
-    let keep: Vec<usize> = (0..eig.s.len())
+    let mut keep: Vec<usize> = (0..eig.s.len())
         .filter(|&i| top > 0.0 && eig.s[i] > BASIS_REL_EIGEN_FLOOR * top)
         .collect();
+    if let Some(max) = max_rows {
+        keep.truncate(max);
+    }
     if keep.is_empty() {
         return Ok(Tensor::zeros((1, d), DType::F32, x.device())?);
     }
@@ -218,7 +231,7 @@ impl LoraAutoencoder {
         let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
         let x = (centred / f64::from(std))?;
 
-        let basis = principal_basis(&x)?;
+        let basis = principal_basis(&x, cfg.max_principal_dims)?;
         let basis_t = basis.t()?.contiguous()?;
         let r = basis.dims()[0];
         let coords = x.matmul(&basis_t)?;
