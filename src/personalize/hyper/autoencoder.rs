@@ -235,6 +235,14 @@ impl LoraAutoencoder {
         let basis_t = basis.t()?.contiguous()?;
         let r = basis.dims()[0];
         let coords = x.matmul(&basis_t)?;
+        let total = x.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        if total > 0.0 {
+            let kept = coords.sqr()?.sum_all()?.to_scalar::<f32>()? / total;
+            log::info!(
+                "LoRA autoencoder: {r} principal directions hold {:.1}% of the vectors' variance",
+                100.0 * kept
+            );
+        }
         let rms = coords.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt();
         let scale = if rms > 1e-12 { rms } else { 1.0 };
         let c = (coords / f64::from(scale))?;
