@@ -183,6 +183,22 @@ struct CodecLevel {
     block: CodecBlock,
 }
 
+impl Module for CodecLevel {
+    fn params<'a>(&'a self, v: &mut Vec<&'a Param>) {
+        if let Some(c) = &self.resample {
+            c.params(v);
+        }
+        self.block.params(v);
+    }
+
+    fn params_mut<'a>(&'a mut self, v: &mut Vec<&'a mut Param>) {
+        if let Some(c) = &mut self.resample {
+            c.params_mut(v);
+        }
+        self.block.params_mut(v);
+    }
+}
+
 /// The encoder's modules: image to latent.
 #[derive(Debug, Clone)]
 struct CodecEncoder {
@@ -197,10 +213,7 @@ impl CodecEncoder {
     fn params<'a>(&'a self, v: &mut Vec<&'a Param>) {
         self.conv_in.params(v);
         for l in &self.levels {
-            if let Some(c) = &l.resample {
-                c.params(v);
-            }
-            l.block.params(v);
+            l.params(v);
         }
         self.mid.params(v);
         self.norm.params(v);
@@ -210,10 +223,7 @@ impl CodecEncoder {
     fn params_mut<'a>(&'a mut self, v: &mut Vec<&'a mut Param>) {
         self.conv_in.params_mut(v);
         for l in &mut self.levels {
-            if let Some(c) = &mut l.resample {
-                c.params_mut(v);
-            }
-            l.block.params_mut(v);
+            l.params_mut(v);
         }
         self.mid.params_mut(v);
         self.norm.params_mut(v);
@@ -236,10 +246,7 @@ impl CodecDecoder {
         self.conv_in.params(v);
         self.mid.params(v);
         for l in &self.levels {
-            if let Some(c) = &l.resample {
-                c.params(v);
-            }
-            l.block.params(v);
+            l.params(v);
         }
         self.norm.params(v);
         self.conv_out.params(v);
@@ -249,10 +256,7 @@ impl CodecDecoder {
         self.conv_in.params_mut(v);
         self.mid.params_mut(v);
         for l in &mut self.levels {
-            if let Some(c) = &mut l.resample {
-                c.params_mut(v);
-            }
-            l.block.params_mut(v);
+            l.params_mut(v);
         }
         self.norm.params_mut(v);
         self.conv_out.params_mut(v);

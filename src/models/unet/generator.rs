@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::diffusion::{DdimConfig, NoiseSchedule, ddim_sample, guided, seeded_normal};
 use crate::fsio::{read_safetensors, write_safetensors};
+use crate::models::kit::half_precision;
 use crate::peft::AdaptedLinear;
 use crate::peft::linear::LinearLayers;
 
@@ -441,18 +442,12 @@ impl Generator {
         };
         let json = serde_json::to_string(&self.cfg).map_err(|e| file_err(e.to_string()))?;
         let meta: HashMap<String, String> = [(CONFIG_KEY.to_string(), json)].into();
-        let tensors: Vec<(String, Tensor)> = self
+        let (codec, rest): (Vec<_>, Vec<_>) = self
             .named_tensors()?
             .into_iter()
-            .map(|(name, t)| {
-                let t = if name.starts_with(CODEC_PREFIX) {
-                    t
-                } else {
-                    t.to_dtype(DType::F16)?
-                };
-                Ok((name, t))
-            })
-            .collect::<Result<_>>()?;
+            .partition(|(name, _)| name.starts_with(CODEC_PREFIX));
+        let mut tensors = half_precision(&rest)?;
+        tensors.extend(codec);
         write_safetensors(path, &tensors, meta).map_err(|e| file_err(e.reason()))
     }
 
