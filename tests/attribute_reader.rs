@@ -15,7 +15,7 @@ use peft_studio::personalize::attribute_reader::{
 use peft_studio::personalize::evaluate::{
     EvalSettings, FeatureSets, PathScores, PersonEval, summarise,
 };
-use peft_studio::personalize::pipeline::builtin_dir;
+use peft_studio::personalize::pipeline::{Personaliser, builtin_dir};
 
 fn shipped() -> AttributeReader {
     AttributeReader::load(&builtin_dir().join(READER_FILE), &Device::Cpu)
@@ -27,7 +27,12 @@ fn shipped() -> AttributeReader {
 #[test]
 fn shipped_reader_reads_fresh_renders() {
     let reader = shipped();
-    assert_eq!(reader.image_size(), 32);
+    assert_eq!(
+        reader.image_size(),
+        Personaliser::load(&builtin_dir(), &Device::Cpu)
+            .unwrap()
+            .image_size()
+    );
     let (images, truth) = labelled_renders(9_100_000, 100, reader.image_size(), 77);
     let read = reader.read(&images).unwrap();
     let acc = accuracy_per_attribute(&read, &truth);
@@ -63,7 +68,7 @@ fn adherence_and_agreement_are_high_on_renders_and_low_on_wrong_attributes() {
         let attrs = Attributes::random(seed);
         let id = Identity::random(seed);
         let images: Vec<_> = (0..4)
-            .map(|k| render(&id, &attrs, 32, seed * 10 + k))
+            .map(|k| render(&id, &attrs, reader.image_size(), seed * 10 + k))
             .collect();
         let read = reader.read(&images).unwrap();
         let identity = identity_labels(seed);

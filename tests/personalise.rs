@@ -787,7 +787,13 @@ fn builtin_personaliser_on_a_sample_person() {
         .personalise(&refs, "smile, blue background", 4, 0)
         .unwrap();
     assert_eq!(r.gallery.images.len(), 4);
-    assert!(r.gallery.images.iter().all(|i| i.dimensions() == (32, 32)));
+    let size = p.image_size();
+    assert!(
+        r.gallery
+            .images
+            .iter()
+            .all(|i| i.dimensions() == (size, size))
+    );
     assert!(r.gallery.scores.iter().all(|s| (-1.0..=1.0).contains(s)));
     assert!(r.seconds.personalise_total > 0.0 && r.seconds.gallery > 0.0);
     // The predicted LoRA really changes the generator.
