@@ -117,13 +117,18 @@ impl DenoiserEnsemble {
     }
 
     /// The mean of `samples` latents from every member for one condition `cond` (1, E):
-    /// a (1, L) latent. Deterministic in `seed`.
+    /// a (1, L) latent. Deterministic in `seed`, and the same on any number of threads: the
+    /// members sample in parallel (rayon's pool; each is a chain of small MLP calls too small
+    /// to use more than one core), and their samples are joined in member order.
     pub fn predict(&self, cond: &Tensor, seed: u64, samples: usize) -> Result<Tensor> {
+        use rayon::prelude::*;
         let cond = cond.repeat((samples.max(1), 1))?;
-        let mut all = Vec::with_capacity(self.members.len());
-        for (m, d) in self.members.iter().enumerate() {
-            all.push(d.sample(&cond, seed.wrapping_add(m as u64))?);
-        }
+        let all = self
+            .members
+            .par_iter()
+            .enumerate()
+            .map(|(m, d)| d.sample(&cond, seed.wrapping_add(m as u64)))
+            .collect::<Result<Vec<Tensor>>>()?;
         Ok(Tensor::cat(&all, 0)?.mean_keepdim(0)?)
     }
 }
