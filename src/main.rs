@@ -297,8 +297,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Every command logs, not only the window: `RUST_LOG=info` shows the build stages' notes.
+    peft_studio::app::init_logging();
     let Some(command) = cli.command else {
-        peft_studio::app::init_logging();
         return peft_studio::app::run_window();
     };
     // Commands compute on this thread: make it one of the compute pool's threads.

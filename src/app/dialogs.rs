@@ -240,7 +240,8 @@ impl Log for DialogLogger {
     }
 }
 
-/// Installs the window's logger (once; later calls do nothing).
+/// Installs the program's logger, the window's and the commands' (once; later calls do
+/// nothing).
 pub fn init_logging() {
     let inner =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).build();

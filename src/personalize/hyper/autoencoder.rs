@@ -228,22 +228,24 @@ impl LoraAutoencoder {
         let mean = v.mean_keepdim(0)?;
         let centred = v.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_all()?.to_scalar::<f32>()?;
-        let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
+        let standardised = var.sqrt() > 1e-12;
+        let std = if standardised { var.sqrt() } else { 1.0 };
         let x = (centred / f64::from(std))?;
 
         let basis = principal_basis(&x, cfg.max_principal_dims)?;
         let basis_t = basis.t()?.contiguous()?;
         let r = basis.dims()[0];
         let coords = x.matmul(&basis_t)?;
-        let total = x.sqr()?.sum_all()?.to_scalar::<f32>()?;
-        if total > 0.0 {
-            let kept = coords.sqr()?.sum_all()?.to_scalar::<f32>()? / total;
+        let coords_mean_square = coords.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        if standardised {
+            // `x` is standardised to mean square 1, so its total square is N·D.
+            let kept = coords_mean_square * r as f32 / d as f32;
             log::info!(
                 "LoRA autoencoder: {r} principal directions hold {:.1}% of the vectors' variance",
                 100.0 * kept
             );
         }
-        let rms = coords.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt();
+        let rms = coords_mean_square.sqrt();
         let scale = if rms > 1e-12 { rms } else { 1.0 };
         let c = (coords / f64::from(scale))?;
         // Loss per standardised coordinate = mean square error of `c` · scale² · r / D.
