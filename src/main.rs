@@ -138,7 +138,7 @@ enum Command {
     /// Build a DiffLoRA personaliser from a preset: generator, LoRA bank, encoders,
     /// hypernetwork. Resumable: run the same command again to continue an interrupted build.
     DiffloraBuild {
-        /// The preset (TOML), e.g. `presets/difflora-portraits.toml`.
+        /// The preset (TOML), e.g. `presets/difflora-portraits-64.toml`.
         #[arg(long)]
         preset: PathBuf,
         /// Build only up to and including this stage.

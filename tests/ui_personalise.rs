@@ -379,7 +379,7 @@ fn a_missing_personaliser_is_explained() {
     h.get_by_label("Personalise").click();
     h.run_steps(3);
     h.get_by_label_contains("No personaliser at");
-    h.get_by_label_contains("difflora-build --preset presets/difflora-portraits.toml");
+    h.get_by_label_contains("difflora-build --preset presets/difflora-portraits-64.toml");
     assert!(h.state().errors.is_empty());
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);

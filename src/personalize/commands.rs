@@ -32,8 +32,11 @@ pub struct PersonaliseReport {
     pub references: String,
     /// Number of reference images.
     pub reference_count: usize,
-    /// The prompt.
+    /// The prompt as given.
     pub prompt: String,
+    /// The prompt as the generator drew it ([`Personaliser::drawn_prompt`]: completed with
+    /// the defaults of the attributes it does not name).
+    pub drawn_prompt: String,
     /// Images generated.
     pub n: usize,
     /// The seed.
@@ -141,6 +144,7 @@ pub fn personalize_command(
     let references = load_references(refs, personaliser.image_size())?;
     let load_seconds = t.elapsed().as_secs_f64();
     let familiarity = personaliser.familiarity(&references)?;
+    let drawn_prompt = personaliser.drawn_prompt(prompt);
     let warnings = personaliser.reference_warnings(&references)?;
     for w in &warnings {
         log::warn!("{w}");
@@ -169,6 +173,7 @@ pub fn personalize_command(
         references: refs.display().to_string(),
         reference_count: request.references.len(),
         prompt: prompt.to_string(),
+        drawn_prompt,
         n,
         seed,
         mean_identity_score: result.diff.mean_score(),

@@ -20,15 +20,16 @@ use super::hyper::LoraAutoencoder;
 use super::identity_encoder::{IdentityEncoder, ParamRegressor};
 use super::progress::{Cancelled, GalleryKind, Progress, Stage, announce, ignore};
 use super::tensors::{images_to_tensor, tensor_to_images};
+use crate::data::portrait::Attributes;
 use crate::diffusion::DdimConfig;
 use crate::models::unet::Generator;
 use crate::peft::checkpoint::save_adapter;
 use crate::peft::linear::LinearLayers;
 
 /// Folder of the built-in personaliser, relative to the assets folder.
-pub const BUILTIN_PERSONALISER: &str = "models/difflora-portraits";
+pub const BUILTIN_PERSONALISER: &str = "models/difflora-portraits-64";
 
-/// The built-in personaliser's folder (`assets/models/difflora-portraits`).
+/// The built-in personaliser's folder (`assets/models/difflora-portraits-64`).
 pub fn builtin_dir() -> PathBuf {
     crate::data::assets_dir().join(BUILTIN_PERSONALISER)
 }
@@ -241,6 +242,20 @@ impl Personaliser {
         self.preset.image_size
     }
 
+    /// The prompt as the generator draws it. A generator built on synthetic portraits was
+    /// trained on prompts naming all five attributes, so a partial prompt is completed with the
+    /// defaults of the attributes it does not mention (`"smile, blue background"` →
+    /// `"smile, face front, blue background, even light, no accessory"`; unknown words are
+    /// dropped): partial prompts, never seen in training, were followed far less often. A
+    /// generator built on photos knows only the empty prompt.
+    pub fn drawn_prompt(&self, prompt: &str) -> String {
+        if self.preset.people.generator.is_synthetic() {
+            Attributes::from_words(&[prompt]).prompt()
+        } else {
+            String::new()
+        }
+    }
+
     /// The base generator.
     pub fn generator(&self) -> &Generator {
         &self.generator
@@ -445,14 +460,9 @@ impl Personaliser {
             clip_x0: Some(generator.x0_bound()?),
             seed,
         };
-        let prompt = if self.preset.people.generator.is_synthetic() {
-            prompt
-        } else {
-            // Photos carry no prompts: that generator was trained on the empty prompt only.
-            ""
-        };
+        let prompt = self.drawn_prompt(prompt);
         let out = generator.sample_with(
-            prompt,
+            &prompt,
             n,
             &ddim,
             self.preset.sampling.guidance,

@@ -93,7 +93,7 @@ fn model_line(app: &StudioApp, ui: &mut Ui) {
             ui.colored_label(
                 ui.visuals().warn_fg_color,
                 format!(
-                    "No personaliser at {} - build it with `peft-studio difflora-build --preset presets/difflora-portraits.toml`",
+                    "No personaliser at {} - build it with `peft-studio difflora-build --preset presets/difflora-portraits-64.toml`",
                     dir.display()
                 ),
             );
@@ -170,6 +170,14 @@ fn controls_ui(app: &mut StudioApp, ui: &mut Ui) {
             }
         }
     });
+    if let Some(p) = app.personalise.personaliser() {
+        let drawn = p.drawn_prompt(&set.prompt);
+        if drawn.is_empty() {
+            ui.weak("Drawn without a prompt: this personaliser was built on photos.");
+        } else if drawn != set.prompt.trim() {
+            ui.weak(format!("Drawn as: {drawn}"));
+        }
+    }
     ui.add(egui::Slider::new(&mut set.n, 1..=8).text("images"));
     ui.horizontal(|ui| {
         let l = ui.label("Seed");
