@@ -12,10 +12,10 @@
 //! - [`export`]: a run as a PEFT adapter, a merged Hugging Face folder or a llama.cpp LoRA.
 //! - [`job`]: a run as a transformers + PEFT + accelerate job folder, and its results back.
 
-pub mod amx;
 pub mod app;
 pub mod arch;
 pub mod bench;
+pub mod bf16_gemm;
 pub mod data;
 pub mod device;
 pub mod diffusion;

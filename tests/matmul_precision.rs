@@ -1,5 +1,5 @@
 //! `model.matmul_precision = "bf16"`: the frozen base's products in bf16 with f32 sums on Intel
-//! AMX. Where the CPU has AMX, a run's losses follow the f32 run's within mixed-precision
+//! AMX or AVX512-BF16. Where the CPU has either, a run's losses follow the f32 run's within mixed-precision
 //! tolerance and differ from them (the bf16 path ran); elsewhere the setting falls back to f32
 //! (identical losses) and the log says why.
 
@@ -7,7 +7,7 @@ mod common;
 
 use common::chat::{chat_model, config, yes_data};
 
-use peft_studio::amx;
+use peft_studio::bf16_gemm;
 use peft_studio::peft::MatmulPrecision;
 use peft_studio::train::{Event, NeverStop, RunStore, train};
 
@@ -38,8 +38,11 @@ fn a_bf16_run_follows_the_f32_run_and_says_what_the_cpu_runs() {
         .iter()
         .find(|l| l.contains("model.matmul_precision"))
         .unwrap_or_else(|| panic!("no precision line in {logs:?}"));
-    if amx::available() {
-        assert!(said.contains("bf16 on AMX"), "{said}");
+    if let Some(kernel) = bf16_gemm::kernel() {
+        assert!(
+            said.contains(&format!("bf16 on {}", kernel.name())),
+            "{said}"
+        );
         assert!(
             a.iter().zip(&b).any(|(x, y)| x != y),
             "bf16 losses are the f32 ones: the bf16 path did not run"
@@ -56,11 +59,11 @@ fn a_bf16_run_follows_the_f32_run_and_says_what_the_cpu_runs() {
         }
         assert!(b[5] < 0.5 * b[0], "the bf16 run did not learn: {b:?}");
     } else {
-        assert!(said.contains("no AMX"), "{said}");
+        assert!(said.contains("neither AMX nor AVX512-BF16"), "{said}");
         for (x, y) in a.iter().zip(&b) {
             assert!(
                 (x - y).abs() < 1e-9,
-                "without AMX bf16 runs f32: {a:?} vs {b:?}"
+                "without a bf16 kernel bf16 runs f32: {a:?} vs {b:?}"
             );
         }
     }

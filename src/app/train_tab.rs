@@ -810,6 +810,6 @@ fn precision_choice(ui: &mut Ui, precision: &mut MatmulPrecision) {
     })
     .response
     .on_hover_text(
-        "bf16: the frozen base's products take bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later), as mixed-precision training does; adapters, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit.",
+        "bf16: the frozen base's products take bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later) or AVX512-BF16 (AMD Zen 4 and later), as mixed-precision training does; adapters, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit.",
     );
 }

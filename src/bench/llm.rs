@@ -20,8 +20,8 @@ use crate::train::optim::{AdamW, AdamWParams};
 /// The variants: LoRA r=8 on q_proj/v_proj; the same LoRA on the built-in Q4_1 GGUF with its
 /// base kept packed (QLoRA's recipe; the peer runs its f32 LoRA beside it: PEFT's QLoRA needs
 /// bitsandbytes and CUDA); both with `model.matmul_precision = "bf16"` (`-bf16`: the frozen
-/// base's products in bf16 on AMX, f32 where the CPU has none; the peer runs its f32 LoRA
-/// beside them); full fine-tuning.
+/// base's products in bf16 on AMX or AVX512-BF16, f32 where the CPU has neither; the peer
+/// runs its f32 LoRA beside them); full fine-tuning.
 pub const LLM_VARIANTS: [&str; 5] = ["lora", "qlora", "lora-bf16", "qlora-bf16", "full"];
 
 /// A variant's recipe without its precision suffix, and the precision.

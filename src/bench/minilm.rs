@@ -14,7 +14,7 @@ pub const MINILM_DIR: &str = "downloads/all-MiniLM-L6-v2";
 pub const SPAM_DATA: &str = "downloads/spam-assassin.jsonl";
 
 /// The MiniLM benchmark's variants: the preset each runs (under `presets/`); `-bf16` adds
-/// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX).
+/// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX or AVX512-BF16).
 pub const MINILM_VARIANTS: [(&str, &str); 5] = [
     ("lora", "minilm-spam-lora.toml"),
     ("lora-bf16", "minilm-spam-lora.toml"),

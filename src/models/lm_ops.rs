@@ -18,7 +18,7 @@ use super::attention::{SharedOut, gemm_into};
 use super::composed as gpu;
 use super::ops::{GRAIN, f32_rows, last_dim, par_fill, rows_per_task};
 use super::vmath;
-use crate::amx::{PackedB, Strided, gemm_bf16_packed};
+use crate::bf16_gemm::{PackedB, Strided, gemm_bf16_packed};
 use crate::peft::fused_lora::FrozenWeight;
 
 /// Whether an op on `t` runs as a composition of standard candle ops (the GPU path): the
@@ -720,8 +720,8 @@ impl CustomOp2 for FrozenHeadCrossEntropy {
         let mut dx: Vec<f32> = Vec::with_capacity(if with_grad { n * h } else { 0 });
         let dst = SharedOut(dx.as_mut_ptr());
         let scale = 1.0 / n as f32;
-        // bf16 on AMX (model.matmul_precision): W packed once, for the logits (Wᵀ) and for the
-        // gradient (W).
+        // bf16 on AMX or AVX512-BF16 (model.matmul_precision): W packed once, for the logits
+        // (Wᵀ) and for the gradient (W).
         let packed = crate::peft::frozen::bf16_for(n).then(|| {
             let as_b = |rs, cs, k, m| {
                 PackedB::new(

@@ -9,6 +9,7 @@
 //! On a GPU the product is candle's own matmul of the device's storage (see
 //! [`frozen_linear_composed`]), in bf16 when the thread asked for [`MatmulPrecision::Bf16`].
 
+use crate::bf16_gemm::Kernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, MetalStorage, Result,
@@ -42,9 +43,10 @@ pub enum MatmulPrecision {
     /// f32 products (the default; equal to the reference implementations).
     #[default]
     F32,
-    /// bf16 operands, f32 sums, on Intel AMX where the CPU has it (Xeon 4th generation and
-    /// later), f32 on other CPUs; on a GPU the frozen weight's products run in bf16 (input and
-    /// weight cast to bf16, the product cast back to f32).
+    /// bf16 operands, f32 sums, on Intel AMX (Xeon 4th generation and later) or AVX512-BF16
+    /// (AMD Zen 4 and later) where the CPU has either, f32 on other CPUs; on a GPU the frozen
+    /// weight's products run in bf16 (input and weight cast to bf16, the product cast back to
+    /// f32).
     Bf16,
 }
 
@@ -53,8 +55,11 @@ impl MatmulPrecision {
     pub fn describe(self) -> &'static str {
         match self {
             MatmulPrecision::F32 => "f32",
-            MatmulPrecision::Bf16 if crate::amx::available() => "bf16 on AMX (f32 sums)",
-            MatmulPrecision::Bf16 => "f32 (bf16 was asked for, but this CPU has no AMX)",
+            MatmulPrecision::Bf16 => match crate::bf16_gemm::kernel() {
+                Some(Kernel::Amx) => "bf16 on AMX (f32 sums)",
+                Some(Kernel::Avx512Bf16) => "bf16 on AVX512-BF16 (f32 sums)",
+                None => "f32 (bf16 was asked for, but this CPU has neither AMX nor AVX512-BF16)",
+            },
         }
     }
 
@@ -93,7 +98,7 @@ impl Drop for MatmulPrecisionGuard {
 
 /// Whether a frozen product with `rows` output rows runs in bf16 on this thread.
 pub(crate) fn bf16_for(rows: usize) -> bool {
-    rows >= 16 && PRECISION.get() == MatmulPrecision::Bf16 && crate::amx::available()
+    rows >= 16 && PRECISION.get() == MatmulPrecision::Bf16 && crate::bf16_gemm::available()
 }
 
 /// The dtype of a frozen product on the device: bf16 when this thread asked for
@@ -106,7 +111,7 @@ fn device_product_dtype(x: &Tensor) -> DType {
 }
 
 /// `a·b (+ bias rows)` where b is a frozen weight (or its transpose): f32 through gemm, or
-/// bf16 on AMX when this thread asked for [`MatmulPrecision::Bf16`].
+/// bf16 (AMX or AVX512-BF16) when this thread asked for [`MatmulPrecision::Bf16`].
 pub(crate) fn frozen_product(
     a: &[f32],
     la: &Layout,
@@ -118,7 +123,7 @@ pub(crate) fn frozen_product(
     if !bf16_for(m) {
         return gemm_f32(a, la, b, lb, bias);
     }
-    let strided = |data, l: &Layout| crate::amx::Strided {
+    let strided = |data, l: &Layout| crate::bf16_gemm::Strided {
         data,
         start: l.start_offset(),
         rs: l.stride()[0],
@@ -128,7 +133,7 @@ pub(crate) fn frozen_product(
         Some(bias) => bias_rows(bias, m, n)?,
         None => vec![0f32; m * n],
     };
-    crate::amx::gemm_bf16(
+    crate::bf16_gemm::gemm_bf16(
         strided(a, la),
         strided(b, lb),
         (m, k, n),

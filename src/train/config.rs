@@ -74,8 +74,8 @@ pub struct ModelConfig {
     /// the same, memory lower); `false` dequantizes them to f32 at load.
     pub packed_base: bool,
     /// The precision of the frozen base's matrix products: `f32` (default) or `bf16` (bf16
-    /// operands with f32 sums on Intel AMX, where the CPU has it; f32 elsewhere). Adapters,
-    /// gradients and optimizer state stay f32.
+    /// operands with f32 sums on Intel AMX or AVX512-BF16, where the CPU has either; f32
+    /// elsewhere). Adapters, gradients and optimizer state stay f32.
     pub matmul_precision: crate::peft::MatmulPrecision,
 }
 

@@ -180,7 +180,7 @@ pub fn prepare(cfg: &TrainConfig) -> anyhow::Result<Prepared> {
 
 /// On a GPU with `model.matmul_precision = "bf16"`, an adapter run keeps its frozen base in
 /// bf16 as well (half its memory; adapters, gradients and AdamW stay f32); on the CPU the base
-/// stays f32 (the AMX kernels round per product). Returns the line for the run's log.
+/// stays f32 (the bf16 kernels round per product). Returns the line for the run's log.
 pub(super) fn store_frozen_base(
     cfg: &TrainConfig,
     device: &Device,

@@ -1,17 +1,21 @@
-//! bf16 matrix products with f32 accumulation on Intel AMX (Xeon 4th generation and later),
-//! for the frozen weights' products when `train.matmul_precision = "bf16"`.
+//! bf16 matrix products with f32 accumulation, for the frozen weights' products when
+//! `model.matmul_precision = "bf16"`, on either of two CPU features:
 //!
-//! On these CPUs one `tdpbf16ps` multiplies a 16×32 by a 32×16 bf16 tile into 16×16 f32
-//! accumulators; PyTorch reaches the same units through oneDNN when asked for bf16 (autocast,
-//! or `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`). Both operands are rounded to bf16
-//! (8 significant bits, round-to-nearest-even) and every product is summed in f32, so a result
-//! differs from the f32 product by about 2⁻⁸ of the terms' magnitude: the precision of mixed-
-//! precision training, not of the f32 reference.
+//! - **Intel AMX** (Xeon 4th generation and later): one `tdpbf16ps` multiplies a 16×32 by a
+//!   32×16 bf16 tile into 16×16 f32 accumulators; PyTorch reaches the same units through oneDNN
+//!   when asked for bf16 (autocast, or `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`).
+//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake): one `vdpbf16ps` adds the products
+//!   of 16 bf16 pairs to 16 f32 lanes, twice the multiply-adds of an f32 FMA of the same width.
 //!
-//! [`gemm_bf16`] packs `a` (m×k) into bf16 rows and `b` (k×n, any strides) into the tiles'
-//! pair-interleaved ("VNNI") layout in 32-column panels, then computes 32×32 blocks of the
-//! output with four accumulator tiles each, row blocks spread over rayon's threads. The tiles
-//! are set up once per process (the kernel's `ARCH_REQ_XCOMP_PERM`) and configured per task.
+//! Both operands are rounded to bf16 (8 significant bits, round-to-nearest-even) and every
+//! product is summed in f32, so a result differs from the f32 product by about 2⁻⁸ of the
+//! terms' magnitude: the precision of mixed-precision training, not of the f32 reference.
+//!
+//! [`gemm_bf16`] packs `a` (m×k) into bf16 rows and `b` (k×n, any strides) into the
+//! pair-interleaved ("VNNI") layout both instructions read, in 32-column panels, then computes
+//! 32×32 blocks of the output, row blocks spread over rayon's threads: on AMX with four
+//! accumulator tiles (set up once per process by the kernel's `ARCH_REQ_XCOMP_PERM`, configured
+//! per task), on AVX512-BF16 as four 8-row strips of 16 accumulator registers each.
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -25,19 +29,62 @@ const KB: usize = 32;
 /// u16 values in one B tile (16 k-pairs × 16 columns × 2).
 const TILE: usize = 512;
 
-/// Whether this CPU and kernel run AMX bf16 (checked once; asks the kernel for the tile
-/// state's permission the first time). `PEFT_STUDIO_NO_AMX=1` answers no (to compare, or to
-/// test the fallback on an AMX machine).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+/// Which instructions compute the bf16 products on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Intel AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 vectors (`vdpbf16ps`).
+    Avx512Bf16,
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    if std::env::var_os("PEFT_STUDIO_NO_AMX").is_some_and(|v| v == "1") {
-        return false;
+impl Kernel {
+    /// The feature's name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX",
+            Kernel::Avx512Bf16 => "AVX512-BF16",
+        }
     }
+}
+
+/// The kernel this CPU runs (checked once; AMX first, asking the kernel for the tile state's
+/// permission the first time), or `None`. `PEFT_STUDIO_NO_AMX=1` and
+/// `PEFT_STUDIO_NO_AVX512BF16=1` rule one out (to compare them, or to test the fallback).
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let off = |var: &str| std::env::var_os(var).is_some_and(|v| v == "1");
+        if !off("PEFT_STUDIO_NO_AMX") && amx_detected() {
+            Some(Kernel::Amx)
+        } else if !off("PEFT_STUDIO_NO_AVX512BF16") && avx512bf16_detected() {
+            Some(Kernel::Avx512Bf16)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether this CPU computes bf16 products with either kernel.
+pub fn available() -> bool {
+    kernel().is_some()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512bf16_detected() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512bf16_detected() -> bool {
+    false
+}
+
+/// Whether this CPU and kernel run AMX bf16 (asks the kernel for the tile state's permission).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_detected() -> bool {
     // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
     // CPUID leaf 7 exists where leaf 0 reports a maximum of at least 7.
     let max_leaf = std::arch::x86_64::__cpuid(0).eax;
@@ -60,7 +107,7 @@ fn detect() -> bool {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
+fn amx_detected() -> bool {
     false
 }
 
@@ -118,7 +165,7 @@ impl PackedB {
         let mut data = uninit(panels * per_panel);
         data.par_chunks_mut(per_panel)
             .enumerate()
-            // SAFETY: AMX CPUs have AVX-512 F and BW (the caller checked `available`).
+            // SAFETY: both kernels' CPUs have AVX-512 F and BW (the caller checked `available`).
             .for_each(|(p, panel)| unsafe { pack_panel(b, k, n, p * BLOCK, panel) });
         Self {
             // SAFETY: `pack_panel` wrote every value of every panel.
@@ -214,7 +261,8 @@ unsafe fn pack_panel(b: Strided, k: usize, n: usize, j0: usize, panel: &mut [May
 fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u16> {
     let width = kblocks * KB;
     let mut out = uninit(rows * width);
-    // SAFETY (both calls): AMX CPUs have AVX-512 F and BW (the caller checked `available`).
+    // SAFETY (both calls): both kernels' CPUs have AVX-512 F and BW (the caller checked
+    // `available`).
     if m * k >= 1 << 16 {
         out.par_chunks_mut(width)
             .enumerate()
@@ -251,7 +299,7 @@ unsafe fn pack_row(a: Strided, m: usize, k: usize, i: usize, row: &mut [MaybeUni
     }
 }
 
-/// `dst (+)= a·b` in bf16 × bf16 → f32 on AMX: `a` m×k, `b` k×n, `dst` m×n row-major. With
+/// `dst (+)= a·b` in bf16 × bf16 → f32 ([`kernel`]): `a` m×k, `b` k×n, `dst` m×n row-major. With
 /// `accumulate` the product is added to what `dst` holds (a bias, say); otherwise `dst` is
 /// overwritten. Call only when [`available`].
 pub fn gemm_bf16(
@@ -279,7 +327,20 @@ pub fn gemm_bf16_packed(
     accumulate: bool,
     parallel: bool,
 ) {
-    assert!(available(), "gemm_bf16 needs AMX");
+    let kernel = kernel().expect("gemm_bf16 needs AMX or AVX512-BF16");
+    gemm_packed_on(kernel, a, m, b, dst, accumulate, parallel);
+}
+
+/// [`gemm_bf16_packed`] on `kernel` (which the CPU must have).
+fn gemm_packed_on(
+    kernel: Kernel,
+    a: Strided,
+    m: usize,
+    b: &PackedB,
+    dst: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     let (k, n) = b.dims();
     assert_eq!(
         dst.len(),
@@ -302,9 +363,9 @@ pub fn gemm_bf16_packed(
     let block = |(rb, out): (usize, &mut [f32])| {
         let rows = out.len() / n;
         let a_block = &ap[rb * BLOCK * width..][..BLOCK * width];
-        // SAFETY: AMX is available (asserted above); each pointer covers what the block
-        // kernel reads or writes (see `row_block`).
-        unsafe { row_block(a_block, width, b, out, rows, n, accumulate) };
+        // SAFETY: the CPU has `kernel` (the caller's promise); each pointer covers what the
+        // block kernel reads or writes (see `row_block`).
+        unsafe { row_block(kernel, a_block, width, b, out, rows, n, accumulate) };
     };
     if parallel {
         dst.par_chunks_mut(BLOCK * n).enumerate().for_each(block);
@@ -316,8 +377,10 @@ pub fn gemm_bf16_packed(
 /// One 32-row block of the output against every panel.
 ///
 /// # Safety
-/// AMX must be available; `a_block` holds 32 rows of `width` bf16 values.
+/// The CPU must have `kernel`; `a_block` holds 32 rows of `width` bf16 values.
+#[allow(clippy::too_many_arguments)]
 unsafe fn row_block(
+    kernel: Kernel,
     a_block: &[u16],
     width: usize,
     b: &PackedB,
@@ -326,8 +389,10 @@ unsafe fn row_block(
     n: usize,
     accumulate: bool,
 ) {
-    // SAFETY: the caller checked AMX; the config is 64 bytes, aligned.
-    unsafe { configure_tiles() };
+    if kernel == Kernel::Amx {
+        // SAFETY: the caller checked AMX; the config is 64 bytes, aligned.
+        unsafe { configure_tiles() };
+    }
     let mut temp = [0f32; BLOCK * BLOCK];
     for p in 0..b.panels {
         let j0 = p * BLOCK;
@@ -347,15 +412,13 @@ unsafe fn row_block(
         // SAFETY: `c` addresses 32 rows of 32 f32 at `c_stride` (the output when the block
         // is whole, else `temp`); `a_block` and `panel` hold the k-blocks the kernel reads.
         unsafe {
-            tile_kernel(
-                a_block.as_ptr(),
-                width * 2,
-                panel.as_ptr(),
-                b.kblocks,
-                c,
-                c_stride * 4,
-                accumulate,
-            )
+            let (ap, bp, kblocks) = (a_block.as_ptr(), panel.as_ptr(), b.kblocks);
+            match kernel {
+                Kernel::Amx => tile_kernel(ap, width * 2, bp, kblocks, c, c_stride * 4, accumulate),
+                Kernel::Avx512Bf16 => {
+                    vector_kernel(ap, width, bp, kblocks, c, c_stride, accumulate)
+                }
+            }
         };
         if !direct {
             for i in 0..rows {
@@ -363,6 +426,81 @@ unsafe fn row_block(
             }
         }
     }
+}
+
+/// Rows of one strip of [`vector_kernel`]: 8 rows × 2 vectors of 16 columns = 16 accumulator
+/// registers, plus the two B vectors and a broadcast A pair, within AVX-512's 32.
+const STRIP: usize = 8;
+
+/// C (32×32 f32, row stride `cs` values) (+)= A (32 rows of bf16, row stride `as_` values) ·
+/// panel (`kblocks` pairs of B tiles) with `vdpbf16ps`: for each 8-row strip, every k-pair
+/// broadcasts row i's two A values to all lanes and adds their products with the panel's two
+/// 16-column vectors of that k-pair (the tiles' VNNI layout: 16 k-pair rows of 16 columns × 2).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16; every pointer covers what it addresses.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn vector_kernel(
+    a: *const u16,
+    as_: usize,
+    b: *const u16,
+    kblocks: usize,
+    c: *mut f32,
+    cs: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller vouches for the CPU and for every address below.
+    unsafe {
+        for strip in 0..BLOCK / STRIP {
+            let c0 = c.add(strip * STRIP * cs);
+            let a0 = a.add(strip * STRIP * as_);
+            let mut acc = [[_mm512_setzero_ps(); 2]; STRIP];
+            if accumulate {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_loadu_ps(c0.add(i * cs));
+                    row[1] = _mm512_loadu_ps(c0.add(i * cs + 16));
+                }
+            }
+            for kb in 0..kblocks {
+                let tile0 = b.add(kb * 2 * TILE);
+                let tile1 = tile0.add(TILE);
+                for pair in 0..KB / 2 {
+                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        tile0.add(pair * 32).cast::<__m512i>(),
+                    ));
+                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        tile1.add(pair * 32).cast::<__m512i>(),
+                    ));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let a_pair = a0.add(i * as_ + kb * KB + pair * 2).cast::<i32>();
+                        let av: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(a_pair.read_unaligned()));
+                        row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                        row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c0.add(i * cs), row[0]);
+                _mm512_storeu_ps(c0.add(i * cs + 16), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn vector_kernel(
+    _a: *const u16,
+    _as: usize,
+    _b: *const u16,
+    _kblocks: usize,
+    _c: *mut f32,
+    _cs: usize,
+    _accumulate: bool,
+) {
+    unreachable!("AVX512-BF16 exists on x86-64 only")
 }
 
 /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
@@ -527,12 +665,31 @@ mod tests {
             .collect()
     }
 
+    /// The kernels this CPU has.
+    fn kernels() -> Vec<Kernel> {
+        let mut out = Vec::new();
+        if amx_detected() {
+            out.push(Kernel::Amx);
+        }
+        if avx512bf16_detected() {
+            out.push(Kernel::Avx512Bf16);
+        }
+        out
+    }
+
     #[test]
-    fn amx_products_equal_the_bf16_reference_on_ragged_shapes() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AMX");
+    fn every_kernel_equals_the_bf16_reference_on_ragged_shapes() {
+        let kernels = kernels();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither AMX nor AVX512-BF16");
             return;
         }
+        for kernel in kernels {
+            products_equal_the_reference(kernel);
+        }
+    }
+
+    fn products_equal_the_reference(kernel: Kernel) {
         for (m, k, n) in [(37, 70, 45), (64, 64, 64), (1, 33, 5), (96, 576, 40)] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
@@ -560,16 +717,17 @@ mod tests {
                     rs: k,
                     cs: 1,
                 };
+                let packed = PackedB::new(bs, k, n);
                 let mut got = vec![f32::NAN; m * n];
-                gemm_bf16(a_s, bs, (m, k, n), &mut got, false);
+                gemm_packed_on(kernel, a_s, m, &packed, &mut got, false, true);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}×{k}×{n}: {g} vs {w}"
+                        "{kernel:?} {m}×{k}×{n}: {g} vs {w}"
                     );
                 }
                 let mut acc = vec![1.5f32; m * n];
-                gemm_bf16(a_s, bs, (m, k, n), &mut acc, true);
+                gemm_packed_on(kernel, a_s, m, &packed, &mut acc, true, false);
                 for (g, w) in acc.iter().zip(&want) {
                     assert!(
                         (g - (w + 1.5)).abs() <= 1e-4 * (2.5 + w.abs()),
