@@ -126,7 +126,7 @@ CPU: $CPU, $(nproc) cores (AVX2: $(has avx2), AVX-512: $(has avx512f)); the real
 1280 x 820 window under Xvfb with Mesa's software renderer. Each round trains the window's
 default form (the built-in LoRA preset, $STEPS steps) in the window, then the same
 \`config.toml\` from the CLI. s/step is the trainer's mean optimiser-step time (evaluation
-excluded), from each run's \`summary.json\`. The machine is shared with other jobs; the rounds
+excluded), from each run's \`summary.json\`, on a machine with nothing else running; the rounds
 alternate window and CLI so a load change hits both.
 
 | round | window steps | window s/step | window steps/s | CLI steps | CLI s/step | CLI steps/s | window / CLI steps/s |

@@ -34,3 +34,31 @@ pub fn join_compute_pool() -> bool {
         .build_global()
         .is_ok()
 }
+
+/// Runs `f` on the calling thread as one of a new compute pool's `n` threads (the count
+/// [`join_compute_pool`] uses), so that a long-lived thread other than `main` (the window's
+/// worker) computes with exactly the configured number of threads, as the command line does.
+/// Without it the worker hands its matmuls to rayon's global pool of `n` threads and computes
+/// the rest itself: `n + 1` busy threads on `n` cores (in the window, built-in LoRA preset, 2
+/// cores: 0.65–0.74× the command line's steps per second). Falls back to running `f` as it is
+/// when the pool cannot be built.
+pub fn with_compute_pool<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> R {
+    let n = candle_core::utils::get_num_threads().max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .use_current_thread()
+        .thread_name({
+            let name = name.to_string();
+            move |i| format!("{name}-compute-{i}")
+        })
+        .build();
+    match pool {
+        Ok(pool) => pool.install(f),
+        Err(e) => {
+            log::warn!(
+                "{name}: no compute pool of its own ({e}); computing on rayon's global pool"
+            );
+            f()
+        }
+    }
+}
