@@ -14,20 +14,22 @@ pub const MINILM_DIR: &str = "downloads/all-MiniLM-L6-v2";
 pub const SPAM_DATA: &str = "downloads/spam-assassin.jsonl";
 
 /// The MiniLM benchmark's variants: the preset each runs (under `presets/`); `-bf16` adds
-/// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX or AVX512-BF16).
-pub const MINILM_VARIANTS: [(&str, &str); 5] = [
+/// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX or AVX512-BF16; for
+/// full fine-tuning every product of the trainable weights, as autocast does).
+pub const MINILM_VARIANTS: [(&str, &str); 6] = [
     ("lora", "minilm-spam-lora.toml"),
     ("lora-bf16", "minilm-spam-lora.toml"),
     ("svfit", "minilm-spam-svfit.toml"),
     ("loldu", "minilm-spam-loldu.toml"),
     ("full", "minilm-spam-full.toml"),
+    ("full-bf16", "minilm-spam-full.toml"),
 ];
 
 /// The peer's `--mode` for a variant; `None` where PEFT has no such method (SVFit, LoLDU).
 pub fn peer_mode(variant: &str) -> Option<&'static str> {
     match variant {
         "lora" | "lora-bf16" => Some("lora"),
-        "full" => Some("full"),
+        "full" | "full-bf16" => Some("full"),
         _ => None,
     }
 }
@@ -173,10 +175,15 @@ mod tests {
             Path::new("presets/minilm-spam-lora.toml")
         );
         let err = preset("qlora").unwrap_err().to_string();
-        assert!(err.contains("lora, lora-bf16, svfit, loldu, full"), "{err}");
+        assert!(
+            err.contains("lora, lora-bf16, svfit, loldu, full, full-bf16"),
+            "{err}"
+        );
         assert_eq!(preset("lora-bf16").unwrap(), preset("lora").unwrap());
         assert_eq!(peer_mode("lora-bf16"), Some("lora"));
         assert_eq!(peer_mode("full"), Some("full"));
+        assert_eq!(peer_mode("full-bf16"), Some("full"));
+        assert_eq!(preset("full-bf16").unwrap(), preset("full").unwrap());
         assert_eq!(peer_mode("svfit"), None);
         let a = peer_args("lora", 5, 2, Path::new("/m"));
         assert_eq!(a[..6], ["--mode", "lora", "--steps", "6", "--threads", "2"]);

@@ -505,7 +505,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor>
     let x2 = x.reshape((rows, n))?;
     let y = match mode {
         FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FROZEN)?,
-        FrozenGrad::Plain => x2.matmul(&w.t()?)?,
+        // A trainable weight (full fine-tuning) in the thread's precision.
+        FrozenGrad::Plain => super::mixed::trainable_product(&x2, w)?,
     };
     let mut out_dims = lead.to_vec();
     out_dims.push(m);

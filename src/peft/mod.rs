@@ -12,6 +12,7 @@ pub mod frozen;
 pub(crate) mod fused_lora;
 pub mod linear;
 pub mod lora;
+pub(crate) mod mixed;
 pub mod packed;
 
 pub use checkpoint::{
