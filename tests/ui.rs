@@ -86,6 +86,12 @@ fn train_each_method_and_compare() {
     for (label, method, rank) in methods {
         h.get_by_label(label).click();
         h.run_steps(2);
+        // The precision choice names what it applies to: every product in full fine-tuning.
+        h.get_by_label(if method == "full" {
+            "matmuls"
+        } else {
+            "frozen matmuls"
+        });
         if rank > 0 {
             h.state_mut().settings.config.adapter.rank = rank;
         }

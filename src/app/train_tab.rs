@@ -114,9 +114,8 @@ fn model_ui(app: &mut StudioApp, ui: &mut Ui) {
             "the frozen GGUF weights stay 4-bit in memory and are unpacked per product: the same results, less memory, a few percent slower",
         );
     }
-    if app.settings.config.mode == TrainMode::Adapter {
-        precision_choice(ui, &mut app.settings.config.model.matmul_precision);
-    }
+    let full = app.settings.config.mode == TrainMode::Full;
+    precision_choice(ui, &mut app.settings.config.model.matmul_precision, full);
     let labels = app.form.num_classes();
     match app
         .form
@@ -794,10 +793,11 @@ fn spans_ui(ui: &mut Ui, spans: &[(String, crate::data::SpanKind)]) {
     ui.label(job);
 }
 
-/// The frozen base's matmul precision, saying what this CPU will run.
-fn precision_choice(ui: &mut Ui, precision: &mut MatmulPrecision) {
+/// The matmul precision (of the frozen base, or with `full` of every trainable weight), saying
+/// what this CPU will run.
+fn precision_choice(ui: &mut Ui, precision: &mut MatmulPrecision, full: bool) {
     ui.horizontal(|ui| {
-        ui.label("frozen matmuls");
+        ui.label(if full { "matmuls" } else { "frozen matmuls" });
         for (value, label) in [
             (MatmulPrecision::F32, "f32"),
             (MatmulPrecision::Bf16, "bf16"),
@@ -809,7 +809,9 @@ fn precision_choice(ui: &mut Ui, precision: &mut MatmulPrecision) {
         }
     })
     .response
-    .on_hover_text(
-        "bf16: the frozen base's products take bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later) or AVX512-BF16 (AMD Zen 4 and later), as mixed-precision training does; adapters, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit.",
-    );
+    .on_hover_text(if full {
+        "bf16: every product of the trained weights (forward, input and weight gradients) takes bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later) or AVX512-BF16 (AMD Zen 4 and later), as PyTorch's autocast does; weights, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit."
+    } else {
+        "bf16: the frozen base's products take bf16 operands with f32 sums on Intel AMX (Xeon 4th generation and later) or AVX512-BF16 (AMD Zen 4 and later), as mixed-precision training does; adapters, gradients and optimizer state stay f32. Results differ from f32 in the third significant digit."
+    });
 }
