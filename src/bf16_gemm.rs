@@ -1,5 +1,6 @@
-//! bf16 matrix products with f32 accumulation, for the frozen weights' products when
-//! `model.matmul_precision = "bf16"`, on either of two CPU features:
+//! bf16 matrix products with f32 accumulation, for the frozen weights' products (and full
+//! fine-tuning's, see `peft::mixed`) when `model.matmul_precision = "bf16"`, on either of two
+//! CPU features:
 //!
 //! - **Intel AMX** (Xeon 4th generation and later): one `tdpbf16ps` multiplies a 16×32 by a
 //!   32×16 bf16 tile into 16×16 f32 accumulators; PyTorch reaches the same units through oneDNN
