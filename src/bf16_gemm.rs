@@ -1,5 +1,5 @@
 //! bf16 matrix products with f32 accumulation, for the frozen weights' products (and full
-//! fine-tuning's, see `peft::mixed`) when `model.matmul_precision = "bf16"`, on either of two
+//! fine-tuning's, see `peft::frozen::trainable_product`) when `model.matmul_precision = "bf16"`, on either of two
 //! CPU features:
 //!
 //! - **Intel AMX** (Xeon 4th generation and later): one `tdpbf16ps` multiplies a 16×32 by a
@@ -414,12 +414,7 @@ unsafe fn row_block(
         // is whole, else `temp`); `a_block` and `panel` hold the k-blocks the kernel reads.
         unsafe {
             let (ap, bp, kblocks) = (a_block.as_ptr(), panel.as_ptr(), b.kblocks);
-            match kernel {
-                Kernel::Amx => tile_kernel(ap, width * 2, bp, kblocks, c, c_stride * 4, accumulate),
-                Kernel::Avx512Bf16 => {
-                    vector_kernel(ap, width, bp, kblocks, c, c_stride, accumulate)
-                }
-            }
+            block_kernel(kernel, ap, width, bp, kblocks, c, c_stride, accumulate)
         };
         if !direct {
             for i in 0..rows {
@@ -427,6 +422,48 @@ unsafe fn row_block(
             }
         }
     }
+}
+
+/// C (32×32 f32, row stride `cs` values) (+)= A (32 rows of `width` bf16) · panel (`kblocks`
+/// pairs of B tiles) on `kernel`.
+///
+/// # Safety
+/// The CPU must have `kernel` (AMX configured on this thread for [`Kernel::Amx`]); every
+/// pointer covers what it addresses.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_kernel(
+    kernel: Kernel,
+    a: *const u16,
+    width: usize,
+    b: *const u16,
+    kblocks: usize,
+    c: *mut f32,
+    cs: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller vouches for the CPU, the tile configuration and the pointers.
+    unsafe {
+        match kernel {
+            Kernel::Amx => tile_kernel(a, width * 2, b, kblocks, c, cs * 4, accumulate),
+            Kernel::Avx512Bf16 => vector_kernel(a, width, b, kblocks, c, cs, accumulate),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_kernel(
+    _kernel: Kernel,
+    _a: *const u16,
+    _width: usize,
+    _b: *const u16,
+    _kblocks: usize,
+    _c: *mut f32,
+    _cs: usize,
+    _accumulate: bool,
+) {
+    unreachable!("the bf16 kernels exist on x86-64 only ([`kernel`] is `None` elsewhere)")
 }
 
 /// Rows of one strip of [`vector_kernel`]: 8 rows × 2 vectors of 16 columns = 16 accumulator
@@ -489,19 +526,6 @@ unsafe fn vector_kernel(
             }
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn vector_kernel(
-    _a: *const u16,
-    _as: usize,
-    _b: *const u16,
-    _kblocks: usize,
-    _c: *mut f32,
-    _cs: usize,
-    _accumulate: bool,
-) {
-    unreachable!("AVX512-BF16 exists on x86-64 only")
 }
 
 /// The tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
@@ -604,19 +628,6 @@ unsafe fn tile_kernel(
             c = in(reg) c, c1 = in(reg) c1, cs = in(reg) cs,
         );
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_kernel(
-    _a: *const u16,
-    _as: usize,
-    _b: *const u16,
-    _kblocks: usize,
-    _c: *mut f32,
-    _cs: usize,
-    _accumulate: bool,
-) {
-    unreachable!("AMX exists on x86-64 only")
 }
 
 #[cfg(test)]

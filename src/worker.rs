@@ -261,89 +261,7 @@ impl Worker {
                 // The jobs compute on this thread and one pool of the configured size, as the
                 // command line does.
                 crate::threads::with_compute_pool("worker", move || {
-                    let send = |e: Event| {
-                        // The UI side is gone: nothing left to tell.
-                        let _ = ev_tx.send(e);
-                        notify();
-                    };
-                    let mut try_it = TryItSession::new();
-                    // Commands that arrived during a personalisation, to carry out after it.
-                    let mut later = VecDeque::new();
-                    while let Some(cmd) = later.pop_front().or_else(|| cmd_rx.recv().ok()) {
-                        let job = match cmd {
-                            Command::Start(cfg) => Job::Train(cfg),
-                            Command::ResumeRun(path) => Job::Resume(path),
-                            Command::TryIt(req) => {
-                                serve_try_it(&mut try_it, &req, &send);
-                                continue;
-                            }
-                            Command::Personalise(req) => {
-                                let mut ctl = JobControl {
-                                    commands: &cmd_rx,
-                                    send: &send,
-                                    later: &mut later,
-                                    cancel: false,
-                                    shutdown: false,
-                                };
-                                personalise(&runners.personalise, &req, &mut ctl);
-                                if ctl.shutdown {
-                                    break;
-                                }
-                                continue;
-                            }
-                            Command::Shutdown => break,
-                            Command::Stop
-                            | Command::Pause
-                            | Command::Resume
-                            | Command::CancelPersonalise => continue,
-                        };
-                        // The run needs the memory more than the next prompt.
-                        try_it.unload();
-                        let mut ctl = ChannelController {
-                            commands: &cmd_rx,
-                            send: &send,
-                            shutdown: false,
-                            paused: false,
-                            try_it: Vec::new(),
-                        };
-                        let mut started: Option<String> = None;
-                        let mut emit = |e: Event| {
-                            if let Event::RunStarted { run_id, .. } = &e {
-                                started = Some(run_id.clone());
-                            }
-                            send(e);
-                        };
-                        let result = guard(|| match &job {
-                            Job::Train(cfg) => (runners.train)(cfg, &store, &mut ctl, &mut emit),
-                            Job::Resume(path) => crate::train::resume(path, &mut ctl, &mut emit),
-                        });
-                        match result {
-                            Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),
-                            Ok(Err(f)) => send(Event::RunFailed {
-                                error: format!("{:#}", f.error),
-                                summary: f.summary,
-                            }),
-                            Err(panic) => {
-                                let error = format!("internal error: {panic}");
-                                let summary = match started.as_deref() {
-                                    Some(id) => match mark_failed(&store, id, &error) {
-                                        Ok(s) => Some(Box::new(s)),
-                                        Err(e) => {
-                                            send(Event::Log(format!(
-                                                "could not record the failure of run {id}: {e:#}"
-                                            )));
-                                            None
-                                        }
-                                    },
-                                    None => None,
-                                };
-                                send(Event::RunFailed { error, summary });
-                            }
-                        }
-                        if ctl.shutdown {
-                            break;
-                        }
-                    }
+                    serve(&store, &runners, &cmd_rx, &ev_tx, &notify)
                 })
             })?;
         Ok(Self {
@@ -371,6 +289,99 @@ impl Worker {
     /// Whether the worker thread is still alive.
     pub fn is_alive(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// The worker thread's loop: carries out commands one at a time until `Shutdown` or until the
+/// command channel closes, sending events (and calling `notify` after each).
+fn serve(
+    store: &RunStore,
+    runners: &Runners,
+    cmd_rx: &Receiver<Command>,
+    ev_tx: &Sender<Event>,
+    notify: &(impl Fn() + Send),
+) {
+    let send = |e: Event| {
+        // The UI side is gone: nothing left to tell.
+        let _ = ev_tx.send(e);
+        notify();
+    };
+    let mut try_it = TryItSession::new();
+    // Commands that arrived during a personalisation, to carry out after it.
+    let mut later = VecDeque::new();
+    while let Some(cmd) = later.pop_front().or_else(|| cmd_rx.recv().ok()) {
+        let job = match cmd {
+            Command::Start(cfg) => Job::Train(cfg),
+            Command::ResumeRun(path) => Job::Resume(path),
+            Command::TryIt(req) => {
+                serve_try_it(&mut try_it, &req, &send);
+                continue;
+            }
+            Command::Personalise(req) => {
+                let mut ctl = JobControl {
+                    commands: cmd_rx,
+                    send: &send,
+                    later: &mut later,
+                    cancel: false,
+                    shutdown: false,
+                };
+                personalise(&runners.personalise, &req, &mut ctl);
+                if ctl.shutdown {
+                    break;
+                }
+                continue;
+            }
+            Command::Shutdown => break,
+            Command::Stop | Command::Pause | Command::Resume | Command::CancelPersonalise => {
+                continue;
+            }
+        };
+        // The run needs the memory more than the next prompt.
+        try_it.unload();
+        let mut ctl = ChannelController {
+            commands: cmd_rx,
+            send: &send,
+            shutdown: false,
+            paused: false,
+            try_it: Vec::new(),
+        };
+        let mut started: Option<String> = None;
+        let mut emit = |e: Event| {
+            if let Event::RunStarted { run_id, .. } = &e {
+                started = Some(run_id.clone());
+            }
+            send(e);
+        };
+        let result = guard(|| match &job {
+            Job::Train(cfg) => (runners.train)(cfg, store, &mut ctl, &mut emit),
+            Job::Resume(path) => crate::train::resume(path, &mut ctl, &mut emit),
+        });
+        match result {
+            Ok(Ok(summary)) => send(Event::RunFinished(Box::new(summary))),
+            Ok(Err(f)) => send(Event::RunFailed {
+                error: format!("{:#}", f.error),
+                summary: f.summary,
+            }),
+            Err(panic) => {
+                let error = format!("internal error: {panic}");
+                let summary = match started.as_deref() {
+                    Some(id) => match mark_failed(store, id, &error) {
+                        Ok(s) => Some(Box::new(s)),
+                        Err(e) => {
+                            send(Event::Log(format!(
+                                "could not record the failure of run {id}: {e:#}"
+                            )));
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                send(Event::RunFailed { error, summary });
+            }
+        }
+        if ctl.shutdown {
+            break;
+        }
     }
 }
 

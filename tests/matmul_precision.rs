@@ -7,8 +7,9 @@ mod common;
 
 use common::chat::{chat_model, config, yes_data};
 
+use candle_core::{Device, Tensor, Var};
 use peft_studio::bf16_gemm;
-use peft_studio::peft::MatmulPrecision;
+use peft_studio::peft::{FrozenGrad, MatmulPrecision, MatmulPrecisionGuard, frozen_linear};
 use peft_studio::train::{Event, NeverStop, RunStore, train};
 
 #[test]
@@ -66,5 +67,60 @@ fn a_bf16_run_follows_the_f32_run_and_says_what_the_cpu_runs() {
                 "without a bf16 kernel bf16 runs f32: {a:?} vs {b:?}"
             );
         }
+    }
+}
+
+fn values(shape: (usize, usize), seed: u64) -> Tensor {
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+            ((h >> 40) % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// (y, dx, dw) of `sum(y ⊙ g)` with y = x·Wᵀ for a trainable W (full fine-tuning's product)
+/// under `precision`.
+fn trainable_product_and_grads(precision: MatmulPrecision) -> [Vec<f32>; 3] {
+    let _guard = MatmulPrecisionGuard::set(precision);
+    let x = Var::from_tensor(&values((40, 48), 1)).unwrap();
+    let w = Var::from_tensor(&values((24, 48), 2)).unwrap();
+    let g = values((40, 24), 3);
+    let y = frozen_linear(x.as_tensor(), w.as_tensor(), FrozenGrad::Plain).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    [
+        flat(&y),
+        flat(grads.get(x.as_tensor()).unwrap()),
+        flat(grads.get(w.as_tensor()).unwrap()),
+    ]
+}
+
+/// Full fine-tuning's products: in f32 exactly candle's matmul; in bf16 (where the CPU has a
+/// kernel) the product and both gradients within bf16's precision of the f32 ones, and not
+/// equal to them (the bf16 path ran).
+#[test]
+fn a_trainable_weight_s_bf16_product_and_gradients_follow_the_f32_ones() {
+    let f32_run = trainable_product_and_grads(MatmulPrecision::F32);
+    let want = values((40, 48), 1)
+        .matmul(&values((24, 48), 2).t().unwrap())
+        .unwrap();
+    assert_eq!(
+        f32_run[0],
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    if !bf16_gemm::available() {
+        eprintln!("skipped the bf16 part: this CPU has neither AMX nor AVX512-BF16");
+        return;
+    }
+    let bf16_run = trainable_product_and_grads(MatmulPrecision::Bf16);
+    for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(f32_run.iter().zip(&bf16_run)) {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        // bf16 operands: 8 significant bits, about 2⁻⁸ of the terms' size per product.
+        assert!(worst <= 0.02 * scale, "{what}: {worst} against {scale}");
+        assert!(a != b, "{what}: the bf16 path did not run");
     }
 }

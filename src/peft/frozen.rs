@@ -144,15 +144,27 @@ pub(crate) fn frozen_product(
 }
 
 /// `x·W`ᵀ as a custom op: arg1 is x (rows×k, contiguous), arg2 is `Wᵀ` (k×m, any strides candle's matmul
-/// accepts). The backward returns the gradient of x alone. With `frozen` the product follows
-/// the thread's [`MatmulPrecision`] (arg2 is a frozen weight); without, it is always f32 (an
-/// adapter's product applied without a backward).
+/// accepts). With `frozen` the product follows the thread's [`MatmulPrecision`] (arg2 is a
+/// frozen weight); without, it is always f32 (an adapter's product applied without a backward).
+/// The backward returns the gradient of x, and with `weight_grad` that of `Wᵀ` too (`xᵀ·g`, a
+/// product in the same precision): full fine-tuning's trainable weight in bf16, as PyTorch's
+/// autocast runs a `Linear`.
 struct FrozenMatmul {
     frozen: bool,
+    weight_grad: bool,
 }
 
 /// The product of a frozen weight.
-const FROZEN: FrozenMatmul = FrozenMatmul { frozen: true };
+const FROZEN: FrozenMatmul = FrozenMatmul {
+    frozen: true,
+    weight_grad: false,
+};
+
+/// The product of a trainable weight in the thread's precision (both gradients).
+const TRAINABLE: FrozenMatmul = FrozenMatmul {
+    frozen: true,
+    weight_grad: true,
+};
 
 impl FrozenMatmul {
     fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
@@ -327,7 +339,11 @@ pub(crate) fn frozen_product_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `a·b` of two 2-D tensors in f32, recorded without a backward pass (adapter gradients).
 pub(crate) fn matmul_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &FrozenMatmul { frozen: false })
+    let f32_product = FrozenMatmul {
+        frozen: false,
+        weight_grad: false,
+    };
+    a.apply_op2_no_bwd(b, &f32_product)
 }
 
 /// `x·Wᵀ` on the CPU for a rows×k `x` and `wt = Wᵀ` (k×m), as a custom op's forward.
@@ -377,12 +393,18 @@ impl CustomOp2 for FrozenMatmul {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         wt: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(input_grad(grad, wt)?), None))
+        let grad = grad.contiguous()?;
+        let weight_grad = if self.weight_grad {
+            Some(frozen_product_no_grad(&x.t()?, &grad)?)
+        } else {
+            None
+        };
+        Ok((Some(input_grad(&grad, wt)?), weight_grad))
     }
 }
 
@@ -506,11 +528,24 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, mode: FrozenGrad) -> Result<Tensor>
     let y = match mode {
         FrozenGrad::Skip => x2.contiguous()?.apply_op2(&w.t()?, FROZEN)?,
         // A trainable weight (full fine-tuning) in the thread's precision.
-        FrozenGrad::Plain => super::mixed::trainable_product(&x2, w)?,
+        FrozenGrad::Plain => trainable_product(&x2, w)?,
     };
     let mut out_dims = lead.to_vec();
     out_dims.push(m);
     y.reshape(out_dims)
+}
+
+/// `x·Wᵀ` for a 2-D `x` (rows×k) and a trainable `W` (m×k): the forward and both gradients in
+/// bf16 with f32 sums when this thread asked for [`MatmulPrecision::Bf16`] and the CPU has a
+/// kernel for it (full fine-tuning under `model.matmul_precision = "bf16"`; weights, gradients
+/// and AdamW stay f32), else candle's matmul, unchanged.
+pub(crate) fn trainable_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bf16_for(rows) {
+        x.apply_op2(&w.t()?, TRAINABLE)
+    } else {
+        x.matmul(&w.t()?)
+    }
 }
 
 /// `x·Wᵀ` as the backend's own matmul (candle's `BackendStorage::matmul`, the kernel behind

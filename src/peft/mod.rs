@@ -12,7 +12,6 @@ pub mod frozen;
 pub(crate) mod fused_lora;
 pub mod linear;
 pub mod lora;
-pub(crate) mod mixed;
 pub mod packed;
 
 pub use checkpoint::{
