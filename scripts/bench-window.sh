@@ -122,7 +122,7 @@ cat > "$OUT" <<EOF
 # The window's cost to training
 
 \`scripts/bench-window.sh\` (ROUNDS=$ROUNDS, STEPS=$STEPS, IDLE_SECS=$IDLE_SECS), $(date -u +%Y-%m-%d).
-CPU: $CPU, $(nproc) cores (AVX2: $(has avx2), AVX-512: $(has avx512f)); the real binary in a
+CPU: $CPU (\`/proc/cpuinfo\` model name), $(nproc) cores (AVX2: $(has avx2), AVX-512: $(has avx512f), AVX512-BF16: $(has avx512_bf16), AMX: $(has amx_tile)); the real binary in a
 1280 x 820 window under Xvfb with Mesa's software renderer. Each round trains the window's
 default form (the built-in LoRA preset, $STEPS steps) in the window, then the same
 \`config.toml\` from the CLI. s/step is the trainer's mean optimiser-step time (evaluation
@@ -133,6 +133,11 @@ alternate window and CLI so a load change hits both.
 | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 $rows
 Target: window ≥ 0.9× the CLI's steps/s.
+
+No PyTorch + PEFT figure: the peer (\`../shared/peer\`) has no window, and it times MiniLM and
+SmolLM2 steps, not this preset; the ratio here is the window against our own command line, same
+binary, same machine, same invocation. Ratios to the peer: \`bench-results/minilm.md\` and
+\`bench-results/smollm2.md\`.
 
 ## An idle window
 
