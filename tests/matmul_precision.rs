@@ -124,3 +124,55 @@ fn a_trainable_weight_s_bf16_product_and_gradients_follow_the_f32_ones() {
         assert!(a != b, "{what}: the bf16 path did not run");
     }
 }
+
+/// (y, dx, dz) of `sum(y ⊙ g)` for a full-rank diagonal adapter (SVFit or LoLDU) on its
+/// merged path (one product with the weight formed per step) under `precision`.
+fn diagonal_product_and_grads(
+    method: peft_studio::peft::Method,
+    precision: MatmulPrecision,
+) -> [Vec<f32>; 3] {
+    use peft_studio::peft::{AdaptedLinear, Adapter, AdapterConfig};
+    let _guard = MatmulPrecisionGuard::set(precision);
+    let mut layer = AdaptedLinear::new("q", values((32, 32), 4), None);
+    layer.attach(&AdapterConfig::new(method, 32)).unwrap();
+    let Some(Adapter::Diagonal(d)) = layer.adapter() else {
+        panic!("no diagonal adapter");
+    };
+    // Away from z₀, so the learned part of the weight is live.
+    d.z.set(&(d.z.as_tensor() * 1.3).unwrap()).unwrap();
+    let x = Var::from_tensor(&values((96, 32), 5)).unwrap();
+    let g = values((96, 32), 6);
+    let y = layer.forward(x.as_tensor()).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    [
+        flat(&y),
+        flat(grads.get(x.as_tensor()).unwrap()),
+        flat(grads.get(&d.z).unwrap()),
+    ]
+}
+
+/// SVFit's and LoLDU's merged step in bf16 (the formed weight, its product and z's gradient
+/// products, as autocast would run them): within bf16's precision of the f32 step, and not
+/// equal to it (the bf16 path ran).
+#[test]
+fn a_diagonal_adapter_s_bf16_step_follows_the_f32_one() {
+    use peft_studio::peft::Method;
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU has neither AMX nor AVX512-BF16");
+        return;
+    }
+    for method in [Method::Svfit, Method::Loldu] {
+        let f32_run = diagonal_product_and_grads(method, MatmulPrecision::F32);
+        let bf16_run = diagonal_product_and_grads(method, MatmulPrecision::Bf16);
+        for (what, (a, b)) in ["y", "dx", "dz"].iter().zip(f32_run.iter().zip(&bf16_run)) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                worst <= 0.02 * scale,
+                "{method:?} {what}: {worst} against {scale}"
+            );
+            assert!(a != b, "{method:?} {what}: the bf16 path did not run");
+        }
+    }
+}

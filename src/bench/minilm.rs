@@ -16,11 +16,13 @@ pub const SPAM_DATA: &str = "downloads/spam-assassin.jsonl";
 /// The MiniLM benchmark's variants: the preset each runs (under `presets/`); `-bf16` adds
 /// `model.matmul_precision = "bf16"` (the frozen products in bf16 on AMX or AVX512-BF16; for
 /// full fine-tuning every product of the trainable weights, as autocast does).
-pub const MINILM_VARIANTS: [(&str, &str); 6] = [
+pub const MINILM_VARIANTS: [(&str, &str); 8] = [
     ("lora", "minilm-spam-lora.toml"),
     ("lora-bf16", "minilm-spam-lora.toml"),
     ("svfit", "minilm-spam-svfit.toml"),
+    ("svfit-bf16", "minilm-spam-svfit.toml"),
     ("loldu", "minilm-spam-loldu.toml"),
+    ("loldu-bf16", "minilm-spam-loldu.toml"),
     ("full", "minilm-spam-full.toml"),
     ("full-bf16", "minilm-spam-full.toml"),
 ];
@@ -176,7 +178,7 @@ mod tests {
         );
         let err = preset("qlora").unwrap_err().to_string();
         assert!(
-            err.contains("lora, lora-bf16, svfit, loldu, full, full-bf16"),
+            err.contains("lora, lora-bf16, svfit, svfit-bf16, loldu, loldu-bf16, full, full-bf16"),
             "{err}"
         );
         assert_eq!(preset("lora-bf16").unwrap(), preset("lora").unwrap());

@@ -8,7 +8,9 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use super::config::{AdapterConfig, Init, Method};
 use super::decompose::{self, mat_to_tensor, vec_to_tensor};
-use super::frozen::{FrozenGrad, frozen_linear, frozen_matmul_cpu, input_grad, matmul_no_grad};
+use super::frozen::{
+    FrozenGrad, frozen_linear, frozen_matmul_cpu, frozen_product_no_grad, input_grad,
+};
 use super::{PeftError, Result};
 
 /// The scalar s: fixed, or trainable (SVFit's and LoLDU's option).
@@ -197,7 +199,11 @@ impl DiagonalAdapter {
             return self.merged_forward_composed(x, w_res, bias);
         }
         let coef = self.coefficients()?;
-        let w_eff = (w_res + self.product(&coef.detach())?)?;
+        let delta = frozen_product_no_grad(
+            &self.left.broadcast_mul(&coef.detach().unsqueeze(0)?)?,
+            &self.right,
+        )?;
+        let w_eff = (w_res + delta)?;
         let (m, n) = w_eff.dims2()?;
         let dims = x.dims();
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -326,12 +332,17 @@ impl CustomOp3 for MergedDiagonal {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let gx = input_grad(&g, wt)?;
+        // No gradient for an input that no trained value reaches (see the fused LoRA op).
+        let gx = if x.track_op() {
+            Some(input_grad(&g, wt)?)
+        } else {
+            None
+        };
         // dc_j = Σ_rows (x·R_jᵀ)(g·L_j) = L_jᵀ·(gᵀ·x)·R_jᵀ.
-        let gtx = matmul_no_grad(&g.t()?, x)?;
-        let p = matmul_no_grad(&gtx, &self.right.t()?)?;
+        let gtx = frozen_product_no_grad(&g.t()?, x)?;
+        let p = frozen_product_no_grad(&gtx, &self.right.t()?)?;
         let gc = (&self.left * p)?.sum(0)?;
-        Ok((Some(gx), None, Some(gc)))
+        Ok((gx, None, Some(gc)))
     }
 }
 
@@ -440,6 +451,26 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
+            // An input from frozen values only gets no gradient; z's is the same.
+            let frozen_x = x.as_tensor().detach();
+            let gf = (d
+                .merged_forward(&frozen_x, &layer.base_weight().unwrap(), Some(&b))
+                .unwrap()
+                * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(
+                gf.get(&frozen_x).is_none(),
+                "{method:?}: a frozen input got a gradient"
+            );
+            assert_eq!(
+                max_diff(gf.get(&d.z).unwrap(), ga.get(&d.z).unwrap()),
+                0.0,
+                "{method:?}: z's gradient depends on whether x trains"
+            );
             let vars = [x.clone(), d.z.clone()];
             for v in vars.iter().chain(d.vars().iter().map(|(_, v)| v)) {
                 let (a, b) = (ga.get(v).unwrap(), gb.get(v).unwrap());

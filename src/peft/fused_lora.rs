@@ -138,11 +138,17 @@ impl CustomOp3 for FusedLora {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let gb = matmul_no_grad(&g, b)?;
-        let dx = (self.weight.input_grad(&g)? + (matmul_no_grad(&gb, a)? * self.scale)?)?;
+        // An input that no trained value reaches (the first adapted layer's, below which all
+        // is frozen) needs no gradient: skip its product with W, as autograd does.
+        let dx = if x.track_op() {
+            Some((self.weight.input_grad(&g)? + (matmul_no_grad(&gb, a)? * self.scale)?)?)
+        } else {
+            None
+        };
         let da = (matmul_no_grad(&gb.t()?, x)? * self.scale)?;
         let h = matmul_no_grad(x, &a.t()?)?;
         let db = (matmul_no_grad(&g.t()?, &h)? * self.scale)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
@@ -282,6 +288,30 @@ mod tests {
                     "packed {packed}: gradient of {name} differs by {d}"
                 );
             }
+        }
+    }
+
+    /// The first adapted layer's input comes from frozen values only: its gradient is not
+    /// computed (none is stored), and A's and B's equal those of a run where x is trained.
+    #[test]
+    fn an_input_no_trained_value_reaches_gets_no_gradient() {
+        let (layer, _) = lora_layer(false, Some(randn(&[12], 1.0)));
+        let Some(Adapter::Lora(l)) = layer.adapter() else {
+            panic!("not a LoRA layer");
+        };
+        let frozen_x = randn(&[2, 5, 64], 1.0);
+        let trained_x = Var::from_tensor(&frozen_x).unwrap();
+        let r = randn(&[2, 5, 12], 1.0);
+        let grads = |x: &Tensor| {
+            let y = layer.forward_t(x, true).unwrap();
+            (&y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        let (gf, gt) = (grads(&frozen_x), grads(trained_x.as_tensor()));
+        assert!(gf.get(&frozen_x).is_none(), "a frozen input got a gradient");
+        assert!(gt.get(trained_x.as_tensor()).is_some());
+        for (name, v) in [("A", &l.a), ("B", &l.b)] {
+            let d = max_diff(gf.get(v).unwrap(), gt.get(v).unwrap());
+            assert!(d == 0.0, "gradient of {name} differs by {d}");
         }
     }
 
