@@ -262,16 +262,9 @@ unsafe fn pack_panel(b: Strided, k: usize, n: usize, j0: usize, panel: &mut [May
 fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u16> {
     let width = kblocks * KB;
     let mut out = uninit(rows * width);
-    // SAFETY (every call): both kernels' CPUs have AVX-512 F and BW (the caller checked
+    // SAFETY (both calls): both kernels' CPUs have AVX-512 F and BW (the caller checked
     // `available`).
-    if a.rs == 1 && a.cs != 1 {
-        // `a` is a transpose (a gradient's or activation's, in a weight gradient): its columns
-        // are contiguous, so 16 rows are packed together from runs of 16 neighbours instead of
-        // one row at a time from values `cs` apart. `rows` is a whole number of blocks.
-        out.par_chunks_mut(16 * width)
-            .enumerate()
-            .for_each(|(c, rows)| unsafe { pack_rows_of_transpose(a, m, k, c * 16, rows, width) });
-    } else if m * k >= 1 << 16 {
+    if m * k >= 1 << 16 {
         out.par_chunks_mut(width)
             .enumerate()
             .for_each(|(i, row)| unsafe { pack_row(a, m, k, i, row) });
@@ -282,37 +275,6 @@ fn pack_a(a: Strided, m: usize, k: usize, rows: usize, kblocks: usize) -> Vec<u1
     }
     // SAFETY: `pack_row` wrote every value of every row.
     unsafe { assume_init(out) }
-}
-
-/// Writes rows `i0…i0+16` of the packed `a` (zero beyond m and k) for an `a` whose row stride
-/// is 1: for each k, the 16 rows' values lie side by side.
-///
-/// # Safety
-/// The CPU must have AVX-512 F and BW.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_rows_of_transpose(
-    a: Strided,
-    m: usize,
-    k: usize,
-    i0: usize,
-    rows: &mut [MaybeUninit<u16>],
-    width: usize,
-) {
-    let live = m.saturating_sub(i0).min(16);
-    if live > 0 {
-        for kk in 0..k {
-            let run = &a.data[a.start + kk * a.cs + i0..][..live];
-            for (t, &x) in run.iter().enumerate() {
-                rows[t * width + kk].write(to_bf16(x));
-            }
-        }
-    }
-    for (t, row) in rows.chunks_exact_mut(width).enumerate() {
-        let written = if t < live { k } else { 0 };
-        for d in &mut row[written..] {
-            d.write(0);
-        }
-    }
 }
 
 /// Writes row i of the packed `a` (zero beyond m and k).

@@ -59,7 +59,7 @@ impl Suite {
                 "all-MiniLM-L6-v2 training step, batch 16 × 64 tokens, AdamW ({threads} threads), side by side with PyTorch + PEFT"
             ),
             Suite::Smollm2 => format!(
-                "SmolLM2-135M causal-LM training step, batch 4 × 256 tokens (all trained), AdamW ({threads} threads), side by side with PyTorch + PEFT"
+                "SmolLM2-135M causal-LM training step, batch 4 × 256 tokens (all trained), AdamW, and greedy generation ({threads} threads), side by side with PyTorch + PEFT"
             ),
         }
     }

@@ -118,6 +118,23 @@ pub fn parse_stats(line: &str) -> Result<PeerStats, String> {
         Some(serde_json::Value::Null) | None => "-".into(),
         Some(other) => other.to_string(),
     };
+    if v.get("task").and_then(serde_json::Value::as_str) == Some("generate") {
+        // llm_step.py --generate: one generation, timed as seconds per new token.
+        let per_token = num("generate_s")? / num("new_tokens")?.max(1.0);
+        return Ok(PeerStats {
+            secs_per_step: per_token,
+            best_secs: per_token,
+            peak_rss_mib: num("peak_rss_mib")?,
+            trainable: 0,
+            steps: 1,
+            versions: format!(
+                "torch {}, transformers {}, {} threads",
+                text("torch"),
+                text("transformers"),
+                text("threads")
+            ),
+        });
+    }
     // minilm_step.py prints milliseconds, llm_step.py seconds.
     let (secs_per_step, best_secs) = match num("median_ms_after_first") {
         Ok(ms) => (ms / 1000.0, num("min_ms")? / 1000.0),
@@ -145,6 +162,17 @@ pub fn parse_stats(line: &str) -> Result<PeerStats, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_s_generation_line_gives_seconds_per_new_token() {
+        let line = r#"{"torch": "2.15.0", "transformers": "5.24.0", "threads": 2, "task": "generate", "new_tokens": 64, "generate_s": 3.2, "tokens_per_s": 20.0, "peak_rss_mib": 900.0}"#;
+        let s = parse_stats(line).unwrap();
+        assert!((s.secs_per_step - 0.05).abs() < 1e-12);
+        assert_eq!((s.trainable, s.steps), (0, 1));
+        assert_eq!(s.peak_rss_mib, 900.0);
+        let no_time = line.replace(r#""generate_s": 3.2, "#, "");
+        assert!(parse_stats(&no_time).unwrap_err().contains("generate_s"));
+    }
 
     #[test]
     fn peer_json_line_parses_and_missing_fields_are_named() {

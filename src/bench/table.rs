@@ -204,7 +204,10 @@ impl BenchRun {
                         "Peer: PyTorch + PEFT ({}), `{script}` on the same weights \
                          ({weights}), the same batch and AdamW.\n\n",
                         p.versions
-                    )
+                    );
+                    if self.results.iter().any(|r| r.variant == "generate") {
+                        s += &super::llm::generate_note();
+                    }
                 }
                 (Some(why), _) => {
                     s += &format!(
@@ -246,7 +249,15 @@ impl BenchRun {
     }
 
     fn side_by_side_table(&self, sums: &[Summary]) -> String {
-        let lora = sums.iter().find(|x| x.variant == "lora");
+        // A method PEFT lacks is set against our LoRA r8 at the same matmul precision.
+        let lora_like = |variant: &str| {
+            let key = if variant.ends_with("-bf16") {
+                "lora-bf16"
+            } else {
+                "lora"
+            };
+            sums.iter().find(|x| x.variant == key)
+        };
         let mut s = String::from(
             "| variant | trainable | peft-studio s/step | peer s/step | time ratio (ours / peer) | peft-studio peak RSS (MiB) | peer peak RSS (MiB) | RSS ratio |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
@@ -261,9 +272,9 @@ impl BenchRun {
                 (None, true) => ("no peer".into(), "-".into()),
                 (None, false) => (
                     "- (PEFT has no such method)".into(),
-                    match lora {
+                    match lora_like(&x.variant) {
                         Some(l) if l.ours_secs > 0.0 => {
-                            format!("{:.2}× our LoRA r8", x.ours_secs / l.ours_secs)
+                            format!("{:.2}× our {}", x.ours_secs / l.ours_secs, l.name)
                         }
                         _ => "-".into(),
                     },
@@ -356,6 +367,20 @@ mod tests {
                 peer: None,
                 peer_error: None,
             });
+            results.push(RoundResult {
+                round,
+                variant: "lora-bf16".into(),
+                ours: stats("LoRA r8 bf16", 0.2, 500.0),
+                peer: with_peer.then(|| peer(0.8)),
+                peer_error: None,
+            });
+            results.push(RoundResult {
+                round,
+                variant: "svfit-bf16".into(),
+                ours: stats("SVFit r384 bf16", 0.22, 520.0),
+                peer: None,
+                peer_error: None,
+            });
         }
         BenchRun {
             suite: "minilm".into(),
@@ -377,7 +402,7 @@ mod tests {
     fn side_by_side_summary_gives_medians_and_ratios() {
         let r = run(None);
         let s = r.summaries();
-        assert_eq!(s.len(), 2);
+        assert_eq!(s.len(), 4);
         assert!((s[0].ours_secs - 0.43).abs() < 1e-12);
         assert!((s[0].time_ratio.unwrap() - 0.43 / 0.8).abs() < 1e-12);
         assert!((s[0].rss_ratio.unwrap() - 500.0 / 1200.0).abs() < 1e-12);
@@ -385,11 +410,13 @@ mod tests {
         let md = r.markdown();
         assert!(md.contains("Test CPU"), "{md}");
         assert!(md.contains("**0.54×**"), "{md}");
-        assert!(md.contains("0.98× our LoRA r8"), "{md}");
+        assert!(md.contains("0.98× our LoRA r8 |"), "{md}");
+        // bf16 against bf16.
+        assert!(md.contains("1.10× our LoRA r8 bf16 |"), "{md}");
         assert!(md.contains("0.420, 0.440"), "{md}");
         // The JSON round-trips.
         let back: BenchRun = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
-        assert_eq!(back.results.len(), 4);
+        assert_eq!(back.results.len(), 8);
     }
 
     #[test]
