@@ -9,7 +9,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 use super::config::{AdapterConfig, Init, Method};
 use super::decompose::{self, mat_to_tensor, vec_to_tensor};
 use super::frozen::{
-    FrozenGrad, frozen_linear, frozen_matmul_cpu, frozen_product_no_grad, input_grad,
+    FrozenGrad, frozen_linear, frozen_matmul_cpu, product_in_precision, input_grad,
 };
 use super::{PeftError, Result};
 
@@ -188,7 +188,9 @@ impl DiagonalAdapter {
     /// rows: the m×n weight is formed once per call (per step), the backward gives x's gradient
     /// through it and z's as `diag(Lᵀ·(gᵀ·x)·Rᵀ)`. Same function as the factored form (up to
     /// float rounding). One op for f32 on the CPU; on a GPU
-    /// [`merged_forward_composed`](Self::merged_forward_composed).
+    /// [`merged_forward_composed`](Self::merged_forward_composed). With bf16 matmuls
+    /// (`model.matmul_precision`) forming the weight, its products and z's gradient products
+    /// take bf16 operands with f32 sums.
     pub fn merged_forward(
         &self,
         x: &Tensor,
@@ -199,7 +201,7 @@ impl DiagonalAdapter {
             return self.merged_forward_composed(x, w_res, bias);
         }
         let coef = self.coefficients()?;
-        let delta = frozen_product_no_grad(
+        let delta = product_in_precision(
             &self.left.broadcast_mul(&coef.detach().unsqueeze(0)?)?,
             &self.right,
         )?;
@@ -339,8 +341,8 @@ impl CustomOp3 for MergedDiagonal {
             None
         };
         // dc_j = Σ_rows (x·R_jᵀ)(g·L_j) = L_jᵀ·(gᵀ·x)·R_jᵀ.
-        let gtx = frozen_product_no_grad(&g.t()?, x)?;
-        let p = frozen_product_no_grad(&gtx, &self.right.t()?)?;
+        let gtx = product_in_precision(&g.t()?, x)?;
+        let p = product_in_precision(&gtx, &self.right.t()?)?;
         let gc = (&self.left * p)?.sum(0)?;
         Ok((gx, None, Some(gc)))
     }

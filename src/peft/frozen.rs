@@ -327,12 +327,14 @@ unsafe fn run_gemm(
 
 /// `g·W` for the input gradient of `x·Wᵀ` (`wt` is `Wᵀ`): a frozen product.
 pub(crate) fn input_grad(grad: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    frozen_product_no_grad(&grad.contiguous()?, &wt.t()?)
+    product_in_precision(&grad.contiguous()?, &wt.t()?)
 }
 
-/// `a·b` where b is a frozen weight (or its transpose), recorded without a backward pass, in
-/// the thread's [`MatmulPrecision`].
-pub(crate) fn frozen_product_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a·b` in the thread's [`MatmulPrecision`] (bf16 operands with f32 sums when it is bf16),
+/// recorded without a backward pass: the frozen weights' products, and the products a bf16 run
+/// takes in bf16 as autocast would (trained weights' gradients, SVFit's and LoLDU's per-step
+/// weight and z's gradient).
+pub(crate) fn product_in_precision(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // The frozen matmul's forward is exactly `a·b`; applied without a backward it records nothing.
     a.apply_op2_no_bwd(b, &FROZEN)
 }
@@ -400,7 +402,7 @@ impl CustomOp2 for FrozenMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let weight_grad = if self.weight_grad {
-            Some(frozen_product_no_grad(&x.t()?, &grad)?)
+            Some(product_in_precision(&x.t()?, &grad)?)
         } else {
             None
         };

@@ -16,7 +16,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::frozen::{
-    frozen_linear_composed, frozen_product, frozen_product_no_grad, gemm_f32, gemm_f32_acc,
+    frozen_linear_composed, frozen_product, product_in_precision, gemm_f32, gemm_f32_acc,
     matmul_no_grad,
 };
 
@@ -67,7 +67,7 @@ impl FrozenWeight {
 
     /// `g·W`, the input gradient of `x·Wᵀ`, recorded without a backward pass.
     pub(crate) fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
-        frozen_product_no_grad(&g.contiguous()?, &self.dense()?)
+        product_in_precision(&g.contiguous()?, &self.dense()?)
     }
 
     /// `x·Wᵀ (+ bias)` for a rows×in f32 `x` on the CPU.
