@@ -472,3 +472,47 @@ fn the_device_setting_is_used_and_a_missing_gpu_is_a_clear_error() {
     let err = bad.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("device") && err.contains("gpu"), "{err}");
 }
+
+/// Every training preset shipped in `presets/` loads (the DiffLoRA and attribute-reader presets
+/// are other commands' and are checked by theirs), and a preset named after a method trains
+/// that method: a user who runs `presets/smollm2-spam-svfit.toml` gets SVFit.
+#[test]
+fn every_training_preset_loads_and_trains_the_method_its_name_says() {
+    use peft_studio::peft::Method;
+    use peft_studio::train::TrainMode;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if !file.ends_with(".toml") || !text.lines().any(|l| l.starts_with("mode = ")) {
+            continue;
+        }
+        let cfg = TrainConfig::from_preset(&path, &[])
+            .unwrap_or_else(|e| panic!("{file} does not load: {e}"));
+        assert!(
+            cfg.name.as_deref().is_some_and(|n| !n.is_empty()),
+            "{file}: no name"
+        );
+        let stem = file.trim_end_matches(".toml");
+        let method = if stem.ends_with("-svfit") {
+            Some(Method::Svfit)
+        } else if stem.ends_with("-loldu") {
+            Some(Method::Loldu)
+        } else if stem.ends_with("-lora") {
+            Some(Method::Lora)
+        } else {
+            None
+        };
+        if let Some(m) = method {
+            assert_eq!(cfg.mode, TrainMode::Adapter, "{file}");
+            assert_eq!(cfg.adapter.method, m, "{file}");
+        }
+        if stem.ends_with("-full") {
+            assert_eq!(cfg.mode, TrainMode::Full, "{file}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 14, "only {checked} training presets found");
+}

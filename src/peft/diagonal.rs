@@ -9,7 +9,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 use super::config::{AdapterConfig, Init, Method};
 use super::decompose::{self, mat_to_tensor, vec_to_tensor};
 use super::frozen::{
-    FrozenGrad, frozen_linear, frozen_matmul_cpu, product_in_precision, input_grad,
+    FrozenGrad, frozen_linear, frozen_matmul_cpu, input_grad, product_in_precision,
 };
 use super::{PeftError, Result};
 

@@ -16,8 +16,8 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::frozen::{
-    frozen_linear_composed, frozen_product, product_in_precision, gemm_f32, gemm_f32_acc,
-    matmul_no_grad,
+    frozen_linear_composed, frozen_product, gemm_f32, gemm_f32_acc, matmul_no_grad,
+    product_in_precision,
 };
 
 /// Whether a product with input `x` runs as standard candle ops on the device (the GPU path):
