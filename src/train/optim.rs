@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{
-    CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var, backprop::GradStore,
+    CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var, backprop::GradStore,
 };
 use rayon::prelude::*;
 
@@ -77,6 +77,12 @@ impl AdamW {
 
     /// One update from `grads` (variables without a gradient are left alone).
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// One update from `grads` multiplied by `grad_scale` (gradient clipping's factor), without
+    /// writing the scaled gradients anywhere: the moments read `grad_scale·g` as they stream.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> candle_core::Result<()> {
         self.step += 1;
         let p = self.params;
         let (b1, b2) = (p.beta1, p.beta2);
@@ -96,6 +102,7 @@ impl AdamW {
                     &Moment {
                         decay: b1,
                         square: false,
+                        grad_scale,
                     },
                 )?;
                 s.v.as_tensor().inplace_op2(
@@ -103,6 +110,7 @@ impl AdamW {
                     &Moment {
                         decay: b2,
                         square: true,
+                        grad_scale,
                     },
                 )?;
                 theta.inplace_op3(
@@ -118,6 +126,13 @@ impl AdamW {
                 )?;
                 continue;
             }
+            let scaled;
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                scaled = (g * grad_scale)?;
+                &scaled
+            };
             let m = ((s.m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
             let v = ((s.v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let m_hat = (&m * scale_m)?;
@@ -173,6 +188,44 @@ impl AdamW {
 /// Elements per parallel task of the in-place passes.
 const GRAIN: usize = 64 * 1024;
 
+/// The global L2 norm of the gradients of `vars` (what clipping compares with its maximum).
+/// f32 gradients on the CPU are read where they lie, in parallel; others through candle ops.
+pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
+    let mut sum = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            sum += sum_of_squares(g)?;
+        }
+    }
+    Ok(sum.sqrt())
+}
+
+/// Σ g² over every element of `g`.
+fn sum_of_squares(g: &Tensor) -> candle_core::Result<f64> {
+    {
+        let (storage, layout) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(v[a..b].par_chunks(GRAIN).map(chunk_sum_of_squares).sum());
+        }
+    }
+    g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// Σ x² of one chunk: 16 f32 lanes (which vectorise), summed in f64.
+fn chunk_sum_of_squares(chunk: &[f32]) -> f64 {
+    let mut lanes = [0f32; 16];
+    let mut blocks = chunk.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, &x) in lanes.iter_mut().zip(block) {
+            *lane += x * x;
+        }
+    }
+    let tail: f64 = blocks.remainder().iter().map(|&x| f64::from(x * x)).sum();
+    lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + tail
+}
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
@@ -191,11 +244,13 @@ fn contiguous_f32_mut<'a>(
     }
 }
 
-/// `m ← decay·m + (1 − decay)·g` (or `g²` when `square`), in place, with candle's rounding:
-/// each product in f32 with the factors rounded to f32.
+/// `m ← decay·m + (1 − decay)·ĝ` (or `ĝ²` when `square`) with `ĝ = grad_scale·g`, in place,
+/// with candle's rounding: each product in f32 with the factors rounded to f32 (a scale of 1
+/// leaves g exact).
 struct Moment {
     decay: f64,
     square: bool,
+    grad_scale: f64,
 }
 
 impl InplaceOp2 for Moment {
@@ -216,16 +271,19 @@ impl InplaceOp2 for Moment {
             candle_core::bail!("adamw: {} moments for {} gradients", m.len(), g.len());
         }
         let (d, c) = (self.decay as f32, (1.0 - self.decay) as f32);
-        let square = self.square;
+        let (square, k) = (self.square, self.grad_scale as f32);
         m.par_chunks_mut(GRAIN)
             .zip(g.par_chunks(GRAIN))
             .for_each(|(m, g)| {
                 if square {
+                    m.iter_mut().zip(g).for_each(|(m, &g)| {
+                        let g = g * k;
+                        *m = *m * d + (g * g) * c
+                    });
+                } else {
                     m.iter_mut()
                         .zip(g)
-                        .for_each(|(m, &g)| *m = *m * d + (g * g) * c);
-                } else {
-                    m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * d + g * c);
+                        .for_each(|(m, &g)| *m = *m * d + (g * k) * c);
                 }
             });
         Ok(())
@@ -281,6 +339,75 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::Optimizer;
+
+    /// Clipping's norm equals candle's on every layout and dtype (in-place f32, a strided
+    /// view, f64), and a scaled step equals a step on gradients scaled beforehand.
+    #[test]
+    fn the_global_norm_and_a_scaled_step_equal_the_candle_ops() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 517), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 2.0, 77, &dev).unwrap()).unwrap();
+        let c = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 7), &dev).unwrap()).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (300, 517), &dev).unwrap();
+        let loss = (((a.as_tensor() - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + b.as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap())
+        .unwrap()
+            + c.as_tensor().t().unwrap().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let want: f64 = [&a, &b, &c]
+            .iter()
+            .map(|v| {
+                let g = grads.get(v).unwrap().to_dtype(DType::F64).unwrap();
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+            .sum::<f64>()
+            .sqrt();
+        let got = global_grad_norm(&grads, &[a.clone(), b.clone(), c.clone()]).unwrap();
+        assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+        assert!(want > 100.0);
+
+        // One clipped step: scaling inside the update = scaling the gradients first.
+        let scale = 0.37;
+        let start = a.as_tensor().copy().unwrap();
+        let twin = Var::from_tensor(&start).unwrap();
+        let mut inside = AdamW::new(vec![a.clone()], AdamWParams::default()).unwrap();
+        let mut outside = AdamW::new(vec![twin.clone()], AdamWParams::default()).unwrap();
+        inside.step_scaled(&grads, scale).unwrap();
+        let mut scaled = loss.backward().unwrap();
+        let g = scaled.remove(&a).unwrap();
+        scaled.insert(twin.as_tensor(), (g * scale).unwrap());
+        outside.step(&scaled).unwrap();
+        let d = (a.as_tensor() - twin.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        assert_ne!(
+            a.as_tensor().to_vec2::<f32>().unwrap(),
+            start.to_vec2::<f32>().unwrap()
+        );
+    }
 
     #[test]
     fn in_place_update_matches_candle_nns_adamw() {

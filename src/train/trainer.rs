@@ -13,7 +13,7 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::config::{TrainConfig, TrainMode};
 use super::events::{Control, Controller, Event, Phase, RunFailure};
 use super::limits;
-use super::optim::{AdamW, AdamWParams};
+use super::optim::{AdamW, AdamWParams, global_grad_norm};
 use super::store::{EvalPoint, MetricLine, RunDir, RunStatus, RunStore, RunSummary};
 use super::work::{Classification, Work};
 use crate::data::{self, DataSource, Dataset};
@@ -372,37 +372,24 @@ impl Loop<'_, '_, '_> {
                     }
                 });
             }
-            let Some(mut grads) = grads else { continue };
+            let Some(grads) = grads else { continue };
+            // Clipping scales the gradients inside the optimiser's update (no scaled copy).
+            let mut grad_scale = 1.0;
             if let Some(max) = o.max_grad_norm {
-                let mut sq = 0.0f64;
-                for v in &all_vars {
-                    if let Some(g) = grads.get(v) {
-                        sq += g
-                            .sqr()?
-                            .sum_all()?
-                            .to_dtype(DType::F64)?
-                            .to_scalar::<f64>()?;
-                    }
-                }
-                let norm = sq.sqrt();
+                let norm = global_grad_norm(&grads, &all_vars)?;
                 if !norm.is_finite() {
                     anyhow::bail!(
                         "the gradient became {norm} at step {step}: training diverged (lower optim.lr)"
                     );
                 }
                 if norm > max {
-                    let scale = max / (norm + 1e-6);
-                    for v in &all_vars {
-                        if let Some(g) = grads.remove(v) {
-                            grads.insert(v, (g * scale)?);
-                        }
-                    }
+                    grad_scale = max / (norm + 1e-6);
                 }
             }
             let factor = o.schedule.factor(step, self.total_steps, o.warmup_steps);
             for (opt, scale) in &mut self.opts {
                 opt.params.lr = o.lr * *scale * factor;
-                opt.step(&grads)?;
+                opt.step_scaled(&grads, grad_scale)?;
             }
             drop(grads);
             let secs = t0.elapsed().as_secs_f64();
