@@ -1,7 +1,9 @@
 //! AdamW with decoupled weight decay, whose state can be saved and restored (so long runs
 //! checkpoint and resume exactly). The update is candle-nn's `AdamW`, term for term; for f32
 //! on the CPU it runs in place (three streaming passes, no temporaries) instead of as a dozen
-//! tensor ops that each allocate a parameter-sized buffer.
+//! tensor ops that each allocate a parameter-sized buffer. Gradient clipping's global norm
+//! ([`global_grad_norm`]) is read the same way, and its factor enters the update
+//! ([`AdamW::step_scaled`]) instead of a scaled copy of every gradient.
 
 use std::collections::HashMap;
 
