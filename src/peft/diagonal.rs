@@ -201,10 +201,7 @@ impl DiagonalAdapter {
             return self.merged_forward_composed(x, w_res, bias);
         }
         let coef = self.coefficients()?;
-        let delta = product_in_precision(
-            &self.left.broadcast_mul(&coef.detach().unsqueeze(0)?)?,
-            &self.right,
-        )?;
+        let delta = product_in_precision(&self.left_scaled(&coef.detach())?, &self.right)?;
         let w_eff = (w_res + delta)?;
         let (m, n) = w_eff.dims2()?;
         let dims = x.dims();
@@ -250,11 +247,14 @@ impl DiagonalAdapter {
         })
     }
 
+    /// `L·diag(coef)` (m×r).
+    fn left_scaled(&self, coef: &Tensor) -> Result<Tensor> {
+        Ok(self.left.broadcast_mul(&coef.unsqueeze(0)?)?)
+    }
+
+    /// `L·diag(coef)·R` (m×n), with coef's gradient (candle's matmul).
     fn product(&self, coef: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .left
-            .broadcast_mul(&coef.unsqueeze(0)?)?
-            .matmul(&self.right)?)
+        Ok(self.left_scaled(coef)?.matmul(&self.right)?)
     }
 
     /// `L·diag(s·act(z))·R` (m×n): what merging adds to the residual.
@@ -271,10 +271,7 @@ impl DiagonalAdapter {
     /// scale 1: `B = L·diag(s·act(z) − s₀·act(z₀))`, `A = R`.
     pub fn lora_form(&self) -> Result<(Tensor, Tensor)> {
         let diff = (self.coefficients()? - self.initial_coefficients()?)?;
-        Ok((
-            self.left.broadcast_mul(&diff.unsqueeze(0)?)?,
-            self.right.clone(),
-        ))
+        Ok((self.left_scaled(&diff)?, self.right.clone()))
     }
 
     /// Named trainable variables (`z`, and `scale` when it trains).

@@ -342,6 +342,20 @@ mod tests {
     use candle_core::Device;
     use candle_nn::Optimizer;
 
+    /// The largest absolute difference of two tensors of one shape (any float dtype).
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// Clipping's norm equals candle's on every layout and dtype (in-place f32, a strided
     /// view, f64), and a scaled step equals a step on gradients scaled beforehand.
     #[test]
@@ -385,30 +399,37 @@ mod tests {
         assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
         assert!(want > 100.0);
 
-        // One clipped step: scaling inside the update = scaling the gradients first.
+        // A plain step, then a clipped one: scaling inside the update = scaling the gradients
+        // first, on the in-place f32 path (a) and the candle-ops path (b, f64). (Adam's first
+        // step does not depend on the gradients' scale; the second does.)
         let scale = 0.37;
-        let start = a.as_tensor().copy().unwrap();
-        let twin = Var::from_tensor(&start).unwrap();
-        let mut inside = AdamW::new(vec![a.clone()], AdamWParams::default()).unwrap();
-        let mut outside = AdamW::new(vec![twin.clone()], AdamWParams::default()).unwrap();
-        inside.step_scaled(&grads, scale).unwrap();
-        let mut scaled = loss.backward().unwrap();
-        let g = scaled.remove(&a).unwrap();
-        scaled.insert(twin.as_tensor(), (g * scale).unwrap());
-        outside.step(&scaled).unwrap();
-        let d = (a.as_tensor() - twin.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
-        assert_ne!(
-            a.as_tensor().to_vec2::<f32>().unwrap(),
-            start.to_vec2::<f32>().unwrap()
-        );
+        let (mut plain, mut scaled) = (loss.backward().unwrap(), loss.backward().unwrap());
+        for v in [&a, &b] {
+            let start = v.as_tensor().copy().unwrap();
+            let twin = Var::from_tensor(&start).unwrap();
+            let unclipped = Var::from_tensor(&start).unwrap();
+            let g = plain.remove(v).unwrap();
+            plain.insert(twin.as_tensor(), g.clone());
+            plain.insert(unclipped.as_tensor(), g.clone());
+            scaled.insert(twin.as_tensor(), (g * scale).unwrap());
+            let adamw = |v: &Var| AdamW::new(vec![v.clone()], AdamWParams::default()).unwrap();
+            let (mut inside, mut outside, mut never) = (adamw(v), adamw(&twin), adamw(&unclipped));
+            inside.step(&grads).unwrap();
+            inside.step_scaled(&grads, scale).unwrap();
+            outside.step(&plain).unwrap();
+            outside.step(&scaled).unwrap();
+            never.step(&plain).unwrap();
+            never.step(&plain).unwrap();
+            assert_eq!(max_abs_diff(v.as_tensor(), twin.as_tensor()), 0.0);
+            assert!(
+                max_abs_diff(v.as_tensor(), unclipped.as_tensor()) > 1e-5,
+                "scale ignored"
+            );
+            assert!(
+                max_abs_diff(v.as_tensor(), &start) > 1e-4,
+                "the variable did not move"
+            );
+        }
     }
 
     #[test]
@@ -447,22 +468,9 @@ mod tests {
             ours.step(&loss(&ours_var).backward().unwrap()).unwrap();
             theirs.backward_step(&loss(&theirs_var)).unwrap();
         }
-        let d = (ours_var.as_tensor() - theirs_var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(ours_var.as_tensor(), theirs_var.as_tensor());
         assert!(d <= 1e-6, "differ by {d}");
         // The variable moved.
-        let moved = (ours_var.as_tensor() - &init)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(moved.to_scalar::<f32>().unwrap() > 0.1);
+        assert!(max_abs_diff(ours_var.as_tensor(), &init) > 0.1);
     }
 }
