@@ -215,6 +215,17 @@ pub fn selected_groups(targets: &Targets, groups: &[TargetGroup]) -> Vec<bool> {
         .collect()
 }
 
+/// The largest rank every ticked group of `groups` allows (the smallest `min(out, in)` of the
+/// targeted modules), or `None` when `targets` ticks none of them.
+pub fn full_rank_of_targets(targets: &Targets, groups: &[TargetGroup]) -> Option<usize> {
+    groups
+        .iter()
+        .zip(selected_groups(targets, groups))
+        .filter(|(_, ticked)| *ticked)
+        .map(|(g, _)| g.max_rank)
+        .min()
+}
+
 /// Targets for the ticked groups: PEFT's list form when the names are unambiguous suffixes,
 /// else a regular expression that matches exactly those groups.
 pub fn targets_for(groups: &[TargetGroup], ticked: &[bool]) -> Targets {
@@ -529,11 +540,19 @@ fn language_model_arch(source: &ModelSource) -> Result<ArchSpec, String> {
 
 /// Settings that suit a language model on instruction data: LoRA r8 on q_proj/v_proj (PEFT's
 /// default), the built-in spam-or-ham task when fetched (unless instruction data is already
-/// chosen), 256 tokens, short runs.
+/// chosen), 256 tokens, short runs. SVFit and LoLDU take the full rank of the narrowest target
+/// (192 on SmolLM2, where their learning rates were measured), as choosing them in the form does.
 pub fn use_language_model_defaults(cfg: &mut TrainConfig) {
     cfg.mode = TrainMode::Adapter;
     cfg.adapter.targets = crate::peft::Targets::List(vec!["q_proj".into(), "v_proj".into()]);
-    cfg.adapter.rank = cfg.adapter.rank.min(64);
+    let full_rank = language_model_arch(&cfg.model.source)
+        .ok()
+        .and_then(|arch| full_rank_of_targets(&cfg.adapter.targets, &target_groups(&arch)));
+    cfg.adapter.rank = match (cfg.adapter.method, full_rank) {
+        (Method::Svfit | Method::Loldu, Some(r)) => r,
+        (_, Some(r)) => cfg.adapter.rank.min(64).min(r),
+        (_, None) => cfg.adapter.rank.min(64),
+    };
     cfg.model.max_length = 256;
     cfg.optim.lr = language_model_lr(cfg);
     cfg.optim.batch_size = 8;
@@ -782,6 +801,24 @@ mod tests {
             apply_method_defaults(&mut cfg, m, 192);
             assert_eq!(cfg.optim.lr, lr, "{m:?} on a language model");
             assert_eq!(cfg.optim.head_lr, None);
+        }
+    }
+
+    /// SVFit or LoLDU chosen on an encoder (full rank 384 there), then a language model: the
+    /// rank becomes the language model's full rank over q_proj/v_proj, not a clamp of the old one.
+    #[test]
+    fn switching_to_a_language_model_keeps_the_diagonal_methods_at_full_rank() {
+        let folder = ModelSource::Folder {
+            path: "tests/reference/llama_tiny/llama_gqa_untied".into(),
+        };
+        for m in [UiMethod::Svfit, UiMethod::Loldu, UiMethod::Lora] {
+            let mut cfg = TrainConfig::default();
+            apply_method_defaults(&mut cfg, m, 384);
+            cfg.model.source = folder.clone();
+            use_language_model_defaults(&mut cfg);
+            // q_proj 32×32, v_proj 16×32 (2 KV heads of 8): the narrowest allows 16.
+            let want = if m == UiMethod::Lora { 8 } else { 16 };
+            assert_eq!(cfg.adapter.rank, want, "{m:?}");
         }
     }
 

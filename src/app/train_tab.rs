@@ -293,15 +293,8 @@ fn method_ui(app: &mut StudioApp, ui: &mut Ui) {
                 .clicked()
                 && current != m
             {
-                let ticked = form::selected_groups(&cfg.adapter.targets, &groups);
-                let max_rank = groups
-                    .iter()
-                    .zip(&ticked)
-                    .filter(|(_, t)| **t)
-                    .map(|(g, _)| g.max_rank)
-                    .min()
-                    .unwrap_or(64);
-                form::apply_method_defaults(cfg, m, max_rank);
+                let max_rank = form::full_rank_of_targets(&cfg.adapter.targets, &groups);
+                form::apply_method_defaults(cfg, m, max_rank.unwrap_or(64));
             }
         }
     });
@@ -309,12 +302,7 @@ fn method_ui(app: &mut StudioApp, ui: &mut Ui) {
         return;
     }
     let ticked = form::selected_groups(&cfg.adapter.targets, &groups);
-    let max_rank = groups
-        .iter()
-        .zip(&ticked)
-        .filter(|(_, t)| **t)
-        .map(|(g, _)| g.max_rank)
-        .min()
+    let max_rank = form::full_rank_of_targets(&cfg.adapter.targets, &groups)
         .unwrap_or(1)
         .max(1);
     ui.label("targets");
