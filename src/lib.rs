@@ -4,7 +4,7 @@
 //! - [`arch`]: model descriptions (module paths and shapes) read from a Hugging Face
 //!   `config.json`, enough to size an experiment without weights.
 //! - [`inspect`]: parameter counts of a model with an adapter.
-//! - [`bench`]: measured training-step time and peak memory, side by side with PyTorch + PEFT.
+//! - [`bench`](mod@bench): measured training-step time and peak memory, side by side with PyTorch + PEFT.
 //! - [`device`]: the compute device (CPU, CUDA, Metal), chosen once per job.
 //! - [`threads`]: one compute thread pool, the calling thread included.
 //! - [`train`]: the training loop and the run store; [`worker`]: the background thread.

@@ -11,9 +11,10 @@ use rand::{Rng, SeedableRng};
 
 use super::StepStats;
 use super::machine::ProcCounters;
+use super::split_precision;
 use crate::models::llama::{LlamaModel, load_folder};
 use crate::peft::linear::{attach_adapters, trainable_vars};
-use crate::peft::{AdapterConfig, MatmulPrecision, MatmulPrecisionGuard, Method, Targets};
+use crate::peft::{AdapterConfig, MatmulPrecisionGuard, Method, Targets};
 use crate::train::lm_batches::{LmExample, lm_batch, lm_loss};
 use crate::train::optim::{AdamW, AdamWParams};
 
@@ -38,14 +39,6 @@ pub const GENERATE_PROMPT: &str = "Write a short poem about the sea.";
 /// New tokens the `generate` variant produces (the end token ignored on both sides, as the
 /// peer's `--ignore-eos` does, so both time the same number).
 pub const GENERATE_TOKENS: usize = 64;
-
-/// A variant's recipe without its precision suffix, and the precision.
-fn split_precision(variant: &str) -> (&str, MatmulPrecision) {
-    match variant.strip_suffix("-bf16") {
-        Some(base) => (base, MatmulPrecision::Bf16),
-        None => (variant, MatmulPrecision::F32),
-    }
-}
 
 /// The peer's `--mode` for a variant.
 fn peer_mode(variant: &str) -> &str {

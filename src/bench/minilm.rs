@@ -101,7 +101,7 @@ pub fn minilm(variant: &str, steps: usize, device: DeviceChoice) -> anyhow::Resu
     );
     const WARMUP: usize = 2;
     let total = steps + WARMUP;
-    let bf16 = variant.ends_with("-bf16");
+    let bf16 = super::split_precision(variant).1 == crate::peft::MatmulPrecision::Bf16;
     let overrides = [
         format!(
             "model.matmul_precision={}",

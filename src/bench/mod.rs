@@ -9,7 +9,7 @@
 //!
 //! - [`cli`]: the `bench` command (argument checks, rounds, child processes, output files).
 //! - [`llm`]: the SmolLM2-135M causal-LM step and its peer equivalent.
-//! - [`minilm`]: the MiniLM variants (the real trainer) and their peer equivalents.
+//! - [`minilm`](mod@minilm): the MiniLM variants (the real trainer) and their peer equivalents.
 //! - [`stack`]: the frozen-backward stack of BERT-base-sized layers.
 //! - [`peer`]: finding and running the peer.
 //! - [`machine`]: CPU model and flags, page faults and CPU time.
@@ -28,6 +28,17 @@ use serde::{Deserialize, Serialize};
 pub use cli::{BenchArgs, Suite, run};
 pub use minilm::{MINILM_VARIANTS, minilm};
 pub use stack::{StackShape, frozen_backward, lora_stack, seeded_normal, stack_forward};
+
+use crate::peft::MatmulPrecision;
+
+/// A bench variant's recipe without its precision suffix, and the precision: `lora-bf16` →
+/// (`lora`, bf16); a variant without `-bf16` runs f32.
+pub fn split_precision(variant: &str) -> (&str, MatmulPrecision) {
+    match variant.strip_suffix("-bf16") {
+        Some(base) => (base, MatmulPrecision::Bf16),
+        None => (variant, MatmulPrecision::F32),
+    }
+}
 
 /// One measured variant of ours.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,4 +61,23 @@ pub struct StepStats {
     /// CPU use over the timed steps, % of one core (200 = two cores busy), where readable.
     #[serde(default)]
     pub cpu_percent: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_names_its_precision_by_suffix() {
+        assert_eq!(
+            split_precision("lora-bf16"),
+            ("lora", MatmulPrecision::Bf16)
+        );
+        assert_eq!(
+            split_precision("full-bf16"),
+            ("full", MatmulPrecision::Bf16)
+        );
+        assert_eq!(split_precision("qlora"), ("qlora", MatmulPrecision::F32));
+        assert_eq!(split_precision("bf16"), ("bf16", MatmulPrecision::F32));
+    }
 }

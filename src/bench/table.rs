@@ -251,10 +251,9 @@ impl BenchRun {
     fn side_by_side_table(&self, sums: &[Summary]) -> String {
         // A method PEFT lacks is set against our LoRA r8 at the same matmul precision.
         let lora_like = |variant: &str| {
-            let key = if variant.ends_with("-bf16") {
-                "lora-bf16"
-            } else {
-                "lora"
+            let key = match super::split_precision(variant).1 {
+                crate::peft::MatmulPrecision::Bf16 => "lora-bf16",
+                crate::peft::MatmulPrecision::F32 => "lora",
             };
             sums.iter().find(|x| x.variant == key)
         };

@@ -490,7 +490,7 @@ impl CustomOp2 for SwiGluLinear {
     }
 }
 
-/// `swiglu(gate, up)·Wᵀ` with `down` a frozen layer ([`AdaptedLinear::frozen_only`]): one
+/// `swiglu(gate, up)·Wᵀ` with `down` a frozen layer (`AdaptedLinear::frozen_only`): one
 /// fused op on the CPU in f32; otherwise (a GPU, another dtype, a layer that trains something)
 /// `down.forward_t(swiglu(gate, up))`, whose parts have their own GPU paths.
 pub fn swiglu_down(

@@ -313,7 +313,7 @@ impl Personaliser {
     }
 
     /// [`predict_lora`](Self::predict_lora), announcing each stage to `progress` first (a
-    /// `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    /// `Break` stops with [`Cancelled`]).
     pub fn predict_lora_with(
         &self,
         refs: &[RgbImage],
@@ -361,7 +361,7 @@ impl Personaliser {
     }
 
     /// [`personalise`](Self::personalise), announcing each stage and drawing step to
-    /// `progress` first (a `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    /// `progress` first (a `Break` stops with [`Cancelled`]).
     pub fn personalise_with(
         &self,
         refs: &[RgbImage],
@@ -398,7 +398,7 @@ impl Personaliser {
     /// The test-time-tuning path DiffLoRA replaces: a LoRA of the same recipe trained on the
     /// references (with `prompts` when known, else the empty prompt). Returns the generator
     /// with the LoRA merged and the training seconds. `progress(step, steps, loss)` after each
-    /// step; `Break` stops with [`Cancelled`](super::progress::Cancelled).
+    /// step; `Break` stops with [`Cancelled`].
     pub fn direct_lora(
         &self,
         refs: &[RgbImage],
@@ -439,7 +439,7 @@ impl Personaliser {
     }
 
     /// [`gallery`](Self::gallery), announcing each drawing step of gallery `kind` to
-    /// `progress` first (a `Break` stops with [`Cancelled`](super::progress::Cancelled)).
+    /// `progress` first (a `Break` stops with [`Cancelled`]).
     #[allow(clippy::too_many_arguments)]
     pub fn gallery_with(
         &self,

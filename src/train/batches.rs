@@ -1,4 +1,4 @@
-//! Turning a [`Dataset`] split into model batches: pixels normalised as ViT's processor does,
+//! Turning a [`Dataset`](crate::data::Dataset) split into model batches: pixels normalised as ViT's processor does,
 //! texts tokenised once up front and padded per batch.
 
 use candle_core::{Device, Tensor};

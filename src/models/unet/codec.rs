@@ -501,7 +501,7 @@ impl ImageCodec {
     }
 
     /// The encoder's latents of `images` before scaling (as the decoder's training sees them),
-    /// without gradient; any number of images, encoded [`ENCODE_CHUNK`] at a time.
+    /// without gradient; any number of images, encoded `ENCODE_CHUNK` at a time.
     pub fn encode_unscaled(&self, images: &Tensor) -> Result<Tensor> {
         let n = images.dim(0)?;
         if n <= ENCODE_CHUNK {

@@ -7,7 +7,7 @@ use crate::diffusion::{Prediction, ScheduleConfig, ScheduleKind};
 use super::codec::CodecConfig;
 use super::{Result, UnetError};
 
-/// Architecture and training settings of the [`Generator`].
+/// Architecture and training settings of the [`Generator`](super::Generator).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UnetConfig {

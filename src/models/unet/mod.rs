@@ -8,9 +8,9 @@
 //! (`text_model.encoder.layers.0.self_attn.q_proj`), with one deviation: the attention output
 //! projection is `…attn1.to_out` (diffusers writes `to_out.0`), so the PEFT target list
 //! `["to_q", "to_k", "to_v", "to_out"]` matches it. Every linear layer of the transformer
-//! blocks is an [`AdaptedLinear`]; convolutions, norms, embeddings and the time MLP are plain
-//! tensors. [`Unet`]'s [`LinearLayers`] lists only the UNet's own linear layers; the text
-//! encoder is a separate [`LinearLayers`] (adapt it through [`Generator::text_encoder_mut`]).
+//! blocks is an [`AdaptedLinear`](crate::peft::linear::AdaptedLinear); convolutions, norms, embeddings and the time MLP are plain
+//! tensors. [`Unet`]'s [`LinearLayers`](crate::peft::linear::LinearLayers) lists only the UNet's own linear layers; the text
+//! encoder is a separate [`LinearLayers`](crate::peft::linear::LinearLayers) (adapt it through [`Generator::text_encoder_mut`]).
 
 mod blocks;
 mod codec;
