@@ -16,6 +16,18 @@ use serde::{Deserialize, Serialize};
 /// to the compute device.
 pub const HOST: Device = Device::Cpu;
 
+/// Runs `f` on the values of `t` in place when `t` is a contiguous f32 tensor in host memory
+/// (no copy, no conversion); `None` for any other tensor, whose caller takes candle's general
+/// path.
+pub fn with_host_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Some(f(&values[start..end])),
+        _ => None,
+    }
+}
+
 /// A device setting, as written in presets, on the command line (`--device`) and in the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -269,6 +281,40 @@ pub fn test_devices() -> Vec<Device> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_f32_values_are_read_in_place_only_when_contiguous() {
+        use candle_core::{DType, Tensor};
+        let t = Tensor::arange(0f32, 12.0, &HOST)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        assert_eq!(
+            with_host_f32(&t, |v| v.to_vec()),
+            Some((0..12).map(|i| i as f32).collect())
+        );
+        // A contiguous view starting inside the storage: its own values, not the storage's.
+        let rows = t.narrow(0, 1, 2).unwrap();
+        assert_eq!(
+            with_host_f32(&rows, |v| v.to_vec()),
+            Some((4..12).map(|i| i as f32).collect())
+        );
+        assert_eq!(
+            with_host_f32(&t.t().unwrap(), |v| v.len()),
+            None,
+            "transposed"
+        );
+        assert_eq!(
+            with_host_f32(&t.narrow(1, 0, 2).unwrap(), |v| v.len()),
+            None,
+            "strided"
+        );
+        assert_eq!(
+            with_host_f32(&t.to_dtype(DType::F64).unwrap(), |v| v.len()),
+            None,
+            "f64"
+        );
+    }
+
     use super::*;
 
     #[test]

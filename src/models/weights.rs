@@ -276,14 +276,13 @@ const FINITE_CHUNK: usize = 1 << 20;
 /// finite exactly when every value is), so the check never holds a second copy of a large
 /// tensor (a whole-tensor f64 copy of SmolLM2's embedding is 226 MB, twice with its |x|).
 fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
-    if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
-        let (storage, layout) = t.storage_and_layout();
-        if let candle_core::Storage::Cpu(cpu) = &*storage {
-            let values = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
-            return Ok(values
-                .chunks(1024)
-                .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite())));
-        }
+    let in_place = crate::device::with_host_f32(t, |values| {
+        values
+            .chunks(1024)
+            .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()))
+    });
+    if let Some(finite) = in_place {
+        return Ok(finite);
     }
     let flat = t.flatten_all()?;
     let n = flat.elem_count();

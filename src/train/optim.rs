@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use candle_core::{
-    CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var, backprop::GradStore,
+    CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var, backprop::GradStore,
 };
 use rayon::prelude::*;
 
@@ -204,13 +204,10 @@ pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<
 
 /// Σ g² over every element of `g`.
 fn sum_of_squares(g: &Tensor) -> candle_core::Result<f64> {
-    {
-        let (storage, layout) = g.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(v[a..b].par_chunks(GRAIN).map(chunk_sum_of_squares).sum());
-        }
+    let in_place =
+        crate::device::with_host_f32(g, |v| v.par_chunks(GRAIN).map(chunk_sum_of_squares).sum());
+    if let Some(sum) = in_place {
+        return Ok(sum);
     }
     g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
