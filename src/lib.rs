@@ -32,3 +32,6 @@ pub mod report;
 pub mod threads;
 pub mod train;
 pub mod worker;
+
+#[cfg(test)]
+mod test_util;

@@ -420,6 +420,7 @@ pub fn causal_attention(
 mod tests {
     use super::*;
     use crate::models::ops::softmax_last_dim;
+    use crate::test_util::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
 
     /// The composite attention the model used before: repeated kv heads, scores, additive
@@ -470,19 +471,6 @@ mod tests {
             .transpose(1, 2)
             .unwrap()
             .reshape((b, t, h * d))
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
             .unwrap()
     }
 

@@ -867,20 +867,9 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff as max_diff;
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+    fn close(a: &Tensor, b: &Tensor, tol: f64) {
         let d = max_diff(a, b);
         assert!(d < tol, "differ by {d}");
     }

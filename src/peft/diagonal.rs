@@ -384,18 +384,8 @@ fn initial_z(init: Init, values: &[f64], s0: f64, seed: u64) -> Result<Vec<f64>>
 mod tests {
     use super::*;
     use crate::peft::{AdaptedLinear, AdapterConfig};
+    use crate::test_util::max_abs_diff as max_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// At full rank the merged forward (one matmul) computes what the factored branch does,
     /// with the same gradients for x and z, for both methods.
@@ -481,7 +471,7 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
                 assert!(
-                    max_diff(a, b) <= 1e-4 * scale.max(1.0),
+                    max_diff(a, b) <= 1e-4 * f64::from(scale.max(1.0)),
                     "{method:?} gradient differs by {}",
                     max_diff(a, b)
                 );

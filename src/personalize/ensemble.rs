@@ -163,12 +163,7 @@ pub fn scale_lora_update(
 mod tests {
     use super::*;
     use crate::personalize::bank::LayoutEntry;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     fn tiny_member(seed: u64) -> LatentDenoiser {
         let dev = Device::Cpu;

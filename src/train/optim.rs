@@ -339,19 +339,7 @@ mod tests {
     use candle_core::Device;
     use candle_nn::Optimizer;
 
-    /// The largest absolute difference of two tensors of one shape (any float dtype).
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     /// Clipping's norm equals candle's on every layout and dtype (in-place f32, a strided
     /// view, f64), and a scaled step equals a step on gradients scaled beforehand.

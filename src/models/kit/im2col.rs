@@ -205,6 +205,7 @@ pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use super::*;
     use crate::models::kit::normal_values as normal_vec;
+    use crate::test_util::max_abs_diff;
     use candle_core::{Device, Var};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -250,17 +251,7 @@ mod tests {
             .unwrap()
             .reshape((40, 4))
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&ours, &theirs) < 1e-4);
+        assert!(max_abs_diff(&ours, &theirs) < 1e-4);
         let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (theirs * &g)
             .unwrap()
@@ -269,7 +260,7 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&x, &w] {
-            assert!(diff(ga.get(v).unwrap(), gb.get(v).unwrap()) < 1e-3);
+            assert!(max_abs_diff(ga.get(v).unwrap(), gb.get(v).unwrap()) < 1e-3);
         }
     }
 
